@@ -1,0 +1,80 @@
+"""The `chunbot` command: a thin typer layer over config, engine and progress.
+
+It maps outcomes to the exit codes of DESIGN.md: 0 done, 1 some records failed,
+2 usage or configuration error (nothing run), 75 try again later (lock held).
+"""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import __version__, config, engine
+from .progress import make_progress
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Stream JSONL records through LLM stages described in YAML.")
+
+
+class LogFormat(str, Enum):
+    text = "text"
+    json = "json"
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    print(f"chunbot: {message}", file=sys.stderr)
+    return typer.Exit(code)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"chunbot {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Show the version and exit.")) -> None:
+    pass
+
+
+@app.command()
+def run(
+    pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
+    stage: Optional[str] = typer.Option(None, help="Run only this stage (its upstream must be done)."),
+    until: Optional[str] = typer.Option(None, help="Run the stages up to and including this one."),
+    limit: Optional[int] = typer.Option(None, min=0, help="Only the first N input lines."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of the live display."),
+    log_format: LogFormat = typer.Option(LogFormat.text, help="text, or json for log shippers."),
+) -> None:
+    """Run the pipeline, or resume it: only stale stages and unfinished shards are computed."""
+    try:
+        loaded = config.load(pipeline)
+        options = engine.RunOptions(stage=stage, until=until, limit=limit)
+        report = engine.run(loaded, options, make_progress(quiet, log_format.value))
+    except (config.ConfigError, engine.InputError) as e:
+        raise _fail(str(e), engine.EXIT_USAGE) from None
+    except engine.Locked as e:
+        raise _fail(str(e), engine.EXIT_LATER) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; run the same command again to resume", 130) from None
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def validate(pipeline: Path = typer.Argument(..., help="The pipeline YAML file.")) -> None:
+    """Check a pipeline file without running anything (exit 2 when it has a mistake)."""
+    try:
+        loaded = config.load(pipeline)
+    except config.ConfigError as e:
+        raise _fail(str(e), engine.EXIT_USAGE) from None
+    chain = " → ".join(f"{s.name} ({s.kind})" for s in loaded.stages)
+    print(f"{pipeline}: ok: {chain}")
+
+
+def main() -> None:
+    app()

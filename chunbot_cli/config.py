@@ -1,0 +1,427 @@
+"""Pipeline YAML → typed, validated `Pipeline`.
+
+Owns the schema: which keys exist, their types and defaults, the built-in `sim` model
+alias, and stage fingerprints. Every mistake raises `ConfigError` with one line naming
+the file, the line, the stage and the key, so `validate` and `run` can refuse with exit 2
+before any work starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib
+import inspect
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import orjson
+import yaml
+
+from . import templates
+
+
+class ConfigError(Exception):
+    """A pipeline file that cannot be run; the message is meant for the user as is."""
+
+
+PROVIDERS = ("sim",)
+STAGE_KINDS = ("prompt", "filter", "python")
+BUILTIN_MODELS = {"sim": {"provider": "sim", "model": "sim-small"}}
+
+_PIPELINE_KEYS = {"name", "input", "workdir", "id_field", "shard_size", "compress", "models",
+                  "defaults", "stages"}
+_MODEL_KEYS = {"provider", "model", "base_url", "api_key_env", "endpoints", "max_concurrency",
+               "rpm", "tpm", "price", "headers", "latency_ms", "jitter_ms", "error_rate",
+               "request_log"}
+_SIM_ONLY_KEYS = {"latency_ms", "jitter_ms", "error_rate", "request_log"}
+_DEFAULTS_KEYS = {"model", "mode", "retries", "params"}
+_STAGE_KEYS = {
+    "prompt": {"name", "model", "system", "prompt", "output", "parse", "params", "retries", "mode"},
+    "filter": {"name", "filter"},
+    "python": {"name", "python"},
+}
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model alias: which provider serves it and how to reach it."""
+
+    alias: str
+    provider: str
+    model: str
+    base_url: str | None = None
+    api_key_env: str | None = None
+    endpoints: tuple[str, ...] = ()
+    max_concurrency: int | None = None  # None: chosen automatically
+    rpm: int | None = None
+    tpm: int | None = None
+    price: dict[str, float] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+    latency_ms: float = 0.0  # sim only, like the three below
+    jitter_ms: float = 0.0
+    error_rate: float = 0.0
+    request_log: str | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the replies: part of the fingerprint of every stage using it."""
+        return {"provider": self.provider, "model": self.model, "base_url": self.base_url}
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    kind: str  # "llm" | "filter" | "python"
+    fingerprint: str
+    line: int = 0
+    models: tuple[str, ...] = ()  # a cascade when longer than one
+    system: str | None = None
+    prompt: str | None = None
+    output: str | None = None
+    parse: str = "text"
+    params: dict[str, Any] = field(default_factory=dict)
+    retries: int = 6
+    filter: str | None = None
+    python: str | None = None
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    path: Path
+    name: str
+    input: str
+    workdir: Path
+    id_field: str | None
+    shard_size: int
+    compress: str | None
+    models: dict[str, ModelSpec]
+    stages: list[StageSpec]
+
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        known = ", ".join(s.name for s in self.stages)
+        raise ConfigError(f"{self.path}: no stage named {name!r} (stages: {known})")
+
+    @property
+    def import_paths(self) -> list[str]:
+        return import_paths(self.path)
+
+
+class _Mapping(dict):
+    """A YAML mapping that remembers the line of each key."""
+
+    line: int = 0
+    lines: dict[Any, int]
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Mapping:
+    loader.flatten_mapping(node)
+    mapping = _Mapping()
+    mapping.line = node.start_mark.line + 1
+    mapping.lines = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        if key in mapping:
+            raise ConfigError(f"{loader.name}:{line}: duplicate key {key!r}")
+        mapping[key] = loader.construct_object(value_node, deep=True)
+        mapping.lines[key] = line
+    return mapping
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+class _Where:
+    """Builds 'file:line: stage 'x': key 'y': …' messages."""
+
+    def __init__(self, path: Path, mapping: Any, context: str = ""):
+        self.path, self.mapping, self.context = path, mapping, context
+
+    def fail(self, message: str, key: str | None = None) -> ConfigError:
+        lines = getattr(self.mapping, "lines", {})
+        line = lines.get(key) or getattr(self.mapping, "line", 0)
+        prefix = f"{self.path}:{line}: " if line else f"{self.path}: "
+        if self.context:
+            prefix += f"{self.context}: "
+        if key is not None:
+            prefix += f"key {key!r}: "
+        return ConfigError(prefix + message)
+
+    def check_keys(self, allowed: set[str]) -> None:
+        for key in self.mapping:
+            if key not in allowed:
+                close = difflib.get_close_matches(str(key), sorted(allowed), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise self.fail(f"unknown key{hint}; allowed: {', '.join(sorted(allowed))}", key)
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = None,
+            required: bool = False) -> Any:
+        if key not in self.mapping:
+            if required:
+                raise self.fail("is required", key)
+            return default
+        value = self.mapping[key]
+        if kind is int and isinstance(value, bool):
+            raise self.fail(f"must be an integer, not {value!r}", key)
+        if not isinstance(value, kind):
+            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+            raise self.fail(f"must be {_article(names)}, not {type(value).__name__} {value!r}", key)
+        return value
+
+
+def _article(name: str) -> str:
+    names = {"str": "a string", "int": "an integer", "float": "a number", "dict": "a mapping",
+             "list": "a list", "bool": "true or false"}
+    return " or ".join(names.get(n, n) for n in name.split(" or "))
+
+
+def load(path: str | Path) -> Pipeline:
+    """Read and validate a pipeline file; raises ConfigError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such pipeline file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    loader = _Loader(text)
+    loader.name = str(path)
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{where}: invalid YAML: {problem}") from None
+    finally:
+        loader.dispose()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a pipeline file must be a mapping with name, input and stages")
+    return _pipeline(path, data)
+
+
+def _pipeline(path: Path, data: _Mapping) -> Pipeline:
+    top = _Where(path, data)
+    top.check_keys(_PIPELINE_KEYS)
+    name = top.get("name", str, required=True)
+    if not _STAGE_NAME.match(name):
+        raise top.fail("must be letters, digits, '_', '.' or '-'", "name")
+    input_spec = top.get("input", str, required=True)
+    workdir = Path(top.get("workdir", str, default=f"runs/{name}"))
+    id_field = top.get("id_field", str)
+    shard_size = top.get("shard_size", int, default=10_000)
+    if shard_size < 1:
+        raise top.fail("must be at least 1", "shard_size")
+    compress = top.get("compress", str)
+    if compress not in (None, "zstd"):
+        raise top.fail("must be 'zstd' (or left out for plain .jsonl)", "compress")
+    if compress == "zstd":
+        try:
+            import zstandard  # noqa: F401
+        except ImportError:
+            raise top.fail("needs the zstandard package: pip install 'chunbot[zstd]'",
+                           "compress") from None
+
+    models = {alias: _model(path, alias, spec) for alias, spec in BUILTIN_MODELS.items()}
+    for alias, spec in top.get("models", dict, default={}).items():
+        models[alias] = _model(path, alias, spec, data["models"])
+
+    defaults = _Where(path, top.get("defaults", dict, default=_Mapping()), "defaults")
+    defaults.check_keys(_DEFAULTS_KEYS)
+    default_model = defaults.get("model", str, default="sim")
+    if default_model not in models:
+        raise defaults.fail(f"unknown model alias {default_model!r}; known: {', '.join(models)}",
+                            "model")
+    _mode(defaults)
+    default_retries = defaults.get("retries", int, default=6)
+    default_params = defaults.get("params", dict, default={})
+
+    raw_stages = top.get("stages", list, required=True)
+    if not raw_stages:
+        raise top.fail("needs at least one stage", "stages")
+    root = _digest({"id_field": id_field, "shard_size": shard_size})
+    stages: list[StageSpec] = []
+    seen: set[str] = set()
+    upstream = root
+    for position, raw in enumerate(raw_stages, 1):
+        stage = _stage(path, position, raw, models, default_model, default_retries,
+                       default_params, upstream)
+        if stage.name in seen:
+            raise _Where(path, raw, f"stage {stage.name!r}").fail("duplicate stage name", "name")
+        seen.add(stage.name)
+        stages.append(stage)
+        upstream = stage.fingerprint
+    return Pipeline(path=path, name=name, input=input_spec, workdir=workdir, id_field=id_field,
+                    shard_size=shard_size, compress=compress, models=models, stages=stages)
+
+
+def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
+    where = _Where(path, spec, f"model {alias!r}")
+    if not isinstance(spec, dict):
+        raise _Where(path, parent, "models").fail("must be a mapping with provider and model",
+                                                  alias)
+    where.check_keys(_MODEL_KEYS)
+    provider = where.get("provider", str, required=True)
+    if provider not in PROVIDERS:
+        raise where.fail(f"unknown provider {provider!r}; known: {', '.join(PROVIDERS)}",
+                         "provider")
+    if provider != "sim":
+        for key in _SIM_ONLY_KEYS & set(spec):
+            raise where.fail("is only for the sim provider", key)
+    max_concurrency = where.get("max_concurrency", (int, str), default="auto")
+    if max_concurrency == "auto":
+        max_concurrency = None
+    elif not isinstance(max_concurrency, int) or max_concurrency < 1:
+        raise where.fail("must be 'auto' or a positive integer", "max_concurrency")
+    endpoints = where.get("endpoints", list, default=[])
+    if not all(isinstance(e, str) for e in endpoints):
+        raise where.fail("must be a list of URLs", "endpoints")
+    price = where.get("price", dict, default={})
+    for key, value in price.items():
+        if key not in ("input", "output", "batch_discount") or not isinstance(value, (int, float)):
+            raise where.fail("takes input, output and batch_discount as numbers", "price")
+    error_rate = where.get("error_rate", (int, float), default=0.0)
+    if not 0 <= error_rate <= 1:
+        raise where.fail("must be between 0 and 1", "error_rate")
+    return ModelSpec(
+        alias=alias,
+        provider=provider,
+        model=where.get("model", str, required=True),
+        base_url=where.get("base_url", str),
+        api_key_env=where.get("api_key_env", str),
+        endpoints=tuple(endpoints),
+        max_concurrency=max_concurrency,
+        rpm=where.get("rpm", int),
+        tpm=where.get("tpm", int),
+        price=dict(price),
+        headers={str(k): str(v) for k, v in where.get("headers", dict, default={}).items()},
+        latency_ms=float(where.get("latency_ms", (int, float), default=0)),
+        jitter_ms=float(where.get("jitter_ms", (int, float), default=0)),
+        error_rate=float(error_rate),
+        request_log=where.get("request_log", str),
+    )
+
+
+def _mode(where: _Where) -> None:
+    mode = where.get("mode", str, default="realtime")
+    if mode != "realtime":
+        raise where.fail(f"{mode!r} is not supported yet; only 'realtime'", "mode")
+
+
+def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
+           default_model: str, default_retries: int, default_params: dict,
+           upstream: str) -> StageSpec:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: stage #{position} must be a mapping with a name")
+    where = _Where(path, raw, f"stage #{position}")
+    name = where.get("name", str, required=True)
+    where.context = f"stage {name!r}"
+    if not _STAGE_NAME.match(name):
+        raise where.fail("must be letters, digits, '_', '.' or '-' (it names a folder)", "name")
+    kinds = [k for k in STAGE_KINDS if k in raw]
+    if len(kinds) != 1:
+        raise where.fail("needs exactly one of 'prompt' (LLM stage), 'filter' or 'python'"
+                         + (f", not {' and '.join(kinds)}" if kinds else ""))
+    kind = kinds[0]
+    where.check_keys(_STAGE_KEYS[kind])
+    line = getattr(raw, "line", 0)
+
+    if kind == "filter":
+        source = where.get("filter", str, required=True)
+        try:
+            templates.compile_expression(source)
+        except templates.TemplateError as e:
+            raise where.fail(f"does not compile: {e}", "filter") from None
+        return StageSpec(name=name, kind="filter", line=line, filter=source,
+                         fingerprint=_digest({"filter": source, "up": upstream}))
+
+    if kind == "python":
+        target = where.get("python", str, required=True)
+        try:
+            function = import_callable(target, import_paths(path))
+        except ConfigError as e:
+            raise where.fail(str(e), "python") from None
+        return StageSpec(name=name, kind="python", line=line, python=target,
+                         fingerprint=_digest({"python": target, "source": _source_digest(function),
+                                              "up": upstream}))
+
+    model = where.get("model", (str, list), default=default_model)
+    aliases = (model,) if isinstance(model, str) else tuple(model)
+    if not aliases or not all(isinstance(a, str) for a in aliases):
+        raise where.fail("must be a model alias or a list of aliases", "model")
+    for alias in aliases:
+        if alias not in models:
+            raise where.fail(f"unknown model alias {alias!r}; known: {', '.join(models)}", "model")
+    system = where.get("system", str)
+    prompt = where.get("prompt", str, required=True)
+    for key, source in (("system", system), ("prompt", prompt)):
+        if source is not None:
+            try:
+                templates.compile_template(source)
+            except templates.TemplateError as e:
+                line_hint = f" (template line {e.lineno})" if getattr(e, "lineno", None) else ""
+                raise where.fail(f"template does not compile: {e.message}{line_hint}",
+                                 key) from None
+    parse = where.get("parse", str, default="text")
+    if parse not in ("text", "json"):
+        raise where.fail("must be 'text' or 'json'", "parse")
+    output = where.get("output", str, default=name)
+    params = {**default_params, **where.get("params", dict, default={})}
+    retries = where.get("retries", int, default=default_retries)
+    if retries < 0:
+        raise where.fail("must be 0 or more", "retries")
+    _mode(where)
+    definition = {"models": [models[a].identity() for a in aliases], "system": system,
+                  "prompt": prompt, "output": output, "parse": parse, "params": params,
+                  "up": upstream}
+    return StageSpec(name=name, kind="llm", line=line, models=aliases, system=system,
+                     prompt=prompt, output=output, parse=parse, params=params, retries=retries,
+                     fingerprint=_digest(definition))
+
+
+def import_paths(pipeline_path: Path) -> list[str]:
+    """The current directory and the pipeline's folder, where `python:` stages are found."""
+    return [str(Path.cwd()), str(pipeline_path.resolve().parent)]
+
+
+def import_callable(target: str, search_paths: list[str]) -> Callable[..., Any]:
+    """Import 'package.module:function'; raises ConfigError saying what is wrong."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"{target!r} must look like 'module:function'")
+    for entry in reversed(search_paths):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # a broken user module can raise anything on import
+        raise ConfigError(f"cannot import {module_name!r}: {type(e).__name__}: {e}") from None
+    function = getattr(module, attribute, None)
+    if function is None:
+        raise ConfigError(f"module {module_name!r} has no attribute {attribute!r}")
+    if not callable(function):
+        raise ConfigError(f"{target!r} is not callable")
+    return function
+
+
+def _source_digest(function: Callable[..., Any]) -> str:
+    """Editing the module of a python stage makes the stage stale."""
+    try:
+        return _digest(inspect.getsource(inspect.getmodule(function)))
+    except (OSError, TypeError):
+        return ""
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(orjson.dumps(value, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]

@@ -1,0 +1,387 @@
+"""Runs a pipeline: decides what is stale, walks the input shard by shard, commits results.
+
+The unit of work is a shard: `shard_size` input lines and everything derived from them in
+every stage (`<stage>/part-NNNNN`). For each shard the engine walks the stages in order;
+a stage's shard is fresh when state.json records it done under the stage's current
+fingerprint and from the same source (the input shard's digest for the first stage, the
+upstream shard's commit token for the others). The first stale stage and everything after
+it are recomputed for that shard; fresh ones are skipped without reading their data.
+
+Several shards are in flight at once so an LLM stage keeps its model busy across shard
+boundaries; commits happen one at a time in the event loop (see store.py for their order).
+A shard job is self-contained (its input lines or upstream part file in, stage outputs
+out), which is what a distributed executor needs to ship it elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Protocol
+
+from .config import ConfigError, Pipeline, StageSpec
+from .llm.client import ModelClient
+from .source import InputError, Shard, parse_line, read_shards, resolve
+from .stages import Counters, FilterStage, LLMStage, PythonStage, StageOutput
+from .store import Journal, Locked, Workdir, dumps_lines
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LATER = 0, 1, 2, 75
+MAX_SHARDS_IN_FLIGHT = 64
+
+__all__ = ["RunOptions", "RunReport", "run", "ConfigError", "InputError", "Locked"]
+
+
+@dataclass
+class RunOptions:
+    stage: str | None = None  # only this stage; its upstream must be fresh
+    until: str | None = None  # this stage and everything before it
+    limit: int | None = None  # only the first N input lines
+
+
+@dataclass
+class StageReport:
+    counts: Counters = field(default_factory=Counters)
+    shards_run: int = 0
+    shards_skipped: int = 0
+    first_start: float | None = None
+    last_end: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        if self.first_start is None or self.last_end is None:
+            return 0.0
+        return self.last_end - self.first_start
+
+
+@dataclass
+class RunReport:
+    stages: dict[str, StageReport]
+    exit_code: int = EXIT_OK
+    seconds: float = 0.0
+    lines_read: int = 0
+    failed_total: int = 0  # failures recorded for the selected stages, this run or before
+    notes: list[str] = field(default_factory=list)
+
+
+class Progress(Protocol):
+    """What the engine tells whoever displays progress (see progress.py)."""
+
+    interval: float
+
+    def start(self, run: "Run") -> None: ...
+
+    def update(self, run: "Run") -> None: ...
+
+    def message(self, text: str) -> None: ...
+
+    def finish(self, run: "Run", report: RunReport) -> None: ...
+
+
+def run(pipeline: Pipeline, options: RunOptions | None = None,
+        progress: Progress | None = None) -> RunReport:
+    """Run (or resume) a pipeline; returns a report whose exit_code follows DESIGN.md.
+
+    Raises ConfigError or InputError (exit 2) and Locked (exit 75) before any work starts.
+    """
+    return asyncio.run(Run(pipeline, options or RunOptions(), progress).execute())
+
+
+def selected_stages(pipeline: Pipeline, options: RunOptions) -> list[StageSpec]:
+    names = [s.name for s in pipeline.stages]
+    if options.stage and options.until:
+        raise ConfigError("use --stage or --until, not both")
+    if options.stage:
+        return [pipeline.stage(options.stage)]
+    if options.until:
+        return pipeline.stages[: names.index(pipeline.stage(options.until).name) + 1]
+    return list(pipeline.stages)
+
+
+class Run:
+    def __init__(self, pipeline: Pipeline, options: RunOptions, progress: Progress | None):
+        self.pipeline = pipeline
+        self.options = options
+        self.progress = progress
+        self.workdir = Workdir(pipeline.workdir, pipeline.compress)
+        self.selected = selected_stages(pipeline, options)
+        self.last = pipeline.stages.index(self.selected[-1])
+        self.report = RunReport(stages={s.name: StageReport() for s in self.selected})
+        self.files = resolve(pipeline.input)
+        self.input_bytes = _input_size(self.files)
+        self.bytes_read = 0
+        self.started = time.monotonic()
+        self.clients: dict[str, ModelClient] = {}
+        self.state: dict[str, Any] = {}
+
+    async def execute(self) -> RunReport:
+        with self.workdir.lock() as previous_holder:
+            if previous_holder and previous_holder != str(os.getpid()):
+                self.note(f"took over the lock left by pid {previous_holder}, "
+                          "which is no longer running")
+            self.state = self.workdir.load_state()
+            self.state["last_run"] = {"started": _now(), "pid": os.getpid()}
+            self._reset_changed_stages()
+            runners = self._make_runners()
+            if self.progress:
+                self.progress.start(self)
+            ticker = asyncio.create_task(self._tick())
+            try:
+                await self._walk(runners)
+            finally:
+                ticker.cancel()
+                for client in self.clients.values():
+                    await client.close()
+            self._finish()
+        if self.progress:
+            self.progress.finish(self, self.report)
+        return self.report
+
+    # planning
+    def _stage_state(self, stage: StageSpec) -> dict[str, Any]:
+        return self.state["stages"].setdefault(
+            stage.name, {"fingerprint": stage.fingerprint, "errors_bytes": 0, "shards": {}})
+
+    def _reset_changed_stages(self) -> None:
+        if self.options.stage:
+            index = self.pipeline.stages.index(self.selected[0])
+            if index > 0:
+                upstream = self.pipeline.stages[index - 1]
+                saved = self.state["stages"].get(upstream.name)
+                if saved is None or saved["fingerprint"] != upstream.fingerprint:
+                    raise ConfigError(f"stage {self.options.stage!r} needs fresh output of "
+                                      f"{upstream.name!r}; run with --until "
+                                      f"{self.options.stage} instead")
+        for stage in self.selected:
+            saved = self.state["stages"].get(stage.name)
+            if saved is None or saved["fingerprint"] != stage.fingerprint:
+                if saved is not None:
+                    self.note(f"stage {stage.name!r} changed: recomputing it")
+                self.workdir.reset_stage(stage.name)
+                self.state["stages"][stage.name] = {"fingerprint": stage.fingerprint,
+                                                    "errors_bytes": 0, "shards": {}}
+        self.workdir.save_state(self.state)
+
+    def _make_runners(self) -> dict[str, Any]:
+        runners: dict[str, Any] = {}
+        for stage in self.selected:
+            if stage.kind == "filter":
+                runners[stage.name] = FilterStage(stage)
+            elif stage.kind == "python":
+                runners[stage.name] = PythonStage(stage, self.pipeline.import_paths)
+            else:
+                for alias in stage.models:
+                    if alias not in self.clients:
+                        self.clients[alias] = ModelClient(self.pipeline.models[alias])
+                runners[stage.name] = LLMStage(stage, self.clients)
+        return runners
+
+    def _plan(self, shard: Shard) -> tuple[list[StageSpec], str]:
+        """The stages to compute for this shard and the source token the first one reads."""
+        source = shard.digest
+        for position, stage in enumerate(self.pipeline.stages[: self.last + 1]):
+            entry = self.state["stages"].get(stage.name, {}).get("shards", {}).get(str(shard.index))
+            fresh = (entry is not None and entry["src"] == source
+                     and self.state["stages"][stage.name]["fingerprint"] == stage.fingerprint)
+            if not fresh:
+                if stage not in self.selected:
+                    raise ConfigError(f"stage {self.selected[0].name!r} needs fresh output of "
+                                      f"{stage.name!r} for shard {shard.index}; run with "
+                                      f"--until {self.selected[0].name} instead")
+                return self.pipeline.stages[position: self.last + 1], source
+            source = entry["token"]
+        return [], source
+
+    # the shard walk
+    async def _walk(self, runners: dict[str, Any]) -> None:
+        window = asyncio.Semaphore(self._window(runners))
+        jobs: set[asyncio.Task[None]] = set()
+        count = 0
+        try:
+            for shard in read_shards(self.files, self.pipeline.shard_size, self.options.limit):
+                count += 1
+                self.report.lines_read += len(shard.lines)
+                self.bytes_read += shard.size + len(shard.lines)
+                todo, source = self._plan(shard)
+                for stage in self.selected:
+                    if stage not in todo:
+                        self.report.stages[stage.name].shards_skipped += 1
+                if not todo:
+                    continue
+                await window.acquire()
+                job = asyncio.create_task(self._shard_job(shard, todo, source, runners))
+                job.add_done_callback(lambda _: window.release())
+                jobs.add(job)
+                job.add_done_callback(jobs.discard)
+                await asyncio.sleep(0)  # let running jobs see their replies between shards
+            if jobs:
+                await asyncio.gather(*jobs)
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            await asyncio.gather(*jobs, return_exceptions=True)
+            raise
+        if count == 0:
+            self.note("input is empty: nothing to do")
+        if self.options.limit is None:
+            self._forget_shards_from(count)
+
+    def _window(self, runners: dict[str, Any]) -> int:
+        """Shards in flight: enough for every LLM stage to fill its concurrency twice over."""
+        concurrency = sum(r.concurrency for r in runners.values() if isinstance(r, LLMStage))
+        if not concurrency:
+            return 1
+        return min(MAX_SHARDS_IN_FLIGHT, 2 + 2 * concurrency // self.pipeline.shard_size)
+
+    async def _shard_job(self, shard: Shard, todo: list[StageSpec], source: str,
+                         runners: dict[str, Any]) -> None:
+        first = todo[0]
+        position = self.pipeline.stages.index(first)
+        if position == 0:
+            records, input_errors = self._parse(shard, first)
+        else:
+            upstream = self.pipeline.stages[position - 1].name
+            records = await asyncio.to_thread(self.workdir.read_shard, upstream, shard.index)
+            input_errors = []
+        shard.lines = []  # the raw lines are not needed any more
+        for stage in todo:
+            report = self.report.stages[stage.name]
+            if report.first_start is None:
+                report.first_start = time.monotonic()
+            runner = runners[stage.name]
+            if isinstance(runner, LLMStage):
+                output = await self._run_llm(runner, stage, shard.index, source, records)
+            else:
+                output = runner.run(records)
+                report.counts.add(output.counts)
+            if input_errors:
+                output.errors[:0] = input_errors
+                output.counts.failed += len(input_errors)
+                report.counts.failed += len(input_errors)
+                report.counts.records_in += len(input_errors)
+                output.counts.records_in += len(input_errors)
+                input_errors = []
+            source = self._commit(stage, shard.index, source, output)
+            report.shards_run += 1
+            report.last_end = time.monotonic()
+            records = output.records
+
+    def _parse(self, shard: Shard, stage: StageSpec) -> tuple[list[dict[str, Any]],
+                                                              list[dict[str, Any]]]:
+        """Input lines → records with `_id`; bad lines → errors of the first stage."""
+        records: list[dict[str, Any]] = []
+        errors: list[dict[str, Any]] = []
+        id_field, start = self.pipeline.id_field, shard.start
+        for i, line in enumerate(shard.lines):
+            record, problem = parse_line(line)
+            if record is not None:
+                if id_field is not None and id_field in record:
+                    record["_id"] = record[id_field]
+                else:
+                    record["_id"] = start + i
+                records.append(record)
+            elif problem is not None:
+                name, lineno = shard.origin(i)
+                errors.append({"_id": start + i, "stage": stage.name,
+                               "error": f"{name}:{lineno}: {problem}", "file": name,
+                               "line": lineno, "raw": line[:1000].decode("utf-8", "replace")})
+        return records, errors
+
+    async def _run_llm(self, runner: LLMStage, stage: StageSpec, shard: int, source: str,
+                       records: list[dict[str, Any]]) -> StageOutput:
+        counts = self.report.stages[stage.name].counts
+        journal = Journal(self.workdir.journal_path(stage.name, shard),
+                          {"stage": stage.name, "fingerprint": stage.fingerprint, "src": source})
+        done = journal.load()
+        journal.open(done)
+
+        def on_done(entry: dict[str, Any]) -> None:
+            journal.append(entry)
+            counts.records_in += 1
+            tokens = entry["trace"].get("tokens") or {}
+            counts.tokens_in += tokens.get("in", 0)
+            counts.tokens_out += tokens.get("out", 0)
+            if "error" in entry:
+                counts.failed += 1
+            else:
+                counts.records_out += 1
+
+        try:
+            return await runner.run(records, done, on_done)
+        finally:
+            journal.close()
+
+    def _commit(self, stage: StageSpec, shard: int, source: str, output: StageOutput) -> str:
+        """Make one stage's shard durable and mark it done; returns its new token."""
+        stage_state = self._stage_state(stage)
+        key = str(shard)
+        previous = stage_state["shards"].pop(key, None)
+        if previous and previous.get("failed"):
+            stage_state["errors_bytes"] = self.workdir.drop_errors(stage.name, {shard})
+        self.workdir.write_shard(stage.name, shard, dumps_lines(output.records),
+                                 None if output.trace is None else dumps_lines(output.trace))
+        errors = dumps_lines({**e, "shard": shard} for e in output.errors)
+        stage_state["errors_bytes"] = self.workdir.append_errors(
+            stage.name, stage_state["errors_bytes"], errors)
+        token = os.urandom(8).hex()
+        counts = output.counts
+        stage_state["shards"][key] = {
+            "src": source, "token": token, "in": counts.records_in, "out": counts.records_out,
+            "failed": counts.failed, "filtered": counts.filtered,
+            "tokens_in": counts.tokens_in, "tokens_out": counts.tokens_out}
+        self.workdir.save_state(self.state)
+        self.workdir.journal_path(stage.name, shard).unlink(missing_ok=True)
+        return token
+
+    def _forget_shards_from(self, count: int) -> None:
+        """The input shrank: shards past its end no longer exist in any selected stage."""
+        changed = False
+        for stage in self.selected:
+            stage_state = self._stage_state(stage)
+            gone = {int(k) for k in stage_state["shards"] if int(k) >= count}
+            if not gone:
+                continue
+            if any(stage_state["shards"][str(k)].get("failed") for k in gone):
+                stage_state["errors_bytes"] = self.workdir.drop_errors(stage.name, gone)
+            for k in gone:
+                del stage_state["shards"][str(k)]
+                self.workdir.remove_shard(stage.name, k)
+            changed = True
+        if changed:
+            self.workdir.save_state(self.state)
+
+    def _finish(self) -> None:
+        self.report.seconds = time.monotonic() - self.started
+        failed = sum(entry.get("failed", 0)
+                     for stage in self.selected
+                     for entry in self._stage_state(stage)["shards"].values())
+        self.report.failed_total = failed
+        self.report.exit_code = EXIT_FAILED if failed else EXIT_OK
+        self.state["last_run"].update(ended=_now(), exit_code=self.report.exit_code)
+        self.workdir.save_state(self.state)
+
+    # progress
+    def note(self, text: str) -> None:
+        self.report.notes.append(text)
+        if self.progress:
+            self.progress.message(text)
+
+    async def _tick(self) -> None:
+        if not self.progress:
+            return
+        while True:
+            await asyncio.sleep(self.progress.interval)
+            self.progress.update(self)
+
+
+def _input_size(files: list[str]) -> int | None:
+    """Total bytes of the input when it is plain files (for a progress percentage)."""
+    if any(name == "-" or name.endswith(".zst") for name in files):
+        return None
+    return sum(os.path.getsize(name) for name in files)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

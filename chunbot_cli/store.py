@@ -1,0 +1,252 @@
+"""The on-disk workdir: shard files, state.json, the lock and the per-shard journal.
+
+Commit order for one stage of one shard, so a `kill -9` anywhere leaves a state the next
+run can continue from without losing or repeating a record:
+  1. part file and trace file, each written to a temp file, fsynced, renamed;
+  2. errors.jsonl cut back to the length state.json knows, then the shard's errors appended;
+  3. state.json rewritten atomically with the shard marked done (this is the commit point);
+  4. the shard's journal removed.
+Until step 3 the shard is not done; an LLM stage's journal keeps every finished reply so
+the retry of the shard sends no request twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import orjson
+
+STATE_VERSION = 1
+_DUMP = orjson.OPT_APPEND_NEWLINE
+
+
+class Locked(Exception):
+    """Another live process holds the workdir's lock."""
+
+    def __init__(self, path: Path, pid: str):
+        super().__init__(f"another chunbot run (pid {pid or '?'}) holds {path}; "
+                         "try again when it has finished")
+        self.pid = pid
+
+
+def dumps_lines(records: Iterable[Any]) -> bytes:
+    return b"".join(orjson.dumps(r, option=_DUMP) for r in records)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write a file so readers see either the old or the whole new content, even after a crash."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Workdir:
+    """`runs/<name>/`: one folder per stage with its shards, plus state.json and lock."""
+
+    def __init__(self, path: Path, compress: str | None = None):
+        self.path = Path(path)
+        self.compress = compress
+        self.suffix = ".jsonl.zst" if compress == "zstd" else ".jsonl"
+
+    # layout
+    def stage_dir(self, stage: str) -> Path:
+        return self.path / stage
+
+    def part_path(self, stage: str, shard: int) -> Path:
+        return self.path / stage / f"part-{shard:05d}{self.suffix}"
+
+    def trace_path(self, stage: str, shard: int) -> Path:
+        return self.path / stage / f"part-{shard:05d}.trace{self.suffix}"
+
+    def journal_path(self, stage: str, shard: int) -> Path:
+        return self.path / stage / f"part-{shard:05d}.journal"
+
+    def errors_path(self, stage: str) -> Path:
+        return self.path / stage / "errors.jsonl"
+
+    # state
+    def load_state(self) -> dict[str, Any]:
+        try:
+            state = orjson.loads((self.path / "state.json").read_bytes())
+        except FileNotFoundError:
+            return {"version": STATE_VERSION, "stages": {}}
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"{self.path / 'state.json'}: unknown state version "
+                             f"{state.get('version')!r}")
+        return state
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path / "state.json", orjson.dumps(state))
+
+    # lock
+    @contextmanager
+    def lock(self) -> Iterator[str | None]:
+        """Hold the workdir lock; yields the pid of a dead previous holder, if any.
+
+        flock is released by the kernel when its holder dies, so a lock left by a killed
+        run is taken over without asking.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        path = self.path / "lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Locked(path, os.pread(fd, 32, 0).decode(errors="replace").strip()) from None
+            previous = os.pread(fd, 32, 0).decode(errors="replace").strip() or None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                yield previous
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    # stage folders
+    def reset_stage(self, stage: str) -> None:
+        """Set a stage's old output aside as `<stage>.prev/` (one generation) and start empty."""
+        folder = self.stage_dir(stage)
+        if folder.exists():
+            previous = self.path / f"{stage}.prev"
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(folder, previous)
+        folder.mkdir(parents=True)
+
+    def remove_shard(self, stage: str, shard: int) -> None:
+        for path in (self.part_path(stage, shard), self.trace_path(stage, shard),
+                     self.journal_path(stage, shard)):
+            path.unlink(missing_ok=True)
+
+    # shard files
+    def write_shard(self, stage: str, shard: int, records: bytes, trace: bytes | None) -> None:
+        folder = self.stage_dir(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.part_path(stage, shard), self._encode(records))
+        if trace is not None:
+            write_atomic(self.trace_path(stage, shard), self._encode(trace))
+        _fsync_dir(folder)
+
+    def read_shard(self, stage: str, shard: int) -> list[dict[str, Any]]:
+        data = self.part_path(stage, shard).read_bytes()
+        if self.compress == "zstd":
+            import zstandard
+            data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+        return [orjson.loads(line) for line in data.splitlines()]
+
+    def _encode(self, data: bytes) -> bytes:
+        if self.compress == "zstd":
+            import zstandard
+            return zstandard.ZstdCompressor(level=3).compress(data)
+        return data
+
+    def append_errors(self, stage: str, committed: int, lines: bytes) -> int:
+        """Append a shard's error lines after the last committed length; returns the new one.
+
+        Cutting back to `committed` first drops lines of a commit that crashed before
+        state.json recorded it, so a retried shard never lists an error twice.
+        """
+        path = self.errors_path(stage)
+        if not lines and not path.exists():
+            return committed
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            committed = min(committed, os.fstat(fd).st_size)
+            os.ftruncate(fd, committed)
+            if lines:
+                os.pwrite(fd, lines, committed)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return committed + len(lines)
+
+    def drop_errors(self, stage: str, shards: set[int]) -> int:
+        """Rewrite errors.jsonl without the lines of `shards` (being redone); returns its length."""
+        path = self.errors_path(stage)
+        try:
+            lines = path.read_bytes().splitlines(keepends=True)
+        except FileNotFoundError:
+            return 0
+        kept = b"".join(line for line in lines if _shard_of(line) not in shards)
+        write_atomic(path, kept)
+        return len(kept)
+
+
+def _shard_of(line: bytes) -> int | None:
+    try:
+        return orjson.loads(line).get("shard")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+
+
+class Journal:
+    """Append-only log of finished records of one LLM stage shard, for exactly-once resume.
+
+    The first line names the stage fingerprint and the shard's source; a journal written
+    for other inputs is discarded. Each later line is one finished record, written with a
+    single write(2) as soon as its reply is in, so a killed run loses at most the replies
+    still in flight.
+    """
+
+    def __init__(self, path: Path, header: dict[str, Any]):
+        self.path = path
+        self.header = header
+        self._fd: int | None = None
+
+    def load(self) -> dict[int, dict[str, Any]]:
+        """Entries by index in the shard from an earlier, interrupted attempt."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return {}
+        lines = data.split(b"\n")
+        try:
+            if orjson.loads(lines[0]) != self.header:
+                return {}
+        except orjson.JSONDecodeError:
+            return {}
+        entries = {}
+        for line in lines[1:]:
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # a torn last line or the empty tail
+            entries[entry["i"]] = entry
+        return entries
+
+    def open(self, keep: dict[int, dict[str, Any]]) -> None:
+        """Start appending, after rewriting the file as the header plus `keep`.
+
+        The rewrite drops a torn last line and entries of a journal written for other inputs.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        entries = (keep[i] for i in sorted(keep))
+        write_atomic(self.path, orjson.dumps(self.header, option=_DUMP) + dumps_lines(entries))
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+
+    def append(self, entry: dict[str, Any]) -> None:
+        os.write(self._fd, orjson.dumps(entry, option=_DUMP))
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
