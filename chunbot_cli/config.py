@@ -330,6 +330,8 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
     if not _STAGE_NAME.match(name):
         raise where.fail("must be letters, digits, '_', '.' or '-' (it names a folder)", "name")
     kinds = [k for k in STAGE_KINDS if k in raw]
+    if not kinds:
+        where.check_keys(set().union(*_STAGE_KEYS.values()))
     if len(kinds) != 1:
         raise where.fail("needs exactly one of 'prompt' (LLM stage), 'filter' or 'python'"
                          + (f", not {' and '.join(kinds)}" if kinds else ""))
