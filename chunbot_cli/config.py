@@ -21,8 +21,6 @@ from typing import Any, Callable
 import orjson
 import yaml
 
-from . import templates
-
 
 class ConfigError(Exception):
     """A pipeline file that cannot be run; the message is meant for the user as is."""
@@ -338,6 +336,8 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
     kind = kinds[0]
     where.check_keys(_STAGE_KEYS[kind])
     line = getattr(raw, "line", 0)
+    if kind != "python":
+        from . import templates  # jinja2 costs ~80 ms to import: only when a stage needs it
 
     if kind == "filter":
         source = where.get("filter", str, required=True)

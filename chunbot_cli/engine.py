@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
+import orjson
+
 from .config import ConfigError, Pipeline, StageSpec
-from .llm.client import ModelClient
 from .source import InputError, Shard, parse_line, read_shards, resolve
 from .stages import Counters, FilterStage, LLMStage, PythonStage, StageOutput
 from .store import Journal, Locked, Workdir, dumps_lines
@@ -113,7 +115,8 @@ class Run:
         self.input_bytes = _input_size(self.files)
         self.bytes_read = 0
         self.started = time.monotonic()
-        self.clients: dict[str, ModelClient] = {}
+        self.clients: dict[str, Any] = {}
+        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self.state: dict[str, Any] = {}
 
     async def execute(self) -> RunReport:
@@ -132,6 +135,7 @@ class Run:
                 await self._walk(runners)
             finally:
                 ticker.cancel()
+                self.committer.shutdown(wait=True)
                 for client in self.clients.values():
                     await client.close()
             self._finish()
@@ -172,6 +176,8 @@ class Run:
             elif stage.kind == "python":
                 runners[stage.name] = PythonStage(stage, self.pipeline.import_paths)
             else:
+                from .llm.client import ModelClient  # tenacity: ~50 ms, for LLM stages only
+
                 for alias in stage.models:
                     if alias not in self.clients:
                         self.clients[alias] = ModelClient(self.pipeline.models[alias])
@@ -225,6 +231,8 @@ class Run:
             raise
         if count == 0:
             self.note("input is empty: nothing to do")
+        elif not any(stage.shards_run for stage in self.report.stages.values()):
+            self.note("every selected stage is up to date: nothing to do")
         if self.options.limit is None:
             self._forget_shards_from(count)
 
@@ -232,7 +240,7 @@ class Run:
         """Shards in flight: enough for every LLM stage to fill its concurrency twice over."""
         concurrency = sum(r.concurrency for r in runners.values() if isinstance(r, LLMStage))
         if not concurrency:
-            return 1
+            return 2  # one shard computes while the other commits
         return min(MAX_SHARDS_IN_FLIGHT, 2 + 2 * concurrency // self.pipeline.shard_size)
 
     async def _shard_job(self, shard: Shard, todo: list[StageSpec], source: str,
@@ -246,6 +254,7 @@ class Run:
             records = await asyncio.to_thread(self.workdir.read_shard, upstream, shard.index)
             input_errors = []
         shard.lines = []  # the raw lines are not needed any more
+        commits: list[asyncio.Future[None]] = []
         for stage in todo:
             report = self.report.stages[stage.name]
             if report.first_start is None:
@@ -263,30 +272,40 @@ class Run:
                 report.counts.records_in += len(input_errors)
                 output.counts.records_in += len(input_errors)
                 input_errors = []
-            source = self._commit(stage, shard.index, source, output)
+            source, commit = self._commit(stage, shard.index, source, output)
+            commits.append(commit)
             report.shards_run += 1
             report.last_end = time.monotonic()
             records = output.records
+        await asyncio.gather(*commits)
 
     def _parse(self, shard: Shard, stage: StageSpec) -> tuple[list[dict[str, Any]],
                                                               list[dict[str, Any]]]:
         """Input lines → records with `_id`; bad lines → errors of the first stage."""
         records: list[dict[str, Any]] = []
         errors: list[dict[str, Any]] = []
-        id_field, start = self.pipeline.id_field, shard.start
+        keep, loads, id_field, position = records.append, orjson.loads, self.pipeline.id_field, \
+            shard.start
         for i, line in enumerate(shard.lines):
-            record, problem = parse_line(line)
-            if record is not None:
-                if id_field is not None and id_field in record:
-                    record["_id"] = record[id_field]
-                else:
-                    record["_id"] = start + i
-                records.append(record)
-            elif problem is not None:
-                name, lineno = shard.origin(i)
-                errors.append({"_id": start + i, "stage": stage.name,
-                               "error": f"{name}:{lineno}: {problem}", "file": name,
-                               "line": lineno, "raw": line[:1000].decode("utf-8", "replace")})
+            try:
+                record = loads(line)
+            except orjson.JSONDecodeError:
+                record = None
+            if type(record) is not dict:
+                record, problem = parse_line(line)
+                if record is None:
+                    if problem is not None:
+                        name, lineno = shard.origin(i)
+                        errors.append({"_id": position + i, "stage": stage.name,
+                                       "error": f"{name}:{lineno}: {problem}", "file": name,
+                                       "line": lineno,
+                                       "raw": line[:1000].decode("utf-8", "replace")})
+                    continue
+            if id_field is not None and id_field in record:
+                record["_id"] = record[id_field]
+            else:
+                record["_id"] = position + i
+            keep(record)
         return records, errors
 
     async def _run_llm(self, runner: LLMStage, stage: StageSpec, shard: int, source: str,
@@ -313,27 +332,40 @@ class Run:
         finally:
             journal.close()
 
-    def _commit(self, stage: StageSpec, shard: int, source: str, output: StageOutput) -> str:
-        """Make one stage's shard durable and mark it done; returns its new token."""
+    def _commit(self, stage: StageSpec, shard: int, source: str,
+                output: StageOutput) -> tuple[str, asyncio.Future[None]]:
+        """Hand one stage's shard to the committer thread; returns its new token at once.
+
+        One thread commits in order, so a downstream shard is never marked done before
+        its upstream, and fsyncs overlap with the next shard's work.
+        """
+        token = os.urandom(8).hex()
+        counts = output.counts
+        entry = {"src": source, "token": token, "in": counts.records_in,
+                 "out": counts.records_out, "failed": counts.failed,
+                 "filtered": counts.filtered, "tokens_in": counts.tokens_in,
+                 "tokens_out": counts.tokens_out}
+        records = dumps_lines(output.records)
+        trace = None if output.trace is None else dumps_lines(output.trace)
+        errors = dumps_lines({**e, "shard": shard} for e in output.errors)
+        future = asyncio.get_running_loop().run_in_executor(
+            self.committer, self._persist, stage, shard, entry, records, trace, errors)
+        return token, future
+
+    def _persist(self, stage: StageSpec, shard: int, entry: dict[str, Any], records: bytes,
+                 trace: bytes | None, errors: bytes) -> None:
+        """The commit itself, in the order store.py explains."""
         stage_state = self._stage_state(stage)
         key = str(shard)
         previous = stage_state["shards"].pop(key, None)
         if previous and previous.get("failed"):
             stage_state["errors_bytes"] = self.workdir.drop_errors(stage.name, {shard})
-        self.workdir.write_shard(stage.name, shard, dumps_lines(output.records),
-                                 None if output.trace is None else dumps_lines(output.trace))
-        errors = dumps_lines({**e, "shard": shard} for e in output.errors)
+        self.workdir.write_shard(stage.name, shard, records, trace)
         stage_state["errors_bytes"] = self.workdir.append_errors(
             stage.name, stage_state["errors_bytes"], errors)
-        token = os.urandom(8).hex()
-        counts = output.counts
-        stage_state["shards"][key] = {
-            "src": source, "token": token, "in": counts.records_in, "out": counts.records_out,
-            "failed": counts.failed, "filtered": counts.filtered,
-            "tokens_in": counts.tokens_in, "tokens_out": counts.tokens_out}
+        stage_state["shards"][key] = entry
         self.workdir.save_state(self.state)
         self.workdir.journal_path(stage.name, shard).unlink(missing_ok=True)
-        return token
 
     def _forget_shards_from(self, count: int) -> None:
         """The input shrank: shards past its end no longer exist in any selected stage."""

@@ -14,12 +14,12 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 if TYPE_CHECKING:
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+
     from .engine import Run, RunReport
 
 
@@ -30,6 +30,8 @@ def make_progress(quiet: bool = False, log_format: str = "text",
         return LogProgress(stream, as_json=True)
     if quiet or not stream.isatty():
         return LogProgress(stream, as_json=False)
+    from rich.console import Console  # rich costs ~50 ms to import: only for terminals
+
     return RichProgress(Console(file=stream))
 
 
@@ -116,6 +118,10 @@ class RichProgress:
         self.live: Live | None = None
 
     def _render(self, run: "Run") -> Group:
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
         table = Table(box=None, header_style="bold")
         for column in ("stage", "records", "rec/s", "out", "failed", "tokens", "in flight"):
             table.add_column(column, justify="left" if column == "stage" else "right")
@@ -127,6 +133,8 @@ class RichProgress:
         return Group(Text(input_line(run), style="dim"), table)
 
     def start(self, run: "Run") -> None:
+        from rich.live import Live
+
         self.live = Live(self._render(run), console=self.console, auto_refresh=False,
                          transient=True)
         self.live.start()
@@ -145,6 +153,8 @@ class RichProgress:
 
 
 def _red(count: int) -> Text:
+    from rich.text import Text
+
     return Text(f"{count:,}", style="red" if count else "")
 
 
@@ -172,6 +182,10 @@ def _summary_footer(report: "RunReport") -> str:
 
 
 def summary_table(rows: list[dict[str, Any]], report: "RunReport") -> Group:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title="run summary", header_style="bold")
     for column in SUMMARY_COLUMNS:
         table.add_column(column, justify="left" if column == "stage" else "right")

@@ -12,14 +12,15 @@ from __future__ import annotations
 import asyncio
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
-from . import templates
 from .config import StageSpec, import_callable
-from .llm.client import ModelClient
 from .llm.types import Request
+
+if TYPE_CHECKING:
+    from .llm.client import ModelClient
 
 
 @dataclass
@@ -56,6 +57,8 @@ def _describe(error: BaseException) -> str:
 
 class FilterStage:
     def __init__(self, spec: StageSpec):
+        from . import templates
+
         self.spec = spec
         self.predicate = templates.compile_expression(spec.filter or "")
 
@@ -94,7 +97,9 @@ class PythonStage:
                 reason = f"{_describe(e)} (at {where.filename}:{where.lineno})"
                 out.errors.append(failure(self.spec.name, record, reason))
                 continue
-            if isinstance(result, dict):
+            if result is record:
+                keep(result)
+            elif isinstance(result, dict):
                 result.setdefault("_id", parent)
                 keep(result)
             elif result is None:
@@ -117,7 +122,9 @@ class LLMStage:
     """Renders the prompt, asks the stage's model (the next one of a cascade on failure),
     parses the reply into the `output` field."""
 
-    def __init__(self, spec: StageSpec, clients: dict[str, ModelClient]):
+    def __init__(self, spec: StageSpec, clients: dict[str, "ModelClient"]):
+        from . import templates
+
         self.spec = spec
         self.clients = [clients[alias] for alias in spec.models]
         self.system = templates.compile_template(spec.system) if spec.system else None

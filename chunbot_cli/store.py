@@ -35,7 +35,8 @@ class Locked(Exception):
 
 
 def dumps_lines(records: Iterable[Any]) -> bytes:
-    return b"".join(orjson.dumps(r, option=_DUMP) for r in records)
+    data = b"\n".join(map(orjson.dumps, records))
+    return data + b"\n" if data else data
 
 
 def write_atomic(path: Path, data: bytes) -> None:
