@@ -87,9 +87,9 @@ def test_kill_9_mid_run_then_resume_is_exactly_once(project):
     process.send_signal(signal.SIGKILL)
     process.wait()
     workdir = project / "runs/slow"
-    assert list(workdir.glob("*/part-*.journal")), "the kill should land mid-shard"
     durable = recorded_keys(workdir)
     sent_before = logged_keys(project)
+    assert len(sent_before) < 200 + 67, "the kill should land mid-run"
     assert durable and durable <= set(sent_before)
     # only requests in flight at the kill may be answered without being recorded
     assert len(set(sent_before) - durable) <= 4
