@@ -61,9 +61,10 @@ def sentiment(text: str) -> str:
         elif word in NEUTRAL:
             neutral += 1
         previous = word
-    if score >= 1 and score > neutral - 1:
+    # one stray word does not outweigh a hedge such as "okay" or "average"
+    if score >= 2 or (score == 1 and not neutral):
         return "positive"
-    if score <= -1:
+    if score <= -2 or (score == -1 and not neutral):
         return "negative"
     return "neutral"
 
