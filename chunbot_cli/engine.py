@@ -145,19 +145,21 @@ class Run:
 
     # planning
     def _stage_state(self, stage: StageSpec) -> dict[str, Any]:
-        return self.state["stages"].setdefault(
-            stage.name, {"fingerprint": stage.fingerprint, "errors_bytes": 0, "shards": {}})
+        return self.state["stages"][stage.name]
+
+    def _upstream_not_fresh(self, upstream: StageSpec, shard: int | None = None) -> ConfigError:
+        where = "" if shard is None else f" for shard {shard}"
+        wanted = self.selected[0].name
+        return ConfigError(f"stage {wanted!r} needs fresh output of {upstream.name!r}{where}; "
+                           f"run with --until {wanted} instead")
 
     def _reset_changed_stages(self) -> None:
-        if self.options.stage:
-            index = self.pipeline.stages.index(self.selected[0])
-            if index > 0:
-                upstream = self.pipeline.stages[index - 1]
-                saved = self.state["stages"].get(upstream.name)
-                if saved is None or saved["fingerprint"] != upstream.fingerprint:
-                    raise ConfigError(f"stage {self.options.stage!r} needs fresh output of "
-                                      f"{upstream.name!r}; run with --until "
-                                      f"{self.options.stage} instead")
+        position = self.pipeline.stages.index(self.selected[0])
+        if self.options.stage and position > 0:
+            upstream = self.pipeline.stages[position - 1]
+            saved = self.state["stages"].get(upstream.name)
+            if saved is None or saved["fingerprint"] != upstream.fingerprint:
+                raise self._upstream_not_fresh(upstream)
         for stage in self.selected:
             saved = self.state["stages"].get(stage.name)
             if saved is None or saved["fingerprint"] != stage.fingerprint:
@@ -193,9 +195,7 @@ class Run:
                      and self.state["stages"][stage.name]["fingerprint"] == stage.fingerprint)
             if not fresh:
                 if stage not in self.selected:
-                    raise ConfigError(f"stage {self.selected[0].name!r} needs fresh output of "
-                                      f"{stage.name!r} for shard {shard.index}; run with "
-                                      f"--until {self.selected[0].name} instead")
+                    raise self._upstream_not_fresh(stage, shard.index)
                 return self.pipeline.stages[position: self.last + 1], source
             source = entry["token"]
         return [], source
