@@ -1,0 +1,133 @@
+"""config.py: a pipeline file becomes a typed Pipeline, or one clear line saying what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from chunbot_cli.config import ConfigError, load
+
+GOOD = """
+name: reviews
+input: data.jsonl
+id_field: id
+shard_size: 500
+models:
+  small: {provider: sim, model: sim-small, max_concurrency: 8}
+defaults: {retries: 2, params: {temperature: 0}}
+stages:
+  - name: label
+    model: small
+    system: You label things.
+    prompt: "Label: {{ text }}"
+    params: {max_tokens: 4}
+  - name: keep
+    filter: "label == 'negative'"
+  - name: draft
+    model: [small, sim]
+    prompt: "Reply to: {{ text }}"
+    output: reply
+    parse: json
+"""
+
+
+def write(project: Path, text: str) -> Path:
+    (project / "p.yaml").write_text(text)
+    return project / "p.yaml"
+
+
+def refused(project: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as caught:
+        load(write(project, text))
+    return str(caught.value)
+
+
+def test_a_good_pipeline_is_typed(project):
+    pipeline = load(write(project, GOOD))
+    assert pipeline.name == "reviews" and pipeline.workdir == Path("runs/reviews")
+    assert [s.kind for s in pipeline.stages] == ["llm", "filter", "llm"]
+    label, keep, draft = pipeline.stages
+    assert label.output == "label"  # defaults to the stage name
+    assert label.params == {"temperature": 0, "max_tokens": 4}
+    assert label.retries == 2
+    assert draft.models == ("small", "sim") and draft.output == "reply"
+    assert "sim" in pipeline.models  # the built-in alias is always there
+    assert pipeline.models["small"].max_concurrency == 8
+
+
+def test_a_stage_without_model_uses_the_builtin_sim(project):
+    pipeline = load(write(project, "name: t\ninput: d.jsonl\nstages:\n"
+                                   "  - name: s\n    prompt: '{{ text }}'\n"))
+    assert pipeline.stages[0].models == ("sim",)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (GOOD.replace("    output: reply", "    ouput: reply"),
+     "p.yaml:20: stage 'draft': key 'ouput': unknown key (did you mean 'output'?)"),
+    (GOOD.replace("name: reviews\n", ""), "p.yaml:2: key 'name': is required"),
+    (GOOD.replace("input: data.jsonl\n", ""), "key 'input': is required"),
+    (GOOD.replace("model: small\n    system", "model: big\n    system"),
+     "stage 'label': key 'model': unknown model alias 'big'"),
+    (GOOD.replace("name: draft", "name: label"), "stage 'label': key 'name': duplicate stage name"),
+    (GOOD.replace("Label: {{ text }}", "Label: {{ text }"),
+     "stage 'label': key 'prompt': template does not compile"),
+    (GOOD.replace("label == 'negative'", "label == = 'negative'"),
+     "stage 'keep': key 'filter': does not compile"),
+    (GOOD.replace("    parse: json", "    mode: batch"),
+     "stage 'draft': key 'mode': 'batch' is not supported yet"),
+    (GOOD.replace("shard_size: 500", "shard_size: many"),
+     "key 'shard_size': must be an integer, not str 'many'"),
+    (GOOD.replace("shard_size: 500", "shard_size: 500\nshard_size: 600"),
+     "duplicate key 'shard_size'"),
+    (GOOD.replace("provider: sim, model", "provider: mystery, model"),
+     "model 'small': key 'provider': unknown provider 'mystery'"),
+    (GOOD.replace("    filter: \"label == 'negative'\"", "    filter: x\n    prompt: y"),
+     "stage 'keep': needs exactly one of 'prompt' (LLM stage), 'filter' or 'python'"),
+    ("name: t\ninput: [d.jsonl\n", "invalid YAML"),
+])
+def test_mistakes_name_file_stage_and_key(project, text, expected):
+    message = refused(project, text)
+    assert "p.yaml" in message
+    assert expected in message
+
+
+def test_python_targets_are_imported_when_loading(project):
+    (project / "tidy_ok.py").write_text("def clean(record):\n    return record\n")
+    text = "name: t\ninput: d.jsonl\nstages:\n  - name: tidy\n    python: {}\n"
+    assert load(write(project, text.format("tidy_ok:clean"))).stages[0].kind == "python"
+    assert "cannot import 'no_such_module'" in refused(project, text.format("no_such_module:f"))
+    assert "has no attribute 'missing'" in refused(project, text.format("tidy_ok:missing"))
+    assert "must look like 'module:function'" in refused(project, text.format("tidy_ok"))
+
+
+def test_editing_a_stage_changes_its_fingerprint_and_downstream_only(project):
+    before = [s.fingerprint for s in load(write(project, GOOD)).stages]
+    after = [s.fingerprint for s in
+             load(write(project, GOOD.replace("keep\n    filter: \"label == 'negative'\"",
+                                               "keep\n    filter: \"label != 'positive'\""))).stages]
+    assert before[0] == after[0]
+    assert before[1] != after[1] and before[2] != after[2]
+
+
+def test_concurrency_settings_do_not_change_fingerprints(project):
+    before = [s.fingerprint for s in load(write(project, GOOD)).stages]
+    after = [s.fingerprint for s in
+             load(write(project, GOOD.replace("max_concurrency: 8", "max_concurrency: 64"))).stages]
+    assert before == after
+
+
+def test_editing_a_python_stage_module_makes_it_stale(project):
+    module = project / "tidy_edit.py"
+    module.write_text("def clean(record):\n    return record\n")
+    text = "name: t\ninput: d.jsonl\nstages:\n  - name: tidy\n    python: tidy_edit:clean\n"
+    before = load(write(project, text)).stages[0].fingerprint
+    module.write_text("def clean(record):\n    record['x'] = 1\n    return record\n")
+    import sys
+    del sys.modules["tidy_edit"]
+    assert load(write(project, text)).stages[0].fingerprint != before
+
+
+def test_missing_pipeline_file(project):
+    with pytest.raises(ConfigError, match="nope.yaml: no such pipeline file"):
+        load(project / "nope.yaml")

@@ -1,0 +1,37 @@
+"""templates.py: sandboxed Jinja2 prompts and filter expressions over record fields."""
+
+from __future__ import annotations
+
+import pytest
+from jinja2 import UndefinedError
+from jinja2.exceptions import SecurityError, TemplateSyntaxError
+
+from chunbot_cli.templates import compile_expression, compile_template
+
+
+def test_templates_see_record_fields():
+    template = compile_template("Review of {{ product }}: {{ text | upper }}")
+    assert template.render({"product": "kettle", "text": "great"}) == "Review of kettle: GREAT"
+
+
+def test_a_missing_field_raises_instead_of_rendering_empty():
+    with pytest.raises(UndefinedError, match="'text' is undefined"):
+        compile_template("{{ text }}").render({"product": "kettle"})
+
+
+def test_the_sandbox_keeps_python_internals_out_of_reach():
+    with pytest.raises(SecurityError):
+        compile_template("{{ ''.__class__.__mro__[1].__subclasses__() }}").render({})
+
+
+def test_bad_syntax_is_refused_at_compile_time():
+    with pytest.raises(TemplateSyntaxError):
+        compile_template("{{ text }")
+
+
+def test_filter_expressions_are_predicates():
+    keep = compile_expression("rating <= 2 and 'refund' in text")
+    assert keep({"rating": 1, "text": "I want a refund"}) is True
+    assert keep({"rating": 5, "text": "I want a refund"}) is False
+    with pytest.raises(UndefinedError):
+        compile_expression("sentiment == 'negative'")({"text": "no label yet"})
