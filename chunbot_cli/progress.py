@@ -169,8 +169,8 @@ def _summary_cells(rows: list[dict[str, Any]], report: "RunReport") -> list[list
     return cells
 
 
-SUMMARY_COLUMNS = ("stage", "records", "out", "failed", "filtered", "tokens in", "tokens out",
-                   "seconds", "shards fresh")
+SUMMARY_COLUMNS = ("stage", "records", "out", "failed", "filtered", "tok in", "tok out",
+                   "secs", "fresh")
 
 
 def _summary_footer(report: "RunReport") -> str:
@@ -186,9 +186,13 @@ def summary_table(rows: list[dict[str, Any]], report: "RunReport") -> Group:
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title="run summary", header_style="bold")
+    from rich import box
+
+    table = Table(title="run summary", header_style="bold", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
     for column in SUMMARY_COLUMNS:
-        table.add_column(column, justify="left" if column == "stage" else "right")
+        table.add_column(column, justify="left" if column == "stage" else "right",
+                         no_wrap=True)
     for cells in _summary_cells(rows, report):
         table.add_row(*cells)
     return Group(table, Text(_summary_footer(report)))
