@@ -43,3 +43,54 @@ def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """An empty folder that is the current directory, as when a user runs chunbot."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+class SimServer:
+    """A `chunbot sim serve` process on 127.0.0.1; `url` is its root (add /v1 for OpenAI)."""
+
+    def __init__(self, *flags: str, port: int = 0):
+        self.flags = flags
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "chunbot_cli", "sim", "serve", "--host", "127.0.0.1",
+             "--port", str(port), *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        line = self.process.stdout.readline().decode()
+        if "listening on " not in line:
+            self.process.kill()
+            raise RuntimeError(f"sim serve did not start: {line!r} "
+                               f"{self.process.stderr.read().decode()}")
+        self.url = line.split("listening on ", 1)[1].strip()
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def stats(self) -> dict:
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/stats", timeout=10) as response:
+            return json.loads(response.read())
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=10)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+    def restart(self) -> None:
+        """Kill it and start it again on the same port with the same flags."""
+        self.kill()
+        self.__init__(*self.flags, port=self.port)
+
+
+@pytest.fixture
+def sim_server():
+    """Start `chunbot sim serve FLAGS…` processes; all are killed when the test ends."""
+    servers: list[SimServer] = []
+
+    def start(*flags: str, port: int = 0) -> SimServer:
+        server = SimServer(*flags, port=port)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.kill()
