@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import importlib
 import inspect
+import os
 import re
 import sys
 from dataclasses import dataclass, field
@@ -26,19 +27,29 @@ class ConfigError(Exception):
     """A pipeline file that cannot be run; the message is meant for the user as is."""
 
 
-PROVIDERS = ("sim",)
+PROVIDERS = ("sim", "openai", "anthropic")
+# Where a provider's vendor lives and which variable holds its key, when the YAML says nothing.
+VENDOR_DEFAULTS = {
+    "openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
+    "anthropic": ("https://api.anthropic.com", "ANTHROPIC_API_KEY"),
+}
+DEFAULT_TIMEOUT_S = 600.0
+DEFAULT_OUTAGE_TIMEOUT_S = 600.0
+DEFAULT_ANTHROPIC_MAX_TOKENS = 4096
 STAGE_KINDS = ("prompt", "filter", "python")
 BUILTIN_MODELS = {"sim": {"provider": "sim", "model": "sim-small"}}
 
 _PIPELINE_KEYS = {"name", "input", "workdir", "id_field", "shard_size", "compress", "models",
                   "defaults", "stages"}
 _MODEL_KEYS = {"provider", "model", "base_url", "api_key_env", "endpoints", "max_concurrency",
-               "rpm", "tpm", "price", "headers", "latency_ms", "jitter_ms", "error_rate",
-               "request_log"}
+               "rpm", "tpm", "price", "headers", "timeout", "max_tokens", "latency_ms",
+               "jitter_ms", "error_rate", "request_log"}
 _SIM_ONLY_KEYS = {"latency_ms", "jitter_ms", "error_rate", "request_log"}
-_DEFAULTS_KEYS = {"model", "mode", "retries", "params"}
+_HTTP_ONLY_KEYS = {"base_url", "api_key_env", "endpoints", "headers", "timeout", "max_tokens"}
+_DEFAULTS_KEYS = {"model", "mode", "retries", "params", "outage_timeout"}
 _STAGE_KEYS = {
-    "prompt": {"name", "model", "system", "prompt", "output", "parse", "params", "retries", "mode"},
+    "prompt": {"name", "model", "system", "prompt", "output", "parse", "params", "retries", "mode",
+               "outage_timeout"},
     "filter": {"name", "filter"},
     "python": {"name", "python"},
 }
@@ -60,6 +71,8 @@ class ModelSpec:
     tpm: int | None = None
     price: dict[str, float] = field(default_factory=dict)
     headers: dict[str, str] = field(default_factory=dict)
+    timeout: float = DEFAULT_TIMEOUT_S  # seconds for one request, reply included
+    max_tokens: int = DEFAULT_ANTHROPIC_MAX_TOKENS  # anthropic only: sent when params lack it
     latency_ms: float = 0.0  # sim only, like the three below
     jitter_ms: float = 0.0
     error_rate: float = 0.0
@@ -68,6 +81,11 @@ class ModelSpec:
     def identity(self) -> dict[str, Any]:
         """What decides the replies: part of the fingerprint of every stage using it."""
         return {"provider": self.provider, "model": self.model, "base_url": self.base_url}
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Where requests go: the endpoints when given, else the base URL."""
+        return self.endpoints or ((self.base_url,) if self.base_url else ())
 
 
 @dataclass(frozen=True)
@@ -83,6 +101,7 @@ class StageSpec:
     parse: str = "text"
     params: dict[str, Any] = field(default_factory=dict)
     retries: int = 6
+    outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT_S  # seconds to wait while all endpoints are down
     filter: str | None = None
     python: str | None = None
 
@@ -244,6 +263,7 @@ def _pipeline(path: Path, data: _Mapping) -> Pipeline:
     _mode(defaults)
     default_retries = defaults.get("retries", int, default=6)
     default_params = defaults.get("params", dict, default={})
+    default_outage = _duration(defaults, "outage_timeout", DEFAULT_OUTAGE_TIMEOUT_S)
 
     raw_stages = top.get("stages", list, required=True)
     if not raw_stages:
@@ -254,7 +274,7 @@ def _pipeline(path: Path, data: _Mapping) -> Pipeline:
     upstream = root
     for position, raw in enumerate(raw_stages, 1):
         stage = _stage(path, position, raw, models, default_model, default_retries,
-                       default_params, upstream)
+                       default_params, default_outage, upstream)
         if stage.name in seen:
             raise _Where(path, raw, f"stage {stage.name!r}").fail("duplicate stage name", "name")
         seen.add(stage.name)
@@ -277,14 +297,28 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
     if provider != "sim":
         for key in _SIM_ONLY_KEYS & set(spec):
             raise where.fail("is only for the sim provider", key)
+    else:
+        for key in _HTTP_ONLY_KEYS & set(spec):
+            raise where.fail("is only for the openai and anthropic providers", key)
     max_concurrency = where.get("max_concurrency", (int, str), default="auto")
     if max_concurrency == "auto":
         max_concurrency = None
     elif not isinstance(max_concurrency, int) or max_concurrency < 1:
         raise where.fail("must be 'auto' or a positive integer", "max_concurrency")
+    base_url, api_key_env = where.get("base_url", str), where.get("api_key_env", str)
+    if provider in VENDOR_DEFAULTS and base_url is None:
+        base_url, default_key_env = VENDOR_DEFAULTS[provider]
+        api_key_env = api_key_env or default_key_env
     endpoints = where.get("endpoints", list, default=[])
     if not all(isinstance(e, str) for e in endpoints):
         raise where.fail("must be a list of URLs", "endpoints")
+    for key, urls in (("base_url", [base_url] if base_url else []), ("endpoints", endpoints)):
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise where.fail(f"{url!r} is not an http:// or https:// URL", key)
+            if provider == "anthropic" and url.rstrip("/").endswith("/v1"):
+                raise where.fail(f"{url!r}: an anthropic URL is the server's root, without /v1 "
+                                 "(requests go to {url}/v1/messages)", key)
     price = where.get("price", dict, default={})
     for key, value in price.items():
         if key not in ("input", "output", "batch_discount") or not isinstance(value, (int, float)):
@@ -296,19 +330,52 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
         alias=alias,
         provider=provider,
         model=where.get("model", str, required=True),
-        base_url=where.get("base_url", str),
-        api_key_env=where.get("api_key_env", str),
-        endpoints=tuple(endpoints),
+        base_url=base_url.rstrip("/") if base_url else None,
+        api_key_env=api_key_env,
+        endpoints=tuple(e.rstrip("/") for e in endpoints),
         max_concurrency=max_concurrency,
         rpm=where.get("rpm", int),
         tpm=where.get("tpm", int),
         price=dict(price),
         headers={str(k): str(v) for k, v in where.get("headers", dict, default={}).items()},
+        timeout=_duration(where, "timeout", DEFAULT_TIMEOUT_S),
+        max_tokens=_positive(where, "max_tokens", DEFAULT_ANTHROPIC_MAX_TOKENS),
         latency_ms=float(where.get("latency_ms", (int, float), default=0)),
         jitter_ms=float(where.get("jitter_ms", (int, float), default=0)),
         error_rate=float(error_rate),
         request_log=where.get("request_log", str),
     )
+
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds from a number or '90s', '10m', '2h', '30d'; None when it is neither."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = _DURATION.match(str(value).strip())
+    if not match:
+        return None
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2) or "s"]
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(where: _Where, key: str, default: float) -> float:
+    if key not in where.mapping:
+        return default
+    seconds = parse_duration(where.mapping[key])
+    if seconds is None or seconds <= 0:
+        raise where.fail(f"must be a duration such as 30s, 10m or 2h, not {where.mapping[key]!r}",
+                         key)
+    return seconds
+
+
+def _positive(where: _Where, key: str, default: int) -> int:
+    value = where.get(key, int, default=default)
+    if value < 1:
+        raise where.fail("must be a positive integer", key)
+    return value
 
 
 def _mode(where: _Where) -> None:
@@ -319,7 +386,7 @@ def _mode(where: _Where) -> None:
 
 def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
            default_model: str, default_retries: int, default_params: dict,
-           upstream: str) -> StageSpec:
+           default_outage: float, upstream: str) -> StageSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: stage #{position} must be a mapping with a name")
     where = _Where(path, raw, f"stage #{position}")
@@ -383,13 +450,25 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
     retries = where.get("retries", int, default=default_retries)
     if retries < 0:
         raise where.fail("must be 0 or more", "retries")
+    outage_timeout = _duration(where, "outage_timeout", default_outage)
     _mode(where)
     definition = {"models": [models[a].identity() for a in aliases], "system": system,
                   "prompt": prompt, "output": output, "parse": parse, "params": params,
                   "up": upstream}
     return StageSpec(name=name, kind="llm", line=line, models=aliases, system=system,
                      prompt=prompt, output=output, parse=parse, params=params, retries=retries,
-                     fingerprint=_digest(definition))
+                     outage_timeout=outage_timeout, fingerprint=_digest(definition))
+
+
+def check_api_keys(pipeline: Pipeline, stages: list[StageSpec]) -> None:
+    """Refuse to start when a model the stages use has no key in its variable."""
+    for stage in stages:
+        for alias in stage.models:
+            variable = pipeline.models[alias].api_key_env
+            if variable and not os.environ.get(variable):
+                raise ConfigError(f"{pipeline.path}: stage {stage.name!r}: model {alias!r}: "
+                                  f"environment variable {variable} is not set (api_key_env); "
+                                  "export it with the API key")
 
 
 def import_paths(pipeline_path: Path) -> list[str]:

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from .config import ConfigError, Pipeline, StageSpec
+from .config import ConfigError, Pipeline, StageSpec, check_api_keys
 from .source import InputError, Shard, parse_line, read_shards, resolve
 from .stages import Counters, FilterStage, LLMStage, PythonStage, StageOutput
 from .store import Journal, Locked, Workdir, dumps_lines
@@ -88,7 +88,9 @@ def run(pipeline: Pipeline, options: RunOptions | None = None,
 
     Raises ConfigError or InputError (exit 2) and Locked (exit 75) before any work starts.
     """
-    return asyncio.run(Run(pipeline, options or RunOptions(), progress).execute())
+    options = options or RunOptions()
+    check_api_keys(pipeline, selected_stages(pipeline, options))
+    return asyncio.run(Run(pipeline, options, progress).execute())
 
 
 def selected_stages(pipeline: Pipeline, options: RunOptions) -> list[StageSpec]:
@@ -116,6 +118,7 @@ class Run:
         self.bytes_read = 0
         self.started = time.monotonic()
         self.clients: dict[str, Any] = {}
+        self.session: Any = None  # the run's one aiohttp session, when a model speaks HTTP
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self.state: dict[str, Any] = {}
 
@@ -138,6 +141,8 @@ class Run:
                 self.committer.shutdown(wait=True)
                 for client in self.clients.values():
                     await client.close()
+                if self.session is not None:
+                    await self.session.close()
             self._finish()
         if self.progress:
             self.progress.finish(self, self.report)
@@ -178,13 +183,30 @@ class Run:
             elif stage.kind == "python":
                 runners[stage.name] = PythonStage(stage, self.pipeline.import_paths)
             else:
-                from .llm.client import ModelClient  # tenacity: ~50 ms, for LLM stages only
-
-                for alias in stage.models:
-                    if alias not in self.clients:
-                        self.clients[alias] = ModelClient(self.pipeline.models[alias])
+                self._connect(stage.models)
                 runners[stage.name] = LLMStage(stage, self.clients)
         return runners
+
+    def _connect(self, aliases: tuple[str, ...]) -> None:
+        from .llm.client import ModelClient, make_provider  # tenacity: ~50 ms, LLM stages only
+
+        for alias in aliases:
+            if alias in self.clients:
+                continue
+            spec = self.pipeline.models[alias]
+            if spec.provider != "sim" and self.session is None:
+                from .llm.http import open_session  # aiohttp: ~100 ms, HTTP models only
+
+                self.session = open_session(self._connections())
+            self.clients[alias] = ModelClient(spec, make_provider(spec, self.session), self.note)
+
+    def _connections(self) -> int:
+        """Connection pool size: every request the run's HTTP models may have in flight."""
+        from .llm.client import DEFAULT_CONCURRENCY
+
+        aliases = {a for stage in self.selected if stage.kind == "llm" for a in stage.models}
+        return sum(self.pipeline.models[a].max_concurrency or DEFAULT_CONCURRENCY
+                   for a in aliases if self.pipeline.models[a].provider != "sim")
 
     def _plan(self, shard: Shard) -> tuple[list[StageSpec], str]:
         """The stages to compute for this shard and the source token the first one reads."""

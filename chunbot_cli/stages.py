@@ -165,7 +165,7 @@ class LLMStage:
         tokens_in = tokens_out = 0
         error = "no model answered"
         for client in self.clients:
-            result = await client.complete(request, self.spec.retries)
+            result = await client.complete(request, self.spec.retries, self.spec.outage_timeout)
             for attempt in result.attempts:
                 attempt["model"] = client.spec.alias
             trace["attempts"] += result.attempts
@@ -175,7 +175,8 @@ class LLMStage:
             reply = result.reply
             tokens_in += reply.input_tokens
             tokens_out += reply.output_tokens
-            trace.update(model=client.spec.alias, model_name=reply.model, response=reply.text,
+            trace.update(model=client.spec.alias, model_name=reply.model,
+                         endpoint=result.endpoint, response=reply.text,
                          latency_ms=result.latency_ms,
                          tokens={"in": tokens_in, "out": tokens_out})
             try:

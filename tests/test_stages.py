@@ -90,7 +90,7 @@ class Scripted:
     def __init__(self, *answers):
         self.answers = list(answers)
 
-    async def complete(self, request):
+    async def complete(self, request, url):
         answer = self.answers.pop(0)
         if isinstance(answer, Exception):
             raise answer

@@ -23,7 +23,7 @@ class SimProvider:
         self._log_fd = (os.open(spec.request_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                         if spec.request_log else None)
 
-    async def complete(self, request: Request) -> Reply:
+    async def complete(self, request: Request, url: str = "sim") -> Reply:
         spec = self.spec
         if spec.latency_ms or spec.jitter_ms:
             delay = spec.latency_ms + random.uniform(-spec.jitter_ms, spec.jitter_ms)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 
 @dataclass(frozen=True)
 class Request:
@@ -22,11 +24,33 @@ class Reply:
 
 
 class ProviderError(Exception):
-    """A failed request. `retryable` errors are tried again after a back-off."""
+    """A failed request. `retryable` errors are tried again after a back-off.
+
+    `unreachable` means no connection could be made at all: the endpoint's fault, not the
+    record's, so the endpoint is taken out and the record waits for another one.
+    """
 
     def __init__(self, message: str, *, retryable: bool, status: int | None = None,
-                 retry_after: float | None = None):
+                 retry_after: float | None = None, unreachable: bool = False):
         super().__init__(message)
         self.retryable = retryable
         self.status = status
         self.retry_after = retry_after
+        self.unreachable = unreachable
+        self.endpoint_down = False  # set when this failure took its endpoint out
+
+    @property
+    def server_fault(self) -> bool:
+        """A failure that says the endpoint is unwell (5xx, timeout, dropped connection),
+        as opposed to one about this request (4xx) or a rate limit (429)."""
+        return self.unreachable or (self.retryable and (self.status is None
+                                                        or self.status >= 500))
+
+
+def excerpt(value: Any, limit: int = 500) -> str:
+    """The start of a reply or body, for error messages."""
+    if isinstance(value, bytes):
+        return value[:limit].decode("utf-8", "replace")
+    if not isinstance(value, str):
+        value = orjson.dumps(value, default=str).decode()
+    return value[:limit]

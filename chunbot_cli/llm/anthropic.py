@@ -1,0 +1,81 @@
+"""The Anthropic Messages wire format: request body, reply, SSE stream.
+
+`system` is a top-level field rather than a message, and `max_tokens` is required (the
+alias's `max_tokens` when the stage's params do not set it). Pure functions; `http.py`
+does the sending.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import ModelSpec
+from .types import ProviderError, Reply, Request, excerpt
+
+PATH = "/v1/messages"
+VERSION = "2023-06-01"
+
+
+def headers(spec: ModelSpec, api_key: str | None) -> dict[str, str]:
+    sent = {"content-type": "application/json", "anthropic-version": VERSION}
+    if api_key:
+        sent["x-api-key"] = api_key
+    return {**sent, **spec.headers}
+
+
+def body(spec: ModelSpec, request: Request) -> dict[str, Any]:
+    system = [m["content"] for m in request.messages if m.get("role") == "system"]
+    sent: dict[str, Any] = {"model": spec.model,
+                            "messages": [m for m in request.messages if m.get("role") != "system"],
+                            "max_tokens": spec.max_tokens}
+    if system:
+        sent["system"] = "\n\n".join(system)
+    sent.update(request.params)
+    return sent
+
+
+def reply(data: dict[str, Any], model: str) -> Reply:
+    content = data.get("content") if isinstance(data, dict) else None
+    if not isinstance(content, list):
+        raise ProviderError(f"reply has no content: {excerpt(data)}", retryable=False)
+    usage = data.get("usage") or {}
+    return Reply(text="".join(b.get("text", "") for b in content if b.get("type") == "text"),
+                 model=data.get("model") or model,
+                 input_tokens=usage.get("input_tokens") or 0,
+                 output_tokens=usage.get("output_tokens") or 0,
+                 finish_reason=data.get("stop_reason"))
+
+
+class Stream:
+    """Assembles a reply from the events of a streamed message."""
+
+    def __init__(self, model: str):
+        self.parts: list[str] = []
+        self.model = model
+        self.input_tokens = self.output_tokens = 0
+        self.finish_reason: str | None = None
+        self.started = False
+
+    def feed(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        if kind == "message_start":
+            self.started = True
+            message = event.get("message") or {}
+            self.model = message.get("model") or self.model
+            self.input_tokens = (message.get("usage") or {}).get("input_tokens") or 0
+        elif kind == "content_block_delta":
+            delta = event.get("delta") or {}
+            if delta.get("type") == "text_delta":
+                self.parts.append(delta.get("text", ""))
+        elif kind == "message_delta":
+            self.finish_reason = (event.get("delta") or {}).get("stop_reason")
+            self.output_tokens = (event.get("usage") or {}).get("output_tokens") or 0
+        elif kind == "error":
+            raise ProviderError(f"error in the stream: {excerpt(event.get('error'))}",
+                                retryable=True)
+
+    def reply(self) -> Reply:
+        if not self.started:
+            raise ProviderError("the stream ended without message_start", retryable=False)
+        return Reply(text="".join(self.parts), model=self.model, input_tokens=self.input_tokens,
+                     output_tokens=self.output_tokens, finish_reason=self.finish_reason)

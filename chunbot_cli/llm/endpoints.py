@@ -1,0 +1,148 @@
+"""The endpoints of one model alias: which one a request goes to, and which are down.
+
+A request goes to the endpoint with the fewest requests in flight (ties in turn). An
+endpoint is taken out when it cannot be reached at all, or after FAILURE_STREAK server
+faults in a row (5xx, timeouts, dropped connections); it stays out for a cool-down that
+doubles with each failed probe (1 s … 30 s), then a single request is let through as a
+probe, and its success puts the endpoint back.
+
+While every endpoint is down, requests wait instead of failing, so a restarted server or
+a short outage costs a pause, not records. The wait is bounded: once everything has been
+down for longer than a stage's `outage_timeout`, its requests fail (they land in
+errors.jsonl and `rerun --failed` sends them later).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .types import ProviderError
+
+FAILURE_STREAK = 5
+COOLDOWN_MIN_S = 1.0
+COOLDOWN_MAX_S = 30.0
+
+
+@dataclass
+class Endpoint:
+    url: str
+    in_flight: int = 0
+    streak: int = 0  # server faults in a row
+    down: bool = False
+    down_until: float = 0.0  # when the next probe may go
+    cooldown: float = 0.0
+    probing: bool = False
+    last_error: str = ""
+
+
+class EndpointPool:
+    def __init__(self, alias: str, urls: tuple[str, ...],
+                 note: Callable[[str], None] = lambda text: None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.alias = alias
+        self.endpoints = [Endpoint(url) for url in urls]
+        self.note = note
+        self.clock = clock
+        self.all_down_since: float | None = None
+        self._turn = 0
+        self._wake: asyncio.Future[None] | None = None
+
+    def pick(self) -> Endpoint | None:
+        """The endpoint for the next request, or None when every one is down and none
+        may be probed yet. Counts the request as in flight there."""
+        endpoints, count = self.endpoints, len(self.endpoints)
+        best = None
+        for offset in range(count):
+            endpoint = endpoints[(self._turn + offset) % count]
+            if not endpoint.down and (best is None or endpoint.in_flight < best.in_flight):
+                best = endpoint
+        self._turn += 1
+        if best is None:
+            now = self.clock()
+            best = next((e for e in endpoints if not e.probing and now >= e.down_until), None)
+            if best is None:
+                return None
+            best.probing = True
+        best.in_flight += 1
+        return best
+
+    async def acquire(self, outage_timeout: float) -> Endpoint:
+        """Wait for an endpoint; raises a non-retryable ProviderError once every endpoint
+        has been down for `outage_timeout` seconds."""
+        while True:
+            endpoint = self.pick()
+            if endpoint is not None:
+                return endpoint
+            now = self.clock()
+            deadline = (self.all_down_since or now) + outage_timeout
+            if now >= deadline:
+                raise ProviderError(
+                    f"every endpoint has been down for over {_seconds(outage_timeout)} "
+                    f"(outage_timeout); last error: {self._last_errors()}", retryable=False)
+            next_probe = min((e.down_until for e in self.endpoints if not e.probing),
+                             default=deadline)
+            if self._wake is None:
+                self._wake = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._wake),
+                                       max(0.001, min(deadline, next_probe) - now))
+            except asyncio.TimeoutError:
+                pass
+
+    def release(self, endpoint: Endpoint, error: ProviderError | None = None) -> bool:
+        """Record how a request ended; True when the endpoint is down after it, i.e. the
+        failure was the endpoint's and should not count against the record's retries."""
+        endpoint.in_flight -= 1
+        was_probe, endpoint.probing = endpoint.probing, False
+        if error is None or not error.server_fault:
+            endpoint.streak = 0
+            if endpoint.down:
+                self._up(endpoint)
+            return False
+        endpoint.streak += 1
+        endpoint.last_error = str(error)
+        if endpoint.down:
+            if was_probe:
+                endpoint.cooldown = min(COOLDOWN_MAX_S, endpoint.cooldown * 2)
+                endpoint.down_until = self.clock() + endpoint.cooldown
+                self._wake_waiters()
+            return True
+        if error.unreachable or endpoint.streak >= FAILURE_STREAK:
+            self._down(endpoint)
+            return True
+        return False
+
+    def _down(self, endpoint: Endpoint) -> None:
+        endpoint.down = True
+        endpoint.cooldown = COOLDOWN_MIN_S
+        endpoint.down_until = self.clock() + endpoint.cooldown
+        if all(e.down for e in self.endpoints):
+            self.all_down_since = self.clock()
+            self.note(f"model {self.alias!r}: every endpoint is down ({endpoint.url}: "
+                      f"{endpoint.last_error}); records wait for one to come back")
+        else:
+            self.note(f"model {self.alias!r}: {endpoint.url} is down ({endpoint.last_error}); "
+                      "sending to the others, probing it again in a while")
+        self._wake_waiters()
+
+    def _up(self, endpoint: Endpoint) -> None:
+        endpoint.down = False
+        endpoint.cooldown = 0.0
+        self.all_down_since = None
+        self.note(f"model {self.alias!r}: {endpoint.url} answers again")
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+        self._wake = None
+
+    def _last_errors(self) -> str:
+        return "; ".join(f"{e.url}: {e.last_error}" for e in self.endpoints if e.last_error)
+
+
+def _seconds(value: float) -> str:
+    return f"{value / 60:g}m" if value >= 60 else f"{value:g}s"

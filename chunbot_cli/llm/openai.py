@@ -1,0 +1,70 @@
+"""The OpenAI chat-completions wire format, spoken by OpenAI, DeepSeek, vLLM, llama.cpp,
+Ollama and most other servers: request body, reply, SSE stream, error body.
+
+Pure functions over bytes and dicts; `http.py` does the sending.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import ModelSpec
+from .types import ProviderError, Reply, Request, excerpt
+
+PATH = "/chat/completions"
+
+
+def headers(spec: ModelSpec, api_key: str | None) -> dict[str, str]:
+    sent = {"content-type": "application/json"}
+    if api_key:
+        sent["authorization"] = f"Bearer {api_key}"
+    return {**sent, **spec.headers}
+
+
+def body(spec: ModelSpec, request: Request) -> dict[str, Any]:
+    return {"model": spec.model, "messages": request.messages, **request.params}
+
+
+def reply(data: dict[str, Any], model: str) -> Reply:
+    try:
+        choice = data["choices"][0]
+        text = choice["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        raise ProviderError(f"reply has no choices[0].message.content: {excerpt(data)}",
+                            retryable=False) from None
+    usage = data.get("usage") or {}
+    return Reply(text=text or "", model=data.get("model") or model,
+                 input_tokens=usage.get("prompt_tokens") or 0,
+                 output_tokens=usage.get("completion_tokens") or 0,
+                 finish_reason=choice.get("finish_reason"))
+
+
+class Stream:
+    """Assembles a reply from the `data:` events of a streamed completion."""
+
+    def __init__(self, model: str):
+        self.parts: list[str] = []
+        self.model = model
+        self.usage: dict[str, Any] = {}
+        self.finish_reason: str | None = None
+        self.seen_choice = False
+
+    def feed(self, event: dict[str, Any]) -> None:
+        if "error" in event:
+            raise ProviderError(f"error in the stream: {excerpt(event['error'])}", retryable=True)
+        self.model = event.get("model") or self.model
+        for choice in event.get("choices") or ():
+            self.seen_choice = True
+            content = (choice.get("delta") or {}).get("content")
+            if content:
+                self.parts.append(content)
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        self.usage = event.get("usage") or self.usage
+
+    def reply(self) -> Reply:
+        if not self.seen_choice:
+            raise ProviderError("the stream ended without any choice", retryable=False)
+        return Reply(text="".join(self.parts), model=self.model,
+                     input_tokens=self.usage.get("prompt_tokens") or 0,
+                     output_tokens=self.usage.get("completion_tokens") or 0,
+                     finish_reason=self.finish_reason)
