@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from chunbot_cli.config import ConfigError, load
+from chunbot_cli.config import ConfigError, check_api_keys, load
 
 GOOD = """
 name: reviews
@@ -85,6 +85,16 @@ def test_a_stage_without_model_uses_the_builtin_sim(project):
     (GOOD.replace("    filter: \"label == 'negative'\"", "    filter: x\n    prompt: y"),
      "stage 'keep': needs exactly one of 'prompt' (LLM stage), 'filter' or 'python'"),
     ("name: t\ninput: [d.jsonl\n", "invalid YAML"),
+    (GOOD.replace("provider: sim, model: sim-small", "provider: anthropic, model: c, "
+                  "base_url: 'http://x/v1'"),
+     "model 'small': key 'base_url': 'http://x/v1': an anthropic URL is the server's root"),
+    (GOOD.replace("provider: sim, model: sim-small", "provider: openai, model: c, "
+                  "endpoints: [gpu-a:8000]"),
+     "model 'small': key 'endpoints': 'gpu-a:8000' is not an http:// or https:// URL"),
+    (GOOD.replace("max_concurrency: 8", "base_url: 'http://x'"),
+     "model 'small': key 'base_url': is only for the openai and anthropic providers"),
+    (GOOD.replace("defaults: {", "defaults: {outage_timeout: soon, "),
+     "defaults: key 'outage_timeout': must be a duration such as 30s, 10m or 2h, not 'soon'"),
 ])
 def test_mistakes_name_file_stage_and_key(project, text, expected):
     message = refused(project, text)
@@ -131,3 +141,54 @@ def test_editing_a_python_stage_module_makes_it_stale(project):
 def test_missing_pipeline_file(project):
     with pytest.raises(ConfigError, match="nope.yaml: no such pipeline file"):
         load(project / "nope.yaml")
+
+
+HTTP_MODELS = """
+name: t
+input: d.jsonl
+models:
+  gpt: {provider: openai, model: gpt-4o-mini}
+  local: {provider: openai, model: qwen, base_url: "http://gpu-a:8000/v1/",
+          endpoints: ["http://gpu-a:8000/v1", "http://gpu-b:8000/v1"], timeout: 2m}
+  claude: {provider: anthropic, model: claude-haiku-4-5, max_tokens: 512}
+defaults: {outage_timeout: 15m}
+stages:
+  - name: a
+    model: [local, gpt]
+    prompt: "{{ text }}"
+  - name: b
+    model: claude
+    prompt: "{{ text }}"
+    outage_timeout: 90s
+"""
+
+
+def test_http_models_get_vendor_urls_and_key_variables_unless_set(project):
+    pipeline = load(write(project, HTTP_MODELS))
+    gpt, local, claude = (pipeline.models[a] for a in ("gpt", "local", "claude"))
+    assert (gpt.base_url, gpt.api_key_env) == ("https://api.openai.com/v1", "OPENAI_API_KEY")
+    assert (claude.base_url, claude.api_key_env) == ("https://api.anthropic.com",
+                                                     "ANTHROPIC_API_KEY")
+    assert (local.base_url, local.api_key_env) == ("http://gpu-a:8000/v1", None)
+    assert local.urls == ("http://gpu-a:8000/v1", "http://gpu-b:8000/v1")
+    assert gpt.urls == ("https://api.openai.com/v1",)
+    assert local.timeout == 120 and claude.max_tokens == 512
+    assert [s.outage_timeout for s in pipeline.stages] == [900, 90]
+
+
+def test_a_missing_api_key_is_refused_before_running(project, monkeypatch):
+    pipeline = load(write(project, HTTP_MODELS))
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    with pytest.raises(ConfigError) as caught:
+        check_api_keys(pipeline, pipeline.stages)
+    assert "stage 'a': model 'gpt': environment variable OPENAI_API_KEY is not set" in \
+        str(caught.value)
+    check_api_keys(pipeline, pipeline.stages[1:])  # stage b's key is there
+
+
+def test_endpoints_timeouts_and_outage_waits_do_not_change_fingerprints(project):
+    before = [s.fingerprint for s in load(write(project, HTTP_MODELS)).stages]
+    edited = HTTP_MODELS.replace(', "http://gpu-b:8000/v1"]', "]").replace("2m", "5m")
+    after = [s.fingerprint for s in load(write(project, edited.replace("90s", "1h"))).stages]
+    assert before == after
