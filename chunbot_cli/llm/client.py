@@ -103,10 +103,10 @@ class ModelClient:
 
     async def _send(self, request: Request, attempts: list[dict[str, Any]],
                     outage_timeout: float) -> tuple[Reply, str]:
-        if self.auth_error:
-            # one 401 says the key is wrong for every request: don't send thousands more
-            raise ProviderError(self.auth_error, retryable=False, status=401)
         async with self._slots:
+            if self.auth_error:
+                # one 401 says the key is wrong for every request: don't send thousands more
+                raise ProviderError(self.auth_error, retryable=False, status=401)
             endpoint = await self.pool.acquire(outage_timeout)
             self.in_flight += 1
             self.requests += 1

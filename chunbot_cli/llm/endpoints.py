@@ -57,16 +57,16 @@ class EndpointPool:
         best = None
         for offset in range(count):
             endpoint = endpoints[(self._turn + offset) % count]
-            if not endpoint.down and (best is None or endpoint.in_flight < best.in_flight):
+            if endpoint.down:
+                if not endpoint.probing and self.clock() >= endpoint.down_until:
+                    endpoint.probing = True  # its cool-down is over: this request probes it
+                    best = endpoint
+                    break
+            elif best is None or endpoint.in_flight < best.in_flight:
                 best = endpoint
         self._turn += 1
-        if best is None:
-            now = self.clock()
-            best = next((e for e in endpoints if not e.probing and now >= e.down_until), None)
-            if best is None:
-                return None
-            best.probing = True
-        best.in_flight += 1
+        if best is not None:
+            best.in_flight += 1
         return best
 
     async def acquire(self, outage_timeout: float) -> Endpoint:
