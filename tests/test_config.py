@@ -192,3 +192,10 @@ def test_endpoints_timeouts_and_outage_waits_do_not_change_fingerprints(project)
     edited = HTTP_MODELS.replace(', "http://gpu-b:8000/v1"]', "]").replace("2m", "5m")
     after = [s.fingerprint for s in load(write(project, edited.replace("90s", "1h"))).stages]
     assert before == after
+
+
+def test_every_shipped_example_pipeline_is_valid():
+    examples = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+    assert len(examples) >= 6
+    for example in examples:
+        assert load(example).stages
