@@ -19,11 +19,18 @@ from .progress import make_progress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Stream JSONL records through LLM stages described in YAML.")
+sim_app = typer.Typer(no_args_is_help=True, help="The simulated model, as a server.")
+app.add_typer(sim_app, name="sim")
 
 
 class LogFormat(str, Enum):
     text = "text"
     json = "json"
+
+
+class Malformed(str, Enum):
+    not_json = "not-json"
+    no_choices = "no-choices"
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -92,6 +99,28 @@ def validate(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."
         raise _fail(str(e), engine.EXIT_USAGE) from None
     chain = " → ".join(f"{s.name} ({s.kind})" for s in loaded.stages)
     print(f"{pipeline}: ok: {chain}")
+
+
+@sim_app.command()
+def serve(
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8765, min=0, max=65535, help="Port; 0 picks a free one."),
+    latency_ms: float = typer.Option(0.0, min=0, help="Delay before each answer."),
+    jitter_ms: float = typer.Option(0.0, min=0, help="Uniform ± jitter on the delay."),
+    error_rate: float = typer.Option(0.0, min=0, max=1, help="Share of requests answered 500/503."),
+    rpm: Optional[int] = typer.Option(None, min=1, help="Requests per minute, then 429."),
+    tpm: Optional[int] = typer.Option(None, min=1,
+                                      help="Tokens per minute (prompt + max_tokens), then 429."),
+    api_key: Optional[str] = typer.Option(None, help="Require this key, else 401."),
+    malformed: Optional[Malformed] = typer.Option(None, help="Answer 200s with broken bodies."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the injected errors and jitter."),
+) -> None:
+    """Serve the sim model over HTTP: OpenAI and Anthropic routes, plus /stats for tests."""
+    from .sim import server  # aiohttp.web is only needed here: keep the other commands' start fast
+
+    server.serve(server.Options(host=host, port=port, latency_ms=latency_ms, jitter_ms=jitter_ms,
+                                error_rate=error_rate, rpm=rpm, tpm=tpm, api_key=api_key,
+                                malformed=malformed.value if malformed else None, seed=seed))
 
 
 def main() -> None:

@@ -1,1 +1,2 @@
-"""The simulator: a deterministic model used in-process (provider `sim`) and, later, served over HTTP."""
+"""The simulator: a deterministic model (`model`), used in-process by the provider `sim` and
+served over HTTP, OpenAI- and Anthropic-style, by `chunbot sim serve` (`server`)."""

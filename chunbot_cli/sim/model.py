@@ -84,14 +84,13 @@ def reply(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) ->
 def _answer(prompt: str, seed: int) -> str:
     lower = prompt.lower()
     subject = prompt.split(":", 1)[1].strip() if ":" in prompt else prompt
-    label = sentiment(subject)
     if "json" in lower:
         words = [w for w in _WORD.findall(subject.lower()) if len(w) > 4]
         keywords = sorted(set(words), key=lambda w: (-words.count(w), w))[:3]
-        return orjson.dumps({"sentiment": label, "summary": _first_words(subject, 12),
+        return orjson.dumps({"sentiment": sentiment(subject), "summary": _first_words(subject, 12),
                              "keywords": keywords}).decode()
     if "sentiment" in lower:
-        return label
+        return sentiment(subject)
     if "summar" in lower:
         return _first_words(subject, 20)
     if "apolog" in lower or "reply" in lower or "respond" in lower:
