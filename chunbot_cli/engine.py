@@ -202,10 +202,11 @@ class Run:
 
     def _connections(self) -> int:
         """Connection pool size: every request the run's HTTP models may have in flight."""
-        from .llm.client import DEFAULT_CONCURRENCY
+        from .llm.scheduler import MAX_LIMIT
 
         aliases = {a for stage in self.selected if stage.kind == "llm" for a in stage.models}
-        return sum(self.pipeline.models[a].max_concurrency or DEFAULT_CONCURRENCY
+        return sum(self.pipeline.models[a].max_concurrency
+                   or MAX_LIMIT * len(self.pipeline.models[a].urls)
                    for a in aliases if self.pipeline.models[a].provider != "sim")
 
     def _plan(self, shard: Shard) -> tuple[list[StageSpec], str]:

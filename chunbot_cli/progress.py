@@ -51,8 +51,13 @@ def stage_rows(run: "Run") -> list[dict[str, Any]]:
         }
         if stage.kind == "llm":
             clients = [run.clients[a] for a in stage.models if a in run.clients]
+            requests = sum(c.requests for c in clients)
             row["in_flight"] = sum(c.in_flight for c in clients)
             row["limit"] = sum(c.limit for c in clients)
+            row["requests"] = requests
+            row["req_s"] = round(sum(c.request_rate() for c in clients), 1)
+            row["throttled_pct"] = round(100 * sum(c.throttled for c in clients)
+                                         / max(requests, 1), 2)
         rows.append(row)
     return rows
 
@@ -91,7 +96,8 @@ class LogProgress:
                     f"{row['out']:,} out, {row['failed']:,} failed, "
                     f"{row['tokens_in'] + row['tokens_out']:,} tokens")
             if "limit" in row:
-                text += f", {row['in_flight']} in flight of {row['limit']}"
+                text += (f", {row['req_s']:,.0f} req/s, {row['in_flight']} in flight "
+                         f"(limit {row['limit']}), {row['throttled_pct']:g}% 429s")
             self._emit("progress", row, text)
         self._emit("input", {"lines_read": run.report.lines_read}, input_line(run))
 
@@ -123,13 +129,17 @@ class RichProgress:
         from rich.text import Text
 
         table = Table(box=None, header_style="bold")
-        for column in ("stage", "records", "rec/s", "out", "failed", "tokens", "in flight"):
+        for column in ("stage", "records", "rec/s", "out", "failed", "tokens", "req/s",
+                       "in flight/limit", "429s"):
             table.add_column(column, justify="left" if column == "stage" else "right")
         for row in stage_rows(run):
-            flight = f"{row['in_flight']}/{row['limit']}" if "limit" in row else ""
+            llm = "limit" in row
             table.add_row(row["stage"], f"{row['records']:,}", f"{row['rate']:,.0f}",
                           f"{row['out']:,}", _red(row["failed"]),
-                          f"{row['tokens_in'] + row['tokens_out']:,}", flight)
+                          f"{row['tokens_in'] + row['tokens_out']:,}",
+                          f"{row['req_s']:,.0f}" if llm else "",
+                          f"{row['in_flight']}/{row['limit']}" if llm else "",
+                          f"{row['throttled_pct']:g}%" if llm else "")
         return Group(Text(input_line(run), style="dim"), table)
 
     def start(self, run: "Run") -> None:

@@ -132,7 +132,9 @@ class LLMStage:
 
     @property
     def concurrency(self) -> int:
-        return max(client.limit for client in self.clients)
+        """The most requests this stage may ever have in flight (its models' limits adapt
+        below that)."""
+        return max(client.ceiling for client in self.clients)
 
     async def run(self, records: list[dict[str, Any]], done: dict[int, dict[str, Any]],
                   on_done: Callable[[dict[str, Any]], None]) -> StageOutput:

@@ -25,7 +25,7 @@ HTTP_429 = ProviderError("HTTP 429", retryable=True, status=429)
 
 def pool(*urls: str) -> tuple[EndpointPool, Clock, list[str]]:
     clock, notes = Clock(), []
-    return EndpointPool("big", urls, notes.append, clock), clock, notes
+    return EndpointPool("big", urls, note=notes.append, clock=clock), clock, notes
 
 
 def test_requests_go_to_the_endpoint_with_fewest_in_flight():
@@ -100,3 +100,28 @@ def test_requests_fail_once_everything_has_been_down_for_the_outage_timeout():
         assert not caught.value.retryable
 
     asyncio.run(scenario())
+
+
+def test_requests_wait_in_line_while_every_endpoint_is_full():
+    async def scenario():
+        endpoints = EndpointPool("big", ("http://a", "http://b"), max_concurrency=2)
+        first, second = endpoints.pick(), endpoints.pick()
+        assert {first.url, second.url} == {"http://a", "http://b"}  # spread, then full
+        assert endpoints.pick() is None
+        waiters = [asyncio.ensure_future(endpoints.acquire(outage_timeout=5)) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        assert not any(w.done() for w in waiters)
+        endpoints.release(first)
+        await asyncio.sleep(0.01)
+        assert waiters[0].done() and not waiters[1].done()  # first come, first served
+        endpoints.release(second)
+        assert await asyncio.wait_for(waiters[1], 1) is second
+
+    asyncio.run(scenario())
+
+
+def test_the_limit_shown_is_the_sum_over_endpoints_that_are_up():
+    endpoints, _, _ = pool("http://a", "http://b")
+    assert endpoints.limit == 2 * endpoints.endpoints[0].limiter.limit
+    endpoints.release(endpoints.pick(), REFUSED)
+    assert endpoints.limit == endpoints.endpoints[1].limiter.limit

@@ -15,6 +15,9 @@ from .types import ProviderError, Reply, Request, excerpt
 PATH = "/v1/messages"
 VERSION = "2023-06-01"
 
+# The rate limits a server announces, per minute: requests, tokens
+LIMIT_HEADERS = ("anthropic-ratelimit-requests-limit", "anthropic-ratelimit-tokens-limit")
+
 
 def headers(spec: ModelSpec, api_key: str | None) -> dict[str, str]:
     sent = {"content-type": "application/json", "anthropic-version": VERSION}
@@ -79,3 +82,4 @@ class Stream:
             raise ProviderError("the stream ended without message_start", retryable=False)
         return Reply(text="".join(self.parts), model=self.model, input_tokens=self.input_tokens,
                      output_tokens=self.output_tokens, finish_reason=self.finish_reason)
+

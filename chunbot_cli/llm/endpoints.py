@@ -1,6 +1,8 @@
-"""The endpoints of one model alias: which one a request goes to, and which are down.
+"""The endpoints of one model alias: which one a request goes to, when, and which are down.
 
-A request goes to the endpoint with the fewest requests in flight (ties in turn). An
+Each endpoint has its own adaptive concurrency limit (scheduler.Limiter); a request goes
+to the endpoint with the fewest requests in flight among those below their limit (ties
+in turn), and waits in line when all are full. An
 endpoint is taken out when it cannot be reached at all, or after FAILURE_STREAK server
 faults in a row (5xx, timeouts, dropped connections); it stays out for a cool-down that
 doubles with each failed probe (1 s … 30 s), then a single request is let through as a
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Callable
 
+from .scheduler import Limiter
 from .types import ProviderError
 
 FAILURE_STREAK = 5
@@ -29,7 +33,9 @@ COOLDOWN_MAX_S = 30.0
 @dataclass
 class Endpoint:
     url: str
-    in_flight: int = 0
+    limiter: Limiter = field(default_factory=Limiter)
+    in_flight: int = 0  # requests holding room here: on the wire or pacing to go
+    on_wire: int = 0
     streak: int = 0  # server faults in a row
     down: bool = False
     down_until: float = 0.0  # when the next probe may go
@@ -39,20 +45,36 @@ class Endpoint:
 
 
 class EndpointPool:
-    def __init__(self, alias: str, urls: tuple[str, ...],
+    def __init__(self, alias: str, urls: tuple[str, ...], max_concurrency: int | None = None,
                  note: Callable[[str], None] = lambda text: None,
                  clock: Callable[[], float] = time.monotonic):
         self.alias = alias
-        self.endpoints = [Endpoint(url) for url in urls]
+        self.endpoints = [Endpoint(url, Limiter(max_concurrency, clock)) for url in urls]
+        self.cap = max_concurrency  # pinned: for the whole alias, not each endpoint
         self.note = note
         self.clock = clock
+        self.in_flight = 0
+        self.on_wire = 0
         self.all_down_since: float | None = None
         self._turn = 0
-        self._wake: asyncio.Future[None] | None = None
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def limit(self) -> int:
+        """Requests that may be in flight now, over the endpoints that are up."""
+        total = sum(int(e.limiter.limit) for e in self.endpoints if not e.down)
+        return min(total, self.cap) if self.cap else total
+
+    @property
+    def ceiling(self) -> int:
+        """The most requests that may ever be in flight."""
+        return self.cap or sum(e.limiter.ceiling for e in self.endpoints)
 
     def pick(self) -> Endpoint | None:
-        """The endpoint for the next request, or None when every one is down and none
-        may be probed yet. Counts the request as in flight there."""
+        """The endpoint for the next request, or None when all are full, or down with no
+        probe due. Counts the request as in flight there."""
+        if self.cap is not None and self.in_flight >= self.cap:
+            return None
         endpoints, count = self.endpoints, len(self.endpoints)
         best = None
         for offset in range(count):
@@ -62,40 +84,67 @@ class EndpointPool:
                     endpoint.probing = True  # its cool-down is over: this request probes it
                     best = endpoint
                     break
-            elif best is None or endpoint.in_flight < best.in_flight:
+            elif (endpoint.in_flight < endpoint.limiter.limit
+                  and (best is None or endpoint.in_flight < best.in_flight)):
                 best = endpoint
         self._turn += 1
         if best is not None:
             best.in_flight += 1
+            self.in_flight += 1
         return best
 
+    def sending(self, endpoint: Endpoint) -> None:
+        """The request that holds room at `endpoint` goes on the wire now."""
+        endpoint.on_wire += 1
+        self.on_wire += 1
+        endpoint.limiter.started(endpoint.on_wire)
+
     async def acquire(self, outage_timeout: float) -> Endpoint:
-        """Wait for an endpoint; raises a non-retryable ProviderError once every endpoint
-        has been down for `outage_timeout` seconds."""
+        """Wait for an endpoint with room; raises a non-retryable ProviderError once every
+        endpoint has been down for `outage_timeout` seconds."""
+        front = False
         while True:
             endpoint = self.pick()
             if endpoint is not None:
                 return endpoint
+            waiter = asyncio.get_running_loop().create_future()
+            # a request woken for a slot that another took first keeps its place in line
+            (self._waiters.appendleft if front else self._waiters.append)(waiter)
+            front = True
+            if not all(e.down for e in self.endpoints):
+                await waiter
+                continue
             now = self.clock()
             deadline = (self.all_down_since or now) + outage_timeout
             if now >= deadline:
+                waiter.cancel()
                 raise ProviderError(
                     f"every endpoint has been down for over {_seconds(outage_timeout)} "
                     f"(outage_timeout); last error: {self._last_errors()}", retryable=False)
             next_probe = min((e.down_until for e in self.endpoints if not e.probing),
                              default=deadline)
-            if self._wake is None:
-                self._wake = asyncio.get_running_loop().create_future()
             try:
-                await asyncio.wait_for(asyncio.shield(self._wake),
-                                       max(0.001, min(deadline, next_probe) - now))
+                await asyncio.wait_for(waiter, max(0.001, min(deadline, next_probe) - now))
             except asyncio.TimeoutError:
                 pass
 
-    def release(self, endpoint: Endpoint, error: ProviderError | None = None) -> bool:
-        """Record how a request ended; True when the endpoint is down after it, i.e. the
-        failure was the endpoint's and should not count against the record's retries."""
+    def release(self, endpoint: Endpoint, error: ProviderError | None = None,
+                latency: float | None = None) -> bool:
+        """Record how a request ended (`latency` None: it was never sent); True when the
+        endpoint is down after it, i.e. the failure was the endpoint's and should not
+        count against the record's retries."""
         endpoint.in_flight -= 1
+        self.in_flight -= 1
+        if latency is not None:
+            endpoint.on_wire -= 1
+            self.on_wire -= 1
+            endpoint.limiter.finished(latency, error is not None and error.congestion)
+        try:
+            return self._judge(endpoint, error)
+        finally:
+            self._wake_waiters(max(1, self.limit - self.in_flight))
+
+    def _judge(self, endpoint: Endpoint, error: ProviderError | None) -> bool:
         was_probe, endpoint.probing = endpoint.probing, False
         if error is None or not error.server_fault:
             endpoint.streak = 0
@@ -108,7 +157,7 @@ class EndpointPool:
             if was_probe:
                 endpoint.cooldown = min(COOLDOWN_MAX_S, endpoint.cooldown * 2)
                 endpoint.down_until = self.clock() + endpoint.cooldown
-                self._wake_waiters()
+                self._wake_waiters(len(self._waiters))
             return True
         if error.unreachable or endpoint.streak >= FAILURE_STREAK:
             self._down(endpoint)
@@ -126,19 +175,22 @@ class EndpointPool:
         else:
             self.note(f"model {self.alias!r}: {endpoint.url} is down ({endpoint.last_error}); "
                       "sending to the others, probing it again in a while")
-        self._wake_waiters()
+        self._wake_waiters(len(self._waiters))
 
     def _up(self, endpoint: Endpoint) -> None:
         endpoint.down = False
         endpoint.cooldown = 0.0
         self.all_down_since = None
         self.note(f"model {self.alias!r}: {endpoint.url} answers again")
-        self._wake_waiters()
+        self._wake_waiters(len(self._waiters))
 
-    def _wake_waiters(self) -> None:
-        if self._wake is not None and not self._wake.done():
-            self._wake.set_result(None)
-        self._wake = None
+    def _wake_waiters(self, count: int) -> None:
+        waiters = self._waiters
+        while count > 0 and waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                count -= 1
 
     def _last_errors(self) -> str:
         return "; ".join(f"{e.url}: {e.last_error}" for e in self.endpoints if e.last_error)

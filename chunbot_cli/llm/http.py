@@ -11,17 +11,19 @@ masked, and nothing here logs headers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from types import ModuleType
-from typing import Any
+from typing import Any, Mapping
 
 import aiohttp
 import orjson
 
 from ..config import ModelSpec
 from . import anthropic, openai
-from .types import ProviderError, Reply, Request, excerpt
+from .types import ProviderError, RateLimits, Reply, Request, excerpt
 
 PROTOCOLS: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic}
 RETRYABLE_STATUS = {408, 409, 429}
@@ -59,11 +61,16 @@ class HTTPProvider:
         try:
             async with self.session.post(target, data=payload, headers=self.headers,
                                          timeout=self.timeout) as response:
+                limits = rate_limits(response.headers, self.protocol.LIMIT_HEADERS)
                 if response.status != 200:
-                    raise self._status_error(response, await response.read(), target)
+                    error = self._status_error(response, await response.read(), target)
+                    error.limits = limits
+                    raise error
                 if streaming and response.content_type == "text/event-stream":
-                    return await self._read_stream(response)
-                return self._parse(await response.read(), response, target)
+                    reply = await self._read_stream(response)
+                else:
+                    reply = self._parse(await response.read(), response, target)
+                return reply if limits is None else dataclasses.replace(reply, limits=limits)
         except ProviderError:
             raise
         except aiohttp.ClientConnectorError as e:
@@ -75,7 +82,7 @@ class HTTPProvider:
                                 unreachable=True) from None
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             raise ProviderError(f"{target}: no complete reply within {self.spec.timeout:g}s "
-                                "(the alias's timeout)", retryable=True) from None
+                                "(the alias's timeout)", retryable=True, timed_out=True) from None
         except (aiohttp.ClientError, OSError) as e:
             raise ProviderError(f"{target}: connection lost: {_reason(e)}",
                                 retryable=True) from None
@@ -127,6 +134,21 @@ class HTTPProvider:
         pass  # the session belongs to the run
 
 
+def rate_limits(headers: Mapping[str, str], names: tuple[str, str]) -> RateLimits | None:
+    """The per-minute request and token limits a response announces, if any."""
+    requests, tokens = headers.get(names[0]), headers.get(names[1])
+    if requests is None and tokens is None:
+        return None
+    return RateLimits(_number(requests), _number(tokens))
+
+
+def _number(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
 def retry_after(headers: Any) -> float | None:
     """Seconds the server asks us to wait: `retry-after-ms`, else `retry-after` in seconds
     or as an HTTP date."""
@@ -144,8 +166,6 @@ def retry_after(headers: Any) -> float | None:
     except ValueError:
         pass
     try:
-        from datetime import datetime, timezone
-
         return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
     except (TypeError, ValueError):
         return None

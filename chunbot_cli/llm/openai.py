@@ -13,6 +13,9 @@ from .types import ProviderError, Reply, Request, excerpt
 
 PATH = "/chat/completions"
 
+# The rate limits a server announces, per minute: requests, tokens
+LIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-limit-tokens")
+
 
 def headers(spec: ModelSpec, api_key: str | None) -> dict[str, str]:
     sent = {"content-type": "application/json"}
@@ -68,3 +71,4 @@ class Stream:
                      input_tokens=self.usage.get("prompt_tokens") or 0,
                      output_tokens=self.usage.get("completion_tokens") or 0,
                      finish_reason=self.finish_reason)
+

@@ -15,12 +15,21 @@ class Request:
 
 
 @dataclass(frozen=True)
+class RateLimits:
+    """The limits a server announced in its rate-limit headers, per minute."""
+
+    requests: float | None = None
+    tokens: float | None = None
+
+
+@dataclass(frozen=True)
 class Reply:
     text: str
     model: str
     input_tokens: int = 0
     output_tokens: int = 0
     finish_reason: str | None = None
+    limits: RateLimits | None = None
 
 
 class ProviderError(Exception):
@@ -31,13 +40,21 @@ class ProviderError(Exception):
     """
 
     def __init__(self, message: str, *, retryable: bool, status: int | None = None,
-                 retry_after: float | None = None, unreachable: bool = False):
+                 retry_after: float | None = None, unreachable: bool = False,
+                 timed_out: bool = False, limits: RateLimits | None = None):
         super().__init__(message)
         self.retryable = retryable
         self.status = status
         self.retry_after = retry_after
         self.unreachable = unreachable
+        self.timed_out = timed_out
+        self.limits = limits
         self.endpoint_down = False  # set when this failure took its endpoint out
+
+    @property
+    def congestion(self) -> bool:
+        """The endpoint is saying it has too much to do: rate limited, overloaded, or slow."""
+        return self.timed_out or self.status in (429, 503, 504, 529)
 
     @property
     def server_fault(self) -> bool:
