@@ -57,7 +57,7 @@ class EndpointPool:
         self.on_wire = 0
         self.all_down_since: float | None = None
         self._turn = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._waiters: deque[asyncio.Future[Endpoint | None]] = deque()
 
     @property
     def limit(self) -> int:
@@ -101,32 +101,49 @@ class EndpointPool:
 
     async def acquire(self, outage_timeout: float) -> Endpoint:
         """Wait for an endpoint with room; raises a non-retryable ProviderError once every
-        endpoint has been down for `outage_timeout` seconds."""
-        front = False
-        while True:
+        endpoint has been down for `outage_timeout` seconds.
+
+        Waiting requests form a line: a release hands its room straight to the first one,
+        and newcomers don't pass them, so nobody is woken only to find the room gone."""
+        if not self._waiters:
             endpoint = self.pick()
             if endpoint is not None:
                 return endpoint
-            waiter = asyncio.get_running_loop().create_future()
-            # a request woken for a slot that another took first keeps its place in line
-            (self._waiters.appendleft if front else self._waiters.append)(waiter)
-            front = True
-            if not all(e.down for e in self.endpoints):
-                await waiter
-                continue
-            now = self.clock()
-            deadline = (self.all_down_since or now) + outage_timeout
-            if now >= deadline:
-                waiter.cancel()
-                raise ProviderError(
-                    f"every endpoint has been down for over {_seconds(outage_timeout)} "
-                    f"(outage_timeout); last error: {self._last_errors()}", retryable=False)
-            next_probe = min((e.down_until for e in self.endpoints if not e.probing),
-                             default=deadline)
+        while True:
+            waiter: asyncio.Future[Endpoint | None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
             try:
-                await asyncio.wait_for(waiter, max(0.001, min(deadline, next_probe) - now))
-            except asyncio.TimeoutError:
-                pass
+                if not self._all_down():
+                    endpoint = await waiter
+                else:
+                    endpoint = await self._wait_out_outage(waiter, outage_timeout)
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                    self.release(waiter.result())  # handed over just as we were cancelled
+                raise
+            if endpoint is None:  # roused to look again: everything went down, or a probe is due
+                endpoint = self.pick()
+            if endpoint is not None:
+                return endpoint
+
+    async def _wait_out_outage(self, waiter: asyncio.Future[Endpoint | None],
+                               outage_timeout: float) -> Endpoint | None:
+        now = self.clock()
+        deadline = (self.all_down_since or now) + outage_timeout
+        if now >= deadline:
+            waiter.cancel()
+            raise ProviderError(
+                f"every endpoint has been down for over {_seconds(outage_timeout)} "
+                f"(outage_timeout); last error: {self._last_errors()}", retryable=False)
+        next_probe = min((e.down_until for e in self.endpoints if not e.probing),
+                         default=deadline)
+        try:
+            return await asyncio.wait_for(waiter, max(0.001, min(deadline, next_probe) - now))
+        except asyncio.TimeoutError:
+            return None
+
+    def _all_down(self) -> bool:
+        return all(e.down for e in self.endpoints)
 
     def release(self, endpoint: Endpoint, error: ProviderError | None = None,
                 latency: float | None = None) -> bool:
@@ -142,7 +159,7 @@ class EndpointPool:
         try:
             return self._judge(endpoint, error)
         finally:
-            self._wake_waiters(max(1, self.limit - self.in_flight))
+            self._hand_over()
 
     def _judge(self, endpoint: Endpoint, error: ProviderError | None) -> bool:
         was_probe, endpoint.probing = endpoint.probing, False
@@ -157,7 +174,6 @@ class EndpointPool:
             if was_probe:
                 endpoint.cooldown = min(COOLDOWN_MAX_S, endpoint.cooldown * 2)
                 endpoint.down_until = self.clock() + endpoint.cooldown
-                self._wake_waiters(len(self._waiters))
             return True
         if error.unreachable or endpoint.streak >= FAILURE_STREAK:
             self._down(endpoint)
@@ -168,29 +184,38 @@ class EndpointPool:
         endpoint.down = True
         endpoint.cooldown = COOLDOWN_MIN_S
         endpoint.down_until = self.clock() + endpoint.cooldown
-        if all(e.down for e in self.endpoints):
+        if self._all_down():
             self.all_down_since = self.clock()
+            self._rouse_all()  # from waiting for room to waiting out an outage
             self.note(f"model {self.alias!r}: every endpoint is down ({endpoint.url}: "
                       f"{endpoint.last_error}); records wait for one to come back")
         else:
             self.note(f"model {self.alias!r}: {endpoint.url} is down ({endpoint.last_error}); "
                       "sending to the others, probing it again in a while")
-        self._wake_waiters(len(self._waiters))
 
     def _up(self, endpoint: Endpoint) -> None:
         endpoint.down = False
         endpoint.cooldown = 0.0
         self.all_down_since = None
         self.note(f"model {self.alias!r}: {endpoint.url} answers again")
-        self._wake_waiters(len(self._waiters))
 
-    def _wake_waiters(self, count: int) -> None:
+    def _hand_over(self) -> None:
+        """Give free room to the requests waiting in line, first come first served."""
         waiters = self._waiters
-        while count > 0 and waiters:
-            waiter = waiters.popleft()
+        while waiters:
+            if waiters[0].done():  # its request gave up waiting
+                waiters.popleft()
+                continue
+            endpoint = self.pick()
+            if endpoint is None:
+                return
+            waiters.popleft().set_result(endpoint)
+
+    def _rouse_all(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                count -= 1
 
     def _last_errors(self) -> str:
         return "; ".join(f"{e.url}: {e.last_error}" for e in self.endpoints if e.last_error)
