@@ -7,6 +7,7 @@ It maps outcomes to the exit codes of DESIGN.md: 0 done, 1 some records failed,
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
 from enum import Enum
 from pathlib import Path
@@ -66,6 +67,16 @@ def _keep_freed_memory() -> None:
     libc.mallopt(m_trim_threshold, 256 << 20)
 
 
+def _collect_garbage_rarely() -> None:
+    """Run the cycle collector far less often than Python's default.
+
+    A run keeps whole shards of records and traces alive, and the default thresholds
+    make the collector walk them over and over: measured on 20,000 HTTP requests, 30% of
+    the client's CPU went to it. chunbot's own data holds no reference cycles."""
+    gc.freeze()  # what was loaded at start-up lives as long as the process
+    gc.set_threshold(100_000, 50, 1000)
+
+
 @app.command()
 def run(
     pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
@@ -77,6 +88,7 @@ def run(
 ) -> None:
     """Run the pipeline, or resume it: only stale stages and unfinished shards are computed."""
     _keep_freed_memory()
+    _collect_garbage_rarely()
     try:
         loaded = config.load(pipeline)
         options = engine.RunOptions(stage=stage, until=until, limit=limit)

@@ -19,7 +19,7 @@ def test_body_passes_every_param_through_and_headers_carry_the_key():
     assert openai.body(SPEC, request) == {"model": "deepseek-chat",
                                           "messages": request.messages, "temperature": 0,
                                           "seed": 7, "response_format": {"type": "json_object"}}
-    assert openai.headers(SPEC, "sk-1") == {"content-type": "application/json",
+    assert openai.headers(SPEC, "sk-1") == {"content-type": "application/json", "user-agent": "chunbot",
                                             "authorization": "Bearer sk-1", "x-team": "data"}
     assert "authorization" not in openai.headers(SPEC, None)
 

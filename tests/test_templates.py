@@ -35,3 +35,31 @@ def test_filter_expressions_are_predicates():
     assert keep({"rating": 5, "text": "I want a refund"}) is False
     with pytest.raises(UndefinedError):
         compile_expression("sentiment == 'negative'")({"text": "no label yet"})
+
+
+@pytest.mark.parametrize("source", [
+    "Label the sentiment: {{ text }}",
+    "{{text}} and {{ product }}\n",
+    "no fields at all",
+    "{{ n }} stars, {{ flag }}, {{ missing_is_none }}",
+])
+def test_field_only_templates_render_exactly_like_jinja(source):
+    record = {"text": "it broke", "product": "kettle", "n": 4, "flag": True,
+              "missing_is_none": None}
+    fast = compile_template(source)
+    assert type(fast).__name__ == "FieldTemplate"
+    assert fast.render(record) == _env_render(source, record)
+    with pytest.raises(UndefinedError, match="'text' is undefined"):
+        compile_template("Label: {{ text }}").render({"title": "no text"})
+
+
+def test_anything_beyond_fields_goes_to_jinja():
+    for source in ("{{ text | upper }}", "{% if x %}y{% endif %}", "{{ none }}", "{{- text }}",
+                   "{{ range(2) | list }}"):
+        assert type(compile_template(source)).__name__ != "FieldTemplate"
+
+
+def _env_render(source, record):
+    from chunbot_cli.templates import _env
+
+    return _env.from_string(source).render(record)

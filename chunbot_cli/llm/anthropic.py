@@ -20,7 +20,8 @@ LIMIT_HEADERS = ("anthropic-ratelimit-requests-limit", "anthropic-ratelimit-toke
 
 
 def headers(spec: ModelSpec, api_key: str | None) -> dict[str, str]:
-    sent = {"content-type": "application/json", "anthropic-version": VERSION}
+    sent = {"content-type": "application/json", "user-agent": "chunbot",
+            "anthropic-version": VERSION}
     if api_key:
         sent["x-api-key"] = api_key
     return {**sent, **spec.headers}

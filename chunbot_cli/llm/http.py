@@ -35,9 +35,7 @@ def open_session(connections: int) -> aiohttp.ClientSession:
     in flight, and keeps them alive between requests."""
     connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0, ttl_dns_cache=300,
                                      keepalive_timeout=60)
-    return aiohttp.ClientSession(connector=connector, auto_decompress=True,
-                                 skip_auto_headers=("User-Agent",),
-                                 headers={"user-agent": "chunbot"})
+    return aiohttp.ClientSession(connector=connector)
 
 
 def api_key(spec: ModelSpec) -> str | None:

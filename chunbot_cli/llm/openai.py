@@ -18,7 +18,7 @@ LIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-limit-tokens")
 
 
 def headers(spec: ModelSpec, api_key: str | None) -> dict[str, str]:
-    sent = {"content-type": "application/json"}
+    sent = {"content-type": "application/json", "user-agent": "chunbot"}
     if api_key:
         sent["authorization"] = f"Bearer {api_key}"
     return {**sent, **spec.headers}
