@@ -48,7 +48,8 @@ def test_congestion_cuts_once_per_window_and_ends_slow_start():
     limiter.finished(0.3, congested=True)
     limiter.finished(0.3, congested=True)  # the same window: no second cut
     assert limiter.limit == pytest.approx(64 * 0.7) and not limiter.slow_start
-    window(limiter)  # closes the congested window: no growth in it
+    window(limiter)  # a window at the new limit, still marked congested: no growth in it
+    assert limiter.limit == pytest.approx(64 * 0.7)
     before = limiter.limit
     window(limiter)  # a clean full window: additive growth by √limit
     assert limiter.limit == pytest.approx(before + before ** 0.5)
@@ -59,7 +60,7 @@ def test_latency_inflation_backs_off_and_the_floor_holds():
     window(limiter, latency=0.3)
     window(limiter, latency=0.3)
     window(limiter, latency=0.9)  # three times the baseline: requests are queueing
-    assert limiter.limit == pytest.approx(64 * 0.9) and not limiter.slow_start
+    assert limiter.limit == pytest.approx(128 * 0.9) and not limiter.slow_start
     for _ in range(100):
         limiter.finished(1.0, congested=True)
         window(limiter)

@@ -9,9 +9,10 @@ at a time, a window being about one round trip (as many replies as the limit):
     once a window, and ends slow start;
   - latency inflation — the window's mean latency over twice the long-run baseline —
     means requests queue at the server without more getting done: the limit drops to 90%;
-  - otherwise, if the window kept the limit full, the limit grows: doubling per window in
-    slow start, by √limit after it (about 10% at 100 in flight, 3% at 1,000); a window
-    that never filled the limit leaves it alone, since more room would not be used.
+  - otherwise, while the limit is full, it grows: in slow start by one with every reply
+    (doubling per round trip, but smoothly, so requests don't go out in bursts), after it
+    by √limit per window (about 10% at 100 in flight, 3% at 1,000); a limit that is never
+    reached is left alone, since more room would not be used.
 The baseline follows the latency down at once and up slowly, so longer replies that
 arrive with more load are not mistaken for queueing. `max_concurrency: N` pins the limit.
 
@@ -46,6 +47,7 @@ class Limiter:
     limit: float = INITIAL_LIMIT
     slow_start: bool = True
     baseline: float | None = None  # long-run latency, seconds
+    _window: float = INITIAL_LIMIT  # replies that make a window: the limit when it began
     _count: int = 0
     _latency_sum: float = 0.0
     _full: bool = False
@@ -71,14 +73,17 @@ class Limiter:
         if self.pinned is not None:
             return
         if congested:
-            if not self._congested:
-                self._congested = True
+            if not self._congested:  # the first sign in this window: cut, start a new window
                 self.slow_start = False
                 self.limit = max(MIN_LIMIT, self.limit * DECREASE)
+                self._count, self._latency_sum, self._window = 0, 0.0, self.limit
+                self._full, self._congested = False, True
             return
         self._count += 1
         self._latency_sum += latency
-        if self._count >= self.limit:
+        if self.slow_start and self._full:
+            self.limit = min(MAX_LIMIT, self.limit + 1)
+        if self._count >= self._window:
             self._close_window()
 
     def _close_window(self) -> None:
@@ -88,14 +93,13 @@ class Limiter:
         elif self.baseline is not None and mean > INFLATION * self.baseline:
             self.slow_start = False
             self.limit = max(MIN_LIMIT, self.limit * INFLATION_DECREASE)
-        elif self._full:
-            grown = self.limit * 2 if self.slow_start else self.limit + math.sqrt(self.limit)
-            self.limit = min(MAX_LIMIT, grown)
+        elif self._full and not self.slow_start:
+            self.limit = min(MAX_LIMIT, self.limit + math.sqrt(self.limit))
         if self.baseline is None or mean < self.baseline:
             self.baseline = mean
         else:
             self.baseline += 0.05 * (mean - self.baseline)
-        self._count, self._latency_sum = 0, 0.0
+        self._count, self._latency_sum, self._window = 0, 0.0, self.limit
         self._full = self._congested = False
 
 
