@@ -106,6 +106,8 @@ class ModelClient:
         if now - then >= 1.0:
             rate = (self.requests - count) / (now - then)
             self._rate_mark = (now, self.requests, rate)
+        elif not rate and now > then:  # the first second: the rate so far
+            return (self.requests - count) / (now - then)
         return rate
 
     async def complete(self, request: Request, retries: int,
