@@ -22,6 +22,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Stream JSONL records through LLM stages described in YAML.")
 sim_app = typer.Typer(no_args_is_help=True, help="The simulated model, as a server.")
 app.add_typer(sim_app, name="sim")
+cache_app = typer.Typer(no_args_is_help=True, help="The local response cache.")
+app.add_typer(cache_app, name="cache")
 
 
 class LogFormat(str, Enum):
@@ -85,13 +87,20 @@ def run(
     limit: Optional[int] = typer.Option(None, min=0, help="Only the first N input lines."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of the live display."),
     log_format: LogFormat = typer.Option(LogFormat.text, help="text, or json for log shippers."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the response cache."),
+    refresh_cache: bool = typer.Option(False, "--refresh-cache",
+                                       help="Send every request again and store the new replies."),
 ) -> None:
     """Run the pipeline, or resume it: only stale stages and unfinished shards are computed."""
     _keep_freed_memory()
     _collect_garbage_rarely()
+    if no_cache and refresh_cache:
+        raise _fail("use --no-cache or --refresh-cache, not both", engine.EXIT_USAGE)
     try:
         loaded = config.load(pipeline)
-        options = engine.RunOptions(stage=stage, until=until, limit=limit)
+        options = engine.RunOptions(stage=stage, until=until, limit=limit,
+                                    cache="off" if no_cache else "refresh" if refresh_cache
+                                    else "use")
         report = engine.run(loaded, options, make_progress(quiet, log_format.value))
     except (config.ConfigError, engine.InputError) as e:
         raise _fail(str(e), engine.EXIT_USAGE) from None
@@ -111,6 +120,58 @@ def validate(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."
         raise _fail(str(e), engine.EXIT_USAGE) from None
     chain = " → ".join(f"{s.name} ({s.kind})" for s in loaded.stages)
     print(f"{pipeline}: ok: {chain}")
+
+
+def _cache_spec(pipeline: Optional[Path]) -> config.CacheSpec:
+    if pipeline is None:
+        return config.CacheSpec()
+    try:
+        return config.load(pipeline).cache
+    except config.ConfigError as e:
+        raise _fail(str(e), engine.EXIT_USAGE) from None
+
+
+_CACHE_OF = typer.Argument(None, help="Use this pipeline's cache settings (default: the "
+                                      "SQLite cache in the user's cache folder).")
+
+
+@cache_app.command("stats")
+def cache_stats(pipeline: Optional[Path] = _CACHE_OF) -> None:
+    """Entries and size of the cache, and the hits and misses of the last run that used it."""
+    from .llm import cache
+
+    try:
+        found = cache.stats(_cache_spec(pipeline))
+    except Exception as e:  # an unreachable Redis, an unreadable file
+        raise _fail(f"cache: {type(e).__name__}: {e}", engine.EXIT_USAGE) from None
+    print(f"cache:    {found.where}")
+    print(f"entries:  {found.entries:,}")
+    print(f"size:     {found.bytes / 1e6:,.1f} MB")
+    last = found.last_run
+    if last:
+        asked = last["hits"] + last["misses"]
+        share = f" ({100 * last['hits'] / asked:.1f}%)" if asked else ""
+        print(f"last run: {last['hits']:,} hits{share}, {last['misses']:,} misses")
+
+
+@cache_app.command("clear")
+def cache_clear(pipeline: Optional[Path] = _CACHE_OF,
+                older_than: Optional[str] = typer.Option(
+                    None, help="Only replies older than this, e.g. 30d, 12h.")) -> None:
+    """Remove cached replies (all of them, or those older than --older-than)."""
+    from .llm import cache
+
+    seconds = None
+    if older_than is not None:
+        seconds = config.parse_duration(older_than)
+        if not seconds:
+            raise _fail(f"--older-than {older_than!r}: give a duration such as 30d or 12h",
+                        engine.EXIT_USAGE)
+    try:
+        removed = cache.clear(_cache_spec(pipeline), seconds)
+    except Exception as e:  # an unreachable Redis, an unwritable file
+        raise _fail(f"cache: {type(e).__name__}: {e}", engine.EXIT_USAGE) from None
+    print(f"removed {removed:,} cached replies")
 
 
 @sim_app.command()

@@ -39,17 +39,20 @@ DEFAULT_ANTHROPIC_MAX_TOKENS = 4096
 STAGE_KINDS = ("prompt", "filter", "python")
 BUILTIN_MODELS = {"sim": {"provider": "sim", "model": "sim-small"}}
 
-_PIPELINE_KEYS = {"name", "input", "workdir", "id_field", "shard_size", "compress", "models",
+_PIPELINE_KEYS = {"name", "input", "workdir", "id_field", "shard_size", "compress", "cache", "models",
                   "defaults", "stages"}
 _MODEL_KEYS = {"provider", "model", "base_url", "api_key_env", "endpoints", "max_concurrency",
                "rpm", "tpm", "price", "headers", "timeout", "max_tokens", "latency_ms",
                "jitter_ms", "error_rate", "request_log"}
 _SIM_ONLY_KEYS = {"latency_ms", "jitter_ms", "error_rate", "request_log"}
 _HTTP_ONLY_KEYS = {"base_url", "api_key_env", "endpoints", "headers", "timeout", "max_tokens"}
-_DEFAULTS_KEYS = {"model", "mode", "retries", "params", "outage_timeout"}
+_DEFAULTS_KEYS = {"model", "mode", "retries", "params", "outage_timeout", "cache",
+                  "prompt_cache"}
+_CACHE_KEYS = {"backend", "path", "url", "ttl"}
+PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "batch_discount")
 _STAGE_KEYS = {
     "prompt": {"name", "model", "system", "prompt", "output", "parse", "params", "retries", "mode",
-               "outage_timeout"},
+               "outage_timeout", "cache", "prompt_cache"},
     "filter": {"name", "filter"},
     "python": {"name", "python"},
 }
@@ -102,8 +105,22 @@ class StageSpec:
     params: dict[str, Any] = field(default_factory=dict)
     retries: int = 6
     outage_timeout: float = DEFAULT_OUTAGE_TIMEOUT_S  # seconds to wait while all endpoints are down
+    cache: bool = True  # the response cache answers this stage's requests
+    cache_namespace: str | None = None  # part of the cache key: separates equal requests
+    prompt_cache: bool = False  # mark the static prefix for the provider's prompt cache
     filter: str | None = None
     python: str | None = None
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Where replies are cached: SQLite (default, `path` or the user's cache folder) or Redis."""
+
+    enabled: bool = True
+    backend: str = "sqlite"
+    path: str | None = None
+    url: str | None = None
+    ttl: float | None = None  # seconds; older replies are not used
 
 
 @dataclass(frozen=True)
@@ -117,6 +134,7 @@ class Pipeline:
     compress: str | None
     models: dict[str, ModelSpec]
     stages: list[StageSpec]
+    cache: CacheSpec = field(default_factory=CacheSpec)
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:
@@ -254,16 +272,19 @@ def _pipeline(path: Path, data: _Mapping) -> Pipeline:
     for alias, spec in top.get("models", dict, default={}).items():
         models[alias] = _model(path, alias, spec, data["models"])
 
-    defaults = _Where(path, top.get("defaults", dict, default=_Mapping()), "defaults")
-    defaults.check_keys(_DEFAULTS_KEYS)
-    default_model = defaults.get("model", str, default="sim")
+    where = _Where(path, top.get("defaults", dict, default=_Mapping()), "defaults")
+    where.check_keys(_DEFAULTS_KEYS)
+    default_model = where.get("model", str, default="sim")
     if default_model not in models:
-        raise defaults.fail(f"unknown model alias {default_model!r}; known: {', '.join(models)}",
-                            "model")
-    _mode(defaults)
-    default_retries = defaults.get("retries", int, default=6)
-    default_params = defaults.get("params", dict, default={})
-    default_outage = _duration(defaults, "outage_timeout", DEFAULT_OUTAGE_TIMEOUT_S)
+        raise where.fail(f"unknown model alias {default_model!r}; known: {', '.join(models)}",
+                         "model")
+    _mode(where)
+    defaults = _StageDefaults(
+        model=default_model, retries=where.get("retries", int, default=6),
+        params=where.get("params", dict, default={}),
+        outage_timeout=_duration(where, "outage_timeout", DEFAULT_OUTAGE_TIMEOUT_S),
+        cache=_stage_cache(where, (True, None)),
+        prompt_cache=where.get("prompt_cache", bool, default=False))
 
     raw_stages = top.get("stages", list, required=True)
     if not raw_stages:
@@ -273,15 +294,56 @@ def _pipeline(path: Path, data: _Mapping) -> Pipeline:
     seen: set[str] = set()
     upstream = root
     for position, raw in enumerate(raw_stages, 1):
-        stage = _stage(path, position, raw, models, default_model, default_retries,
-                       default_params, default_outage, upstream)
+        stage = _stage(path, position, raw, models, defaults, upstream)
         if stage.name in seen:
             raise _Where(path, raw, f"stage {stage.name!r}").fail("duplicate stage name", "name")
         seen.add(stage.name)
         stages.append(stage)
         upstream = stage.fingerprint
     return Pipeline(path=path, name=name, input=input_spec, workdir=workdir, id_field=id_field,
-                    shard_size=shard_size, compress=compress, models=models, stages=stages)
+                    shard_size=shard_size, compress=compress, models=models, stages=stages,
+                    cache=_cache(top))
+
+
+@dataclass(frozen=True)
+class _StageDefaults:
+    model: str
+    retries: int
+    params: dict[str, Any]
+    outage_timeout: float
+    cache: tuple[bool, str | None]
+    prompt_cache: bool
+
+
+def _cache(top: _Where) -> CacheSpec:
+    value = top.get("cache", (dict, bool), default=True)
+    if isinstance(value, bool):
+        return CacheSpec(enabled=value)
+    where = _Where(top.path, value, "cache")
+    where.check_keys(_CACHE_KEYS)
+    backend = where.get("backend", str, default="sqlite")
+    if backend not in ("sqlite", "redis"):
+        raise where.fail("must be 'sqlite' or 'redis'", "backend")
+    if backend == "redis":
+        try:
+            import redis  # noqa: F401
+        except ImportError:
+            raise where.fail("needs redis-py: pip install 'chunbot[redis]'", "backend") from None
+    ttl = _duration(where, "ttl", 0.0) or None
+    return CacheSpec(backend=backend, path=where.get("path", str), url=where.get("url", str),
+                     ttl=ttl)
+
+
+def _stage_cache(where: _Where, default: tuple[bool, str | None]) -> tuple[bool, str | None]:
+    """`cache: true | false | {namespace: …}` → (on, namespace)."""
+    value = where.get("cache", (bool, dict), default=None)
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value, default[1]
+    inner = _Where(where.path, value, where.context + " cache" if where.context else "cache")
+    inner.check_keys({"namespace"})
+    return True, str(inner.get("namespace", (str, int), default=default[1]))
 
 
 def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
@@ -321,8 +383,8 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
                                  "(requests go to {url}/v1/messages)", key)
     price = where.get("price", dict, default={})
     for key, value in price.items():
-        if key not in ("input", "output", "batch_discount") or not isinstance(value, (int, float)):
-            raise where.fail("takes input, output and batch_discount as numbers", "price")
+        if key not in PRICE_KEYS or not isinstance(value, (int, float)):
+            raise where.fail(f"takes {', '.join(PRICE_KEYS)} as numbers", "price")
     error_rate = where.get("error_rate", (int, float), default=0.0)
     if not 0 <= error_rate <= 1:
         raise where.fail("must be between 0 and 1", "error_rate")
@@ -385,8 +447,7 @@ def _mode(where: _Where) -> None:
 
 
 def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
-           default_model: str, default_retries: int, default_params: dict,
-           default_outage: float, upstream: str) -> StageSpec:
+           defaults: _StageDefaults, upstream: str) -> StageSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: stage #{position} must be a mapping with a name")
     where = _Where(path, raw, f"stage #{position}")
@@ -425,7 +486,7 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
                          fingerprint=_digest({"python": target, "source": _source_digest(function),
                                               "up": upstream}))
 
-    model = where.get("model", (str, list), default=default_model)
+    model = where.get("model", (str, list), default=defaults.model)
     aliases = (model,) if isinstance(model, str) else tuple(model)
     if not aliases or not all(isinstance(a, str) for a in aliases):
         raise where.fail("must be a model alias or a list of aliases", "model")
@@ -446,18 +507,23 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
     if parse not in ("text", "json"):
         raise where.fail("must be 'text' or 'json'", "parse")
     output = where.get("output", str, default=name)
-    params = {**default_params, **where.get("params", dict, default={})}
-    retries = where.get("retries", int, default=default_retries)
+    params = {**defaults.params, **where.get("params", dict, default={})}
+    retries = where.get("retries", int, default=defaults.retries)
     if retries < 0:
         raise where.fail("must be 0 or more", "retries")
-    outage_timeout = _duration(where, "outage_timeout", default_outage)
+    outage_timeout = _duration(where, "outage_timeout", defaults.outage_timeout)
+    cache, namespace = _stage_cache(where, defaults.cache)
     _mode(where)
     definition = {"models": [models[a].identity() for a in aliases], "system": system,
                   "prompt": prompt, "output": output, "parse": parse, "params": params,
                   "up": upstream}
+    if namespace is not None:
+        definition["cache_namespace"] = namespace  # a new namespace asks for new replies
     return StageSpec(name=name, kind="llm", line=line, models=aliases, system=system,
                      prompt=prompt, output=output, parse=parse, params=params, retries=retries,
-                     outage_timeout=outage_timeout, fingerprint=_digest(definition))
+                     outage_timeout=outage_timeout, cache=cache, cache_namespace=namespace,
+                     prompt_cache=where.get("prompt_cache", bool, default=defaults.prompt_cache),
+                     fingerprint=_digest(definition))
 
 
 def check_api_keys(pipeline: Pipeline, stages: list[StageSpec]) -> None:

@@ -41,6 +41,7 @@ class RunOptions:
     stage: str | None = None  # only this stage; its upstream must be fresh
     until: str | None = None  # this stage and everything before it
     limit: int | None = None  # only the first N input lines
+    cache: str = "use"  # "use" the response cache, "off" (neither read nor write), "refresh"
 
 
 @dataclass
@@ -65,6 +66,8 @@ class RunReport:
     seconds: float = 0.0
     lines_read: int = 0
     failed_total: int = 0  # failures recorded for the selected stages, this run or before
+    cache_hits: int = 0
+    cache_misses: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -119,6 +122,7 @@ class Run:
         self.started = time.monotonic()
         self.clients: dict[str, Any] = {}
         self.session: Any = None  # the run's one aiohttp session, when a model speaks HTTP
+        self.cache: Any = None  # the response cache, when an LLM stage uses it
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self.state: dict[str, Any] = {}
 
@@ -143,6 +147,10 @@ class Run:
                     await client.close()
                 if self.session is not None:
                     await self.session.close()
+                if self.cache is not None:
+                    await self.cache.close()
+                    self.report.cache_hits, self.report.cache_misses = (self.cache.hits,
+                                                                        self.cache.misses)
             self._finish()
         if self.progress:
             self.progress.finish(self, self.report)
@@ -184,8 +192,21 @@ class Run:
                 runners[stage.name] = PythonStage(stage, self.pipeline.import_paths)
             else:
                 self._connect(stage.models)
-                runners[stage.name] = LLMStage(stage, self.clients)
+                runners[stage.name] = LLMStage(stage, self.clients, self._open_cache(stage))
         return runners
+
+    def _open_cache(self, stage: StageSpec) -> Any:
+        if not stage.cache or not self.pipeline.cache.enabled or self.options.cache == "off":
+            return None
+        if self.cache is None:
+            from .llm.cache import Cache
+
+            try:
+                self.cache = Cache(self.pipeline.cache, read=self.options.cache != "refresh")
+            except Exception as e:  # an unreachable Redis, an unwritable folder
+                raise ConfigError(f"{self.pipeline.path}: cache: cannot open it: "
+                                  f"{type(e).__name__}: {e}") from None
+        return self.cache
 
     def _connect(self, aliases: tuple[str, ...]) -> None:
         from .llm.client import ModelClient, make_provider  # tenacity: ~50 ms, LLM stages only
@@ -341,14 +362,7 @@ class Run:
 
         def on_done(entry: dict[str, Any]) -> None:
             journal.append(entry)
-            counts.records_in += 1
-            tokens = entry["trace"].get("tokens") or {}
-            counts.tokens_in += tokens.get("in", 0)
-            counts.tokens_out += tokens.get("out", 0)
-            if "error" in entry:
-                counts.failed += 1
-            else:
-                counts.records_out += 1
+            counts.count(entry)
 
         try:
             return await runner.run(records, done, on_done)
@@ -367,7 +381,9 @@ class Run:
         entry = {"src": source, "token": token, "in": counts.records_in,
                  "out": counts.records_out, "failed": counts.failed,
                  "filtered": counts.filtered, "tokens_in": counts.tokens_in,
-                 "tokens_out": counts.tokens_out}
+                 "tokens_out": counts.tokens_out, "tokens_cached": counts.tokens_cached,
+                 "cache_hits": counts.cache_hits, "cost": round(counts.cost, 8),
+                 "cost_full": round(counts.cost_full, 8)}
         records = dumps_lines(output.records)
         trace = None if output.trace is None else dumps_lines(output.trace)
         errors = dumps_lines({**e, "shard": shard} for e in output.errors)

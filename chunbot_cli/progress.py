@@ -48,6 +48,8 @@ def stage_rows(run: "Run") -> list[dict[str, Any]]:
             "tokens_in": counts.tokens_in, "tokens_out": counts.tokens_out,
             "rate": round(counts.records_in / elapsed, 1),
             "shards_done": report.shards_run, "shards_skipped": report.shards_skipped,
+            "cache_hits": counts.cache_hits, "tokens_cached": counts.tokens_cached,
+            "cost": round(counts.cost, 6), "cost_full": round(counts.cost_full, 6),
         }
         if stage.kind == "llm":
             clients = [run.clients[a] for a in stage.models if a in run.clients]
@@ -109,6 +111,8 @@ class LogProgress:
         if self.as_json:
             self._emit("summary", {"stages": rows, "seconds": round(report.seconds, 3),
                                    "failed_total": report.failed_total,
+                                   "cache_hits": report.cache_hits,
+                                   "cache_misses": report.cache_misses,
                                    "exit_code": report.exit_code}, "")
             return
         print(summary_text(rows, report), file=self.stream, flush=True)
@@ -183,12 +187,26 @@ SUMMARY_COLUMNS = ("stage", "records", "out", "failed", "filtered", "tok in", "t
                    "secs", "fresh")
 
 
-def _summary_footer(report: "RunReport") -> str:
+def _summary_footer(rows: list[dict[str, Any]], report: "RunReport") -> str:
+    lines = []
+    asked = report.cache_hits + report.cache_misses
+    if asked:
+        lines.append(f"local cache: {report.cache_hits:,} of {asked:,} requests answered "
+                     f"({100 * report.cache_hits / asked:.0f}%)")
+    cached = sum(row["tokens_cached"] for row in rows)
+    if cached:
+        tokens_in = sum(row["tokens_in"] for row in rows)
+        lines.append(f"provider prompt cache: {cached:,} of {tokens_in:,} input tokens "
+                     f"({100 * cached / max(tokens_in, 1):.0f}%)")
+    cost, full = sum(row["cost"] for row in rows), sum(row["cost_full"] for row in rows)
+    if full:
+        lines.append(f"cost ${cost:,.4f}; without caches ${full:,.4f} "
+                     f"(saved ${full - cost:,.4f})")
     footer = f"{report.seconds:.1f}s, exit {report.exit_code}"
     if report.failed_total:
         footer += (f"; {report.failed_total:,} failed records in total, "
                    "see each stage's errors.jsonl")
-    return footer
+    return "\n".join(lines + [footer])
 
 
 def summary_table(rows: list[dict[str, Any]], report: "RunReport") -> Group:
@@ -205,7 +223,7 @@ def summary_table(rows: list[dict[str, Any]], report: "RunReport") -> Group:
                          no_wrap=True)
     for cells in _summary_cells(rows, report):
         table.add_row(*cells)
-    return Group(table, Text(_summary_footer(report)))
+    return Group(table, Text(_summary_footer(rows, report)))
 
 
 def summary_text(rows: list[dict[str, Any]], report: "RunReport") -> str:
@@ -213,4 +231,4 @@ def summary_text(rows: list[dict[str, Any]], report: "RunReport") -> str:
     widths = [max(len(row[i]) for row in grid) for i in range(len(SUMMARY_COLUMNS))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths))) for row in grid]
-    return "\n".join(lines + [_summary_footer(report)])
+    return "\n".join(lines + [_summary_footer(rows, report)])

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import orjson
 
 from .config import StageSpec, import_callable
-from .llm.types import Request
+from .llm.types import Reply, Request
 
 if TYPE_CHECKING:
+    from .llm.cache import Cache
     from .llm.client import ModelClient
 
 
@@ -33,10 +34,32 @@ class Counters:
     filtered: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
+    tokens_cached: int = 0  # of tokens_in, read from the provider's prompt cache
+    cache_hits: int = 0  # records answered from the local cache: no request, no tokens
+    cost: float = 0.0  # USD, when the models have prices
+    cost_full: float = 0.0  # what it would have cost without any cache
 
     def add(self, other: "Counters") -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def count(self, entry: dict[str, Any]) -> None:
+        """One finished record of an LLM stage (a journal entry)."""
+        trace = entry["trace"]
+        self.records_in += 1
+        if "error" in entry:
+            self.failed += 1
+        else:
+            self.records_out += 1
+        if trace.get("cache_hit"):
+            self.cache_hits += 1
+        else:
+            tokens = trace.get("tokens") or {}
+            self.tokens_in += tokens.get("in", 0)
+            self.tokens_out += tokens.get("out", 0)
+            self.tokens_cached += tokens.get("cached", 0)
+        self.cost += trace.get("cost", 0.0)
+        self.cost_full += trace.get("cost_full", 0.0)
 
 
 @dataclass
@@ -120,15 +143,20 @@ class PythonStage:
 
 class LLMStage:
     """Renders the prompt, asks the stage's model (the next one of a cascade on failure),
-    parses the reply into the `output` field."""
+    parses the reply into the `output` field. With a cache, a shard's requests are looked
+    up together first, and only the misses are sent."""
 
-    def __init__(self, spec: StageSpec, clients: dict[str, "ModelClient"]):
+    def __init__(self, spec: StageSpec, clients: dict[str, "ModelClient"],
+                 cache: "Cache | None" = None):
         from . import templates
 
         self.spec = spec
         self.clients = [clients[alias] for alias in spec.models]
+        self.cache = cache if spec.cache else None
         self.system = templates.compile_template(spec.system) if spec.system else None
         self.prompt = templates.compile_template(spec.prompt or "")
+        self.static_prefix = (len(templates.static_prefix(spec.prompt or ""))
+                              if spec.prompt_cache else 0)
 
     @property
     def concurrency(self) -> int:
@@ -141,32 +169,90 @@ class LLMStage:
         """`done` holds entries finished by an earlier attempt (from the journal); `on_done`
         gets each new entry as soon as its record is finished."""
         entries: list[dict[str, Any] | None] = [done.get(i) for i in range(len(records))]
-        todo = [i for i, entry in enumerate(entries) if entry is None]
-        queue = iter(todo)
+
+        def finish(entry: dict[str, Any]) -> None:
+            entries[entry["i"]] = entry
+            on_done(entry)
+
+        requests: dict[int, Request] = {}
+        for i, entry in enumerate(entries):
+            if entry is None:
+                try:
+                    requests[i] = self.request(records[i])
+                except Exception as e:  # a template error is this record's failure
+                    error = f"template: {_describe(e)}"
+                    finish({"i": i, "error": error, "trace": {
+                        "_id": records[i].get("_id"), "stage": self.spec.name, "error": error}})
+        if self.cache is not None and requests:
+            first = self.clients[0]
+            keys = {i: self.cache_key(first, request) for i, request in requests.items()}
+            found = await self.cache.get_many(list(keys.values()))
+            for i, key in keys.items():
+                entry = found.get(key) and self.from_cache(i, records[i], requests[i], first,
+                                                           found[key])
+                if entry:
+                    del requests[i]
+                    finish(entry)
+        queue = iter(list(requests.items()))
 
         async def worker() -> None:
-            for i in queue:
-                entry = await self.process(i, records[i])
-                entries[i] = entry
-                on_done(entry)
+            for i, request in queue:
+                finish(await self.process(i, records[i], request))
 
-        await asyncio.gather(*(worker() for _ in range(min(len(todo), self.concurrency))))
+        await asyncio.gather(*(worker() for _ in range(min(len(requests), self.concurrency))))
         return self.assemble(records, entries)
 
-    async def process(self, index: int, record: dict[str, Any]) -> dict[str, Any]:
-        """One record → a journal entry: {i, out | error, trace}."""
-        trace: dict[str, Any] = {"_id": record.get("_id"), "stage": self.spec.name}
+    def request(self, record: dict[str, Any]) -> Request:
+        messages = []
+        if self.system is not None:
+            messages.append({"role": "system", "content": self.system.render(record)})
+        messages.append({"role": "user", "content": self.prompt.render(record)})
+        return Request(messages=messages, params=self.spec.params,
+                       prompt_cache=self.spec.prompt_cache, static_prefix=self.static_prefix)
+
+    def cache_key(self, client: "ModelClient", request: Request) -> bytes:
+        from .llm.cache import request_key
+
+        return request_key(client.spec, request, self.spec.cache_namespace)
+
+    def _trace(self, record: dict[str, Any], request: Request) -> dict[str, Any]:
+        return {"_id": record.get("_id"), "stage": self.spec.name,
+                "request": {"messages": request.messages, "params": request.params},
+                "attempts": [], "cache_hit": False}
+
+    def from_cache(self, index: int, record: dict[str, Any], request: Request,
+                   client: "ModelClient", reply: Reply) -> dict[str, Any] | None:
+        """A journal entry for a cached reply; None when it no longer parses (the stage's
+        `parse` changed), so the request is sent instead."""
         try:
-            messages = self.render(record)
-        except Exception as e:  # a template error is this record's failure
-            trace["error"] = f"template: {_describe(e)}"
-            return {"i": index, "error": trace["error"], "trace": trace}
-        request = Request(messages=messages, params=self.spec.params)
-        trace["request"] = {"messages": messages, "params": self.spec.params}
-        trace["attempts"] = []
-        tokens_in = tokens_out = 0
+            value = self.parse(reply.text)
+        except ValueError:
+            return None
+        trace = self._trace(record, request)
+        trace.update(cache_hit=True, model=client.spec.alias, model_name=reply.model,
+                     response=reply.text, output=value, error=None,
+                     tokens={"in": reply.input_tokens, "out": reply.output_tokens},
+                     cost=0.0, cost_full=full_price(client.spec.price, reply))
+        return {"i": index, "out": value, "trace": trace}
+
+    async def process(self, index: int, record: dict[str, Any],
+                      request: Request) -> dict[str, Any]:
+        """One record → a journal entry: {i, out | error, trace}."""
+        trace = self._trace(record, request)
+        tokens = {"in": 0, "out": 0, "cached": 0, "cache_write": 0}
+        cost = cost_full = 0.0
         error = "no model answered"
-        for client in self.clients:
+        for n, client in enumerate(self.clients):
+            key = None
+            if self.cache is not None:
+                key = self.cache_key(client, request)
+                if n:  # the first model's replies were looked up with the whole shard
+                    found = await self.cache.get_many([key])
+                    entry = key in found and self.from_cache(index, record, request, client,
+                                                             found[key])
+                    if entry:
+                        entry["trace"]["attempts"] = trace["attempts"]
+                        return entry
             result = await client.complete(request, self.spec.retries, self.spec.outage_timeout)
             for attempt in result.attempts:
                 attempt["model"] = client.spec.alias
@@ -175,30 +261,28 @@ class LLMStage:
                 error = f"model {client.spec.alias!r}: {result.error}"
                 continue
             reply = result.reply
-            tokens_in += reply.input_tokens
-            tokens_out += reply.output_tokens
+            tokens["in"] += reply.input_tokens
+            tokens["out"] += reply.output_tokens
+            tokens["cached"] += reply.cached_tokens
+            tokens["cache_write"] += reply.cache_write_tokens
+            cost += price(client.spec.provider, client.spec.price, reply)
+            cost_full += full_price(client.spec.price, reply)
             trace.update(model=client.spec.alias, model_name=reply.model,
                          endpoint=result.endpoint, response=reply.text,
-                         latency_ms=result.latency_ms,
-                         tokens={"in": tokens_in, "out": tokens_out})
+                         latency_ms=result.latency_ms, tokens=tokens, cost=round(cost, 8),
+                         cost_full=round(cost_full, 8))
             try:
                 value = self.parse(reply.text)
             except ValueError as e:
                 error = f"model {client.spec.alias!r}: {e}"
                 continue
+            if key is not None:
+                self.cache.put(key, reply)
             trace["output"] = value
             trace["error"] = None
             return {"i": index, "out": value, "trace": trace}
-        trace["error"] = error
-        trace["tokens"] = {"in": tokens_in, "out": tokens_out}
+        trace.update(error=error, tokens=tokens, cost=round(cost, 8), cost_full=round(cost_full, 8))
         return {"i": index, "error": error, "trace": trace}
-
-    def render(self, record: dict[str, Any]) -> list[dict[str, str]]:
-        messages = []
-        if self.system is not None:
-            messages.append({"role": "system", "content": self.system.render(record)})
-        messages.append({"role": "user", "content": self.prompt.render(record)})
-        return messages
 
     def parse(self, text: str) -> Any:
         if self.spec.parse == "text":
@@ -217,17 +301,34 @@ class LLMStage:
         field_name = self.spec.output or self.spec.name
         for record, entry in zip(records, entries):
             assert entry is not None
-            trace = entry["trace"]
-            out.trace.append(trace)
-            tokens = trace.get("tokens") or {}
-            out.counts.tokens_in += tokens.get("in", 0)
-            out.counts.tokens_out += tokens.get("out", 0)
+            out.trace.append(entry["trace"])
+            out.counts.count(entry)
             if "error" in entry:
                 out.errors.append(failure(self.spec.name, record, entry["error"]))
             else:
                 record[field_name] = entry["out"]
                 out.records.append(record)
-        out.counts.records_in = len(records)
-        out.counts.records_out = len(out.records)
-        out.counts.failed = len(out.errors)
         return out
+
+
+def price(provider: str, prices: dict[str, float], reply: Reply) -> float:
+    """What a reply cost in USD, provider cache reads and writes at their own rates."""
+    if not prices:
+        return 0.0
+    per_input = prices.get("input", 0.0)
+    cached = prices.get("cached_input", per_input * CACHED_SHARE.get(provider, 1.0))
+    written = prices.get("cache_write", per_input * 1.25)
+    plain = reply.input_tokens - reply.cached_tokens - reply.cache_write_tokens
+    return (plain * per_input + reply.cached_tokens * cached + reply.cache_write_tokens * written
+            + reply.output_tokens * prices.get("output", 0.0)) / 1e6
+
+
+def full_price(prices: dict[str, float], reply: Reply) -> float:
+    """What the reply would have cost with no cache at all, local or at the provider."""
+    return (reply.input_tokens * prices.get("input", 0.0)
+            + reply.output_tokens * prices.get("output", 0.0)) / 1e6
+
+
+# The price of a cached input token against a plain one, unless `price.cached_input` says:
+# Anthropic charges a tenth for cache reads; OpenAI half on most models.
+CACHED_SHARE = {"anthropic": 0.1, "openai": 0.5}

@@ -63,3 +63,15 @@ def compile_expression(source: str) -> Callable[[dict[str, Any]], bool]:
         return bool(expr(record))
 
     return predicate
+
+
+def static_prefix(source: str) -> str:
+    """The text every rendering of `source` starts with: what comes before its first tag.
+
+    Provider prompt caches match on leading text, so this part is what gets marked."""
+    first = min((i for i in (source.find("{{"), source.find("{%"), source.find("{#"))
+                 if i >= 0), default=len(source))
+    prefix = source[:first]
+    if source[first + 2: first + 3] == "-":  # `{{-` strips the whitespace before it
+        prefix = prefix.rstrip()
+    return prefix

@@ -40,8 +40,10 @@ def chunbot(*args: str, cwd: Path, input: bytes | None = None, timeout: float = 
 
 @pytest.fixture
 def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty folder that is the current directory, as when a user runs chunbot."""
+    """An empty folder that is the current directory, as when a user runs chunbot, with a
+    response cache of its own (XDG_CACHE_HOME, inherited by chunbot processes)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / ".cache"))
     return tmp_path
 
 

@@ -73,7 +73,7 @@ def test_both_protocols_json_and_sse_give_identical_outputs(project, sim_server)
     for provider in ("openai", "anthropic"):
         for stream in (False, True):
             pipeline = http_project(project, server.url, provider, stream)
-            result = chunbot("run", str(pipeline), "--quiet", cwd=project)
+            result = chunbot("run", str(pipeline), "--quiet", "--no-cache", cwd=project)
             assert result.returncode == 0, result.stderr.decode()
             results[provider, stream] = outputs(project)
             assert "tok in" in result.stderr.decode()

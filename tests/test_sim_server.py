@@ -67,6 +67,19 @@ def messages_body(prompt: str = PROMPT, **extra) -> dict:
             "messages": [{"role": "user", "content": prompt}], **extra}
 
 
+def cached_fields(cached: int, prompt_tokens: int) -> dict:
+    """The usage fields of OpenAI's and DeepSeek's prompt caching for `cached` tokens."""
+    return {"prompt_tokens_details": {"cached_tokens": cached},
+            "prompt_cache_hit_tokens": cached,
+            "prompt_cache_miss_tokens": prompt_tokens - cached}
+
+
+def reset_stats(url: str) -> dict:
+    request = urllib.request.Request(url + "/stats/reset", method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
 def sse_events(body: bytes) -> list[tuple[str | None, str]]:
     """(event name or None, data) per server-sent event."""
     events = []
@@ -101,7 +114,9 @@ def test_openai_json_and_sse_give_the_same_text_and_usage(sim_server):
     assert 3 <= len([p for p in pieces if p]) <= 8
     assert "".join(pieces) == reply["choices"][0]["message"]["content"]
     assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
-    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == usage
+    # the same prompt again: only its provider-side cache share differs
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {**usage, **cached_fields(16, usage["prompt_tokens"])}
 
     without_usage = post(url, chat_body(max_tokens=80, stream=True))
     assert all(json.loads(d)["choices"] for _, d in sse_events(without_usage.body)[:-1])
@@ -125,7 +140,9 @@ def test_anthropic_json_and_sse_give_the_same_text_and_usage(sim_server):
     assert names == ["message_start", "content_block_start", "content_block_stop",
                      "message_delta", "message_stop"]
     start = events[0][1]["message"]
-    assert start["usage"] == {"input_tokens": reply["usage"]["input_tokens"], "output_tokens": 1}
+    assert reply["usage"]["cache_creation_input_tokens"] == 0  # nothing marked cache_control
+    assert reply["usage"]["cache_read_input_tokens"] == 0
+    assert start["usage"] == {**reply["usage"], "output_tokens": 1}
     deltas = [data["delta"] for name, data in events if name == "content_block_delta"]
     assert len(deltas) >= 3 and all(d["type"] == "text_delta" for d in deltas)
     assert "".join(d["text"] for d in deltas) == block["text"]
@@ -150,6 +167,125 @@ def test_both_protocols_answer_as_the_in_process_model(sim_server):
     assert anthropic["content"][0]["text"] == expected.text
     assert openai["usage"]["prompt_tokens"] == anthropic["usage"]["input_tokens"] \
         == expected.input_tokens
+
+
+# A long system prompt shared by requests, as pipelines send it: 610 characters
+LONG_SYSTEM = ("You are a meticulous annotator of customer reviews. Read each review, "
+               "weigh every sentence and answer with one word only. ") * 5
+
+
+def long_chat_body(prompt: str, **extra) -> dict:
+    return {"model": "sim-small", "messages": [{"role": "system", "content": LONG_SYSTEM},
+                                               {"role": "user", "content": prompt}], **extra}
+
+
+def shared_prefix_tokens(system: str) -> int:
+    """The cached tokens of a request whose prompt after the system prompt's role and
+    content is new from its first character: the whole 64-character blocks before it."""
+    shared = len("system" + system + "user")
+    return shared // 64 * 64 // 4
+
+
+def test_openai_reports_prompt_prefix_caching_in_json_and_sse(sim_server):
+    url = sim_server().url + "/v1/chat/completions"
+    expected = shared_prefix_tokens(LONG_SYSTEM)
+    assert expected == 9 * 64 // 4  # "system" + LONG_SYSTEM + "user": 9 whole blocks
+
+    first = post(url, long_chat_body("Label: great phone")).json()["usage"]
+    assert first == {**first, **cached_fields(0, first["prompt_tokens"])}
+    second = post(url, long_chat_body("Label: awful battery")).json()["usage"]
+    assert second == {**second, **cached_fields(expected, second["prompt_tokens"])}
+    assert second["prompt_tokens"] > expected  # the total, cached or not
+
+    # streamed, with a system prompt of its own: the usage chunk carries the same fields
+    other = LONG_SYSTEM.replace("customer", "product")
+    usages = []
+    for prompt in ("Label: fine", "Label: broken"):
+        body = long_chat_body(prompt, stream=True, stream_options={"include_usage": True})
+        body["messages"][0]["content"] = other
+        events = sse_events(post(url, body).body)
+        usages.append(json.loads(events[-2][1])["usage"])
+    assert usages[0] == {**usages[0], **cached_fields(0, usages[0]["prompt_tokens"])}
+    assert usages[1] == {**usages[1], **cached_fields(shared_prefix_tokens(other),
+                                                      usages[1]["prompt_tokens"])}
+
+    # only whole 64-character blocks are cached: a shorter prompt never is
+    tiny = {"model": "sim-small", "messages": [{"role": "user", "content": "hi"}]}
+    assert [post(url, tiny).json()["usage"]["prompt_cache_hit_tokens"]
+            for _ in range(2)] == [0, 0]
+
+
+def test_anthropic_caches_what_cache_control_marks(sim_server):
+    url = sim_server().url + "/v1/messages"
+    marked = [{"type": "text", "text": LONG_SYSTEM, "cache_control": {"type": "ephemeral"}}]
+    plain = post(url, messages_body(system=LONG_SYSTEM), ANTHROPIC_HEADERS).json()
+    system_tokens = sim_model.count_tokens(LONG_SYSTEM)
+    total = plain["usage"]["input_tokens"]
+    assert plain["usage"]["cache_creation_input_tokens"] == 0
+    assert plain["usage"]["cache_read_input_tokens"] == 0
+
+    first = post(url, messages_body(system=marked), ANTHROPIC_HEADERS).json()
+    assert first["content"] == plain["content"]  # cache_control does not change the text
+    assert first["usage"] == {**plain["usage"], "input_tokens": total - system_tokens,
+                              "cache_creation_input_tokens": system_tokens,
+                              "cache_read_input_tokens": 0}
+
+    # the same cached prefix, another question, streamed: read from the cache
+    streamed = post(url, messages_body("Another question", system=marked, stream=True),
+                    ANTHROPIC_HEADERS)
+    start = json.loads(sse_events(streamed.body)[0][1])["message"]["usage"]
+    assert start["cache_read_input_tokens"] == system_tokens
+    assert start["cache_creation_input_tokens"] == 0
+    again = post(url, messages_body(system=marked), ANTHROPIC_HEADERS).json()
+    assert again["content"] == plain["content"]
+    assert again["usage"] == {**first["usage"], "cache_creation_input_tokens": 0,
+                              "cache_read_input_tokens": system_tokens}
+
+    # the prefix runs up to the LAST marked block, here in the user's content blocks
+    content = [{"type": "text", "text": "Review: "},
+               {"type": "text", "text": PROMPT, "cache_control": {"type": "ephemeral"}},
+               {"type": "text", "text": " Be brief."}]
+    body = messages_body(system=marked, messages=[{"role": "user", "content": content}])
+    prefix = system_tokens + sim_model.count_tokens("Review: " + PROMPT)
+    usages = [post(url, body, ANTHROPIC_HEADERS).json()["usage"] for _ in range(2)]
+    assert usages[0]["cache_creation_input_tokens"] == prefix
+    assert usages[1]["cache_read_input_tokens"] == prefix
+    assert usages[1]["input_tokens"] == usages[0]["input_tokens"] > 0
+    flat = messages_body(system=LONG_SYSTEM,
+                         messages=[{"role": "user", "content": f"Review: {PROMPT} Be brief."}])
+    assert post(url, flat, ANTHROPIC_HEADERS).json()["content"] == \
+        post(url, body, ANTHROPIC_HEADERS).json()["content"]
+
+
+def test_stats_count_cached_tokens_and_reset_forgets_the_cache(sim_server):
+    server = sim_server()
+    chat, messages = server.url + "/v1/chat/completions", server.url + "/v1/messages"
+    marked = [{"type": "text", "text": LONG_SYSTEM, "cache_control": {"type": "ephemeral"}}]
+    system_tokens = sim_model.count_tokens(LONG_SYSTEM)
+    openai_cached = shared_prefix_tokens(LONG_SYSTEM)
+    prompts = ("Good phone: sturdy, bright, and its battery lasts two days or more.",
+               "Bad phone: it heats up, the screen cracked and support never answered.")
+    cached = []
+    for _ in range(2):
+        for prompt in prompts:  # they differ from their first character
+            cached.append(post(chat, long_chat_body(prompt)).json()["usage"]
+                          ["prompt_tokens_details"]["cached_tokens"])
+        post(messages, messages_body(system=marked), ANTHROPIC_HEADERS)
+    # the second finds the system prompt's blocks; the repeats find all their whole blocks
+    whole = [len("system" + LONG_SYSTEM + "user" + p) // 64 * 64 // 4
+             for p in prompts]
+    assert cached == [0, openai_cached, *whole] and whole[0] > openai_cached
+    stats = server.stats()
+    assert stats["cache_creation_tokens"] == system_tokens
+    assert stats["cached_tokens"] == sum(cached) + system_tokens
+
+    reset = reset_stats(server.url)
+    assert reset["cached_tokens"] == reset["cache_creation_tokens"] == 0
+    usage = post(chat, long_chat_body("Label: good")).json()["usage"]
+    assert usage["prompt_tokens_details"] == {"cached_tokens": 0}  # the cache was forgotten
+    usage = post(messages, messages_body(system=marked), ANTHROPIC_HEADERS).json()["usage"]
+    assert usage["cache_creation_input_tokens"] == system_tokens
+    assert server.stats()["cache_creation_tokens"] == system_tokens
 
 
 def test_max_tokens_cuts_the_reply_with_the_vendors_stop_reason(sim_server):

@@ -39,7 +39,14 @@ def reply(data: dict[str, Any], model: str) -> Reply:
     return Reply(text=text or "", model=data.get("model") or model,
                  input_tokens=usage.get("prompt_tokens") or 0,
                  output_tokens=usage.get("completion_tokens") or 0,
-                 finish_reason=choice.get("finish_reason"))
+                 finish_reason=choice.get("finish_reason"), cached_tokens=cached_tokens(usage))
+
+
+def cached_tokens(usage: dict[str, Any]) -> int:
+    """Prompt tokens served from the provider's prefix cache: OpenAI's
+    `prompt_tokens_details.cached_tokens`, or DeepSeek's `prompt_cache_hit_tokens`."""
+    details = usage.get("prompt_tokens_details") or {}
+    return details.get("cached_tokens") or usage.get("prompt_cache_hit_tokens") or 0
 
 
 class Stream:
@@ -70,5 +77,5 @@ class Stream:
         return Reply(text="".join(self.parts), model=self.model,
                      input_tokens=self.usage.get("prompt_tokens") or 0,
                      output_tokens=self.usage.get("completion_tokens") or 0,
-                     finish_reason=self.finish_reason)
+                     finish_reason=self.finish_reason, cached_tokens=cached_tokens(self.usage))
 

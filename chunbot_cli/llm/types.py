@@ -12,6 +12,8 @@ import orjson
 class Request:
     messages: list[dict[str, Any]]  # system first when the stage has one
     params: dict[str, Any] = field(default_factory=dict)
+    prompt_cache: bool = False  # ask the provider to cache the static prefix (Anthropic)
+    static_prefix: int = 0  # characters at the start of the last message that never change
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,8 @@ class Reply:
     output_tokens: int = 0
     finish_reason: str | None = None
     limits: RateLimits | None = None
+    cached_tokens: int = 0  # of input_tokens, read from the provider's prompt cache
+    cache_write_tokens: int = 0  # of input_tokens, written to it (Anthropic)
 
 
 class ProviderError(Exception):

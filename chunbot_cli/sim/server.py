@@ -3,7 +3,9 @@
 This module owns the wire side of the simulator: the two protocols (JSON and SSE replies,
 the vendors' error bodies and rate-limit headers), the faults a test can inject (latency,
 server errors, RPM/TPM limits, a required key, malformed replies) and the /stats counters
-that tests read to check what a client sent. The replies themselves come from `sim.model`,
+that tests read to check what a client sent, and a model of the vendors' prompt caching
+(automatic prefix caching on the OpenAI route, `cache_control` blocks on the Anthropic
+route) reported in the usage as each vendor does. The replies themselves come from `sim.model`,
 called exactly as the in-process `sim` provider calls it, so one request gets one text
 whether it is asked in-process, over OpenAI or over Anthropic, streamed or not.
 
@@ -15,13 +17,14 @@ no per-request logging; see bench/sim_server.py.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import math
 import random
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
@@ -38,6 +41,13 @@ MODELS = ("sim-small", "sim-large")
 JSON = "application/json"
 SSE = "text/event-stream; charset=utf-8"
 HTML_BODY = b"<html><body>upstream error</body></html>"
+
+# Prompt caching: the OpenAI route caches whole blocks of this many characters of the prompt
+# (role and content of each message, concatenated); each remembered prefix is one entry,
+# and the least recently used ones are forgotten beyond CACHE_ENTRIES per route, so a long
+# benchmark keeps a bounded memory.
+CACHE_BLOCK = 64
+CACHE_ENTRIES = 200_000
 
 # The error kinds this server answers with, as each vendor spells them:
 # kind -> (OpenAI error type, OpenAI error code, Anthropic error type)
@@ -119,6 +129,8 @@ class Stats:
     in_flight: int = 0
     max_in_flight: int = 0
     streamed: int = 0
+    cached_tokens: int = 0  # OpenAI cached_tokens + Anthropic cache reads
+    cache_creation_tokens: int = 0
 
     def as_json(self) -> dict[str, Any]:
         unique = len(self.keys)
@@ -128,7 +140,8 @@ class Stats:
                 "answered": self.answered, "unique": unique, "repeated": self.answered - unique,
                 "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
                 "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-                "streamed": self.streamed}
+                "streamed": self.streamed, "cached_tokens": self.cached_tokens,
+                "cache_creation_tokens": self.cache_creation_tokens}
 
 
 @dataclass
@@ -140,6 +153,132 @@ class Call:
     params: dict[str, Any]
     stream: bool
     include_usage: bool
+    body: dict[str, Any] | None = None  # Anthropic: the request as sent, for its cache_control
+
+
+@dataclass(frozen=True)
+class CacheUse:
+    """The prompt tokens a request read from the provider's cache and wrote to it."""
+
+    read: int = 0
+    created: int = 0
+
+
+NO_CACHE = CacheUse()
+
+
+class PrefixCache:
+    """Hashes of prompt prefixes seen before, least recently used forgotten first."""
+
+    def __init__(self, limit: int = CACHE_ENTRIES):
+        self.limit = limit
+        self.seen: OrderedDict[bytes, None] = OrderedDict()
+
+    def leading_hits(self, keys: list[bytes]) -> int:
+        """How many of `keys` (a request's cumulative prefixes, shortest first) were seen
+        before, counting from the first up to the first miss; then all are remembered."""
+        seen = self.seen
+        hits, run = 0, True
+        for key in keys:
+            if key in seen:
+                seen.move_to_end(key)
+                if run:
+                    hits += 1
+            else:
+                run = False
+                seen[key] = None
+        while len(seen) > self.limit:
+            seen.popitem(last=False)
+        return hits
+
+    def check_and_add(self, key: bytes) -> bool:
+        """Whether `key` was seen before; it is remembered either way."""
+        return self.leading_hits([key]) == 1
+
+    def clear(self) -> None:
+        self.seen.clear()
+
+
+def _as_string(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "" if content is None else str(content)
+
+
+def openai_prefix_keys(messages: list[dict[str, Any]]) -> list[bytes]:
+    """The hashes of the prompt's cumulative prefixes that end at each whole block of
+    CACHE_BLOCK characters (a partial last block does not count). The prompt is every
+    message's role and content, in order; the hash is carried from block to block, so each
+    character is hashed once."""
+    prompt = "".join([_as_string(m.get("role")) + _as_string(m.get("content"))
+                      for m in messages])
+    end = len(prompt) - len(prompt) % CACHE_BLOCK
+    if not end:
+        return []
+    digest = hashlib.blake2b(digest_size=16)
+    keys = []
+    if prompt.isascii():  # one character, one byte
+        data = memoryview(prompt.encode())
+        for start in range(0, end, CACHE_BLOCK):
+            digest.update(data[start:start + CACHE_BLOCK])
+            keys.append(digest.digest())
+    else:
+        for start in range(0, end, CACHE_BLOCK):
+            digest.update(prompt[start:start + CACHE_BLOCK].encode("utf-8", "surrogatepass"))
+            keys.append(digest.digest())
+    return keys
+
+
+def _cache_marked(block: Any) -> bool:
+    control = block.get("cache_control") if isinstance(block, dict) else None
+    return isinstance(control, dict) and control.get("type") == "ephemeral"
+
+
+def anthropic_cache_prefix(body: dict[str, Any]) -> tuple[bytes, int] | None:
+    """The hash and the tokens of the cacheable prefix of an Anthropic request: the system
+    blocks, then the messages' blocks, up to and including the last block marked with
+    `cache_control`; None when no block is. Tokens are counted per message (the system
+    prompt being one) over the texts of its blocks in the prefix, as the model counts them."""
+    units: list[tuple[str, list[Any]]] = []
+    system = body.get("system")
+    if system is not None:
+        units.append(("system", system if isinstance(system, list) else [system]))
+    for message in body["messages"]:
+        content = message.get("content")
+        units.append((_as_string(message.get("role")),
+                      content if isinstance(content, list) else [content]))
+    last = None
+    for u, (_, blocks) in enumerate(units):
+        for b, block in enumerate(blocks):
+            if _cache_marked(block):
+                last = (u, b)
+    if last is None:
+        return None
+    digest = hashlib.blake2b(digest_size=16)
+    tokens = 0
+    for u in range(last[0] + 1):
+        role, blocks = units[u]
+        if u == last[0]:
+            blocks = blocks[:last[1] + 1]
+        digest.update(b"\x00" + role.encode("utf-8", "surrogatepass") + b"\x00")
+        texts = []
+        for block in blocks:
+            if isinstance(block, dict) and block.get("type") == "text":
+                text = _as_string(block.get("text"))
+                texts.append(text)
+                piece = b"t" + text.encode("utf-8", "surrogatepass")
+            elif isinstance(block, str):
+                texts.append(block)
+                piece = b"t" + block.encode("utf-8", "surrogatepass")
+            else:  # an image, a tool use…: its content, whatever its cache marks
+                if isinstance(block, dict):
+                    block = {k: v for k, v in block.items() if k != "cache_control"}
+                piece = b"j" + orjson.dumps(block, option=orjson.OPT_SORT_KEYS
+                                            | orjson.OPT_NON_STR_KEYS, default=str)
+            digest.update(len(piece).to_bytes(8, "big"))
+            digest.update(piece)
+        tokens += sim_model.count_tokens("".join(texts))
+    return digest.digest(), tokens
 
 
 def _text(content: Any) -> Any:
@@ -191,7 +330,7 @@ def parse_anthropic(body: dict[str, Any]) -> Call:
     if system is not None:
         # the in-process provider sends the system prompt as a first message
         messages = [{"role": "system", "content": _text(system)}, *messages]
-    return Call(body["model"], messages, _params(body), body.get("stream") is True, False)
+    return Call(body["model"], messages, _params(body), body.get("stream") is True, False, body)
 
 
 def request_cost(call: Call) -> int:
@@ -261,9 +400,19 @@ def _anthropic_limit_headers(requests: Bucket | None, tokens: Bucket | None) -> 
     return headers
 
 
-def openai_json(reply_id: str, call: Call, answer: sim_model.SimReply, malformed: bool) -> bytes:
-    usage = {"prompt_tokens": answer.input_tokens, "completion_tokens": answer.output_tokens,
-             "total_tokens": answer.input_tokens + answer.output_tokens}
+def openai_usage(answer: sim_model.SimReply, cache: CacheUse) -> dict[str, Any]:
+    """OpenAI's usage, with both OpenAI's and DeepSeek's cached-prompt fields; prompt_tokens
+    is the whole prompt, cached or not, as both vendors count it."""
+    return {"prompt_tokens": answer.input_tokens, "completion_tokens": answer.output_tokens,
+            "total_tokens": answer.input_tokens + answer.output_tokens,
+            "prompt_tokens_details": {"cached_tokens": cache.read},
+            "prompt_cache_hit_tokens": cache.read,
+            "prompt_cache_miss_tokens": answer.input_tokens - cache.read}
+
+
+def openai_json(reply_id: str, call: Call, answer: sim_model.SimReply, cache: CacheUse,
+                malformed: bool) -> bytes:
+    usage = openai_usage(answer, cache)
     body: dict[str, Any] = {"id": reply_id, "object": "chat.completion",
                             "created": int(time.time()), "model": call.model}
     if not malformed:
@@ -273,7 +422,8 @@ def openai_json(reply_id: str, call: Call, answer: sim_model.SimReply, malformed
     return orjson.dumps(body)
 
 
-def openai_sse(reply_id: str, call: Call, answer: sim_model.SimReply, seed: int) -> bytes:
+def openai_sse(reply_id: str, call: Call, answer: sim_model.SimReply, cache: CacheUse,
+               seed: int) -> bytes:
     head = {"id": reply_id, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": call.model, "system_fingerprint": None}
     if call.include_usage:
@@ -287,8 +437,7 @@ def openai_sse(reply_id: str, call: Call, answer: sim_model.SimReply, seed: int)
     parts += [chunk({"content": piece}) for piece in split_words(answer.text, seed)]
     parts.append(chunk({}, answer.finish_reason))
     if call.include_usage:
-        usage = {"prompt_tokens": answer.input_tokens, "completion_tokens": answer.output_tokens,
-                 "total_tokens": answer.input_tokens + answer.output_tokens}
+        usage = openai_usage(answer, cache)
         parts.append(b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
     parts.append(b"data: [DONE]\n\n")
     return b"".join(parts)
@@ -298,25 +447,34 @@ def _stop_reason(answer: sim_model.SimReply) -> str:
     return "max_tokens" if answer.finish_reason == "length" else "end_turn"
 
 
-def anthropic_json(reply_id: str, call: Call, answer: sim_model.SimReply,
+def anthropic_usage(answer: sim_model.SimReply, cache: CacheUse,
+                    output_tokens: int) -> dict[str, Any]:
+    """Anthropic's usage: input_tokens are the prompt tokens neither read from the cache
+    nor written to it."""
+    return {"input_tokens": max(0, answer.input_tokens - cache.created - cache.read),
+            "cache_creation_input_tokens": cache.created,
+            "cache_read_input_tokens": cache.read, "output_tokens": output_tokens}
+
+
+def anthropic_json(reply_id: str, call: Call, answer: sim_model.SimReply, cache: CacheUse,
                    malformed: bool) -> bytes:
     body: dict[str, Any] = {"id": reply_id, "type": "message", "role": "assistant",
                             "model": call.model}
     if not malformed:
         body["content"] = [{"type": "text", "text": answer.text}]
     body.update(stop_reason=_stop_reason(answer), stop_sequence=None,
-                usage={"input_tokens": answer.input_tokens,
-                       "output_tokens": answer.output_tokens})
+                usage=anthropic_usage(answer, cache, answer.output_tokens))
     return orjson.dumps(body)
 
 
-def anthropic_sse(reply_id: str, call: Call, answer: sim_model.SimReply, seed: int) -> bytes:
+def anthropic_sse(reply_id: str, call: Call, answer: sim_model.SimReply, cache: CacheUse,
+                  seed: int) -> bytes:
     def event(name: str, data: dict[str, Any]) -> bytes:
         return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
     message = {"id": reply_id, "type": "message", "role": "assistant", "model": call.model,
                "content": [], "stop_reason": None, "stop_sequence": None,
-               "usage": {"input_tokens": answer.input_tokens, "output_tokens": 1}}
+               "usage": anthropic_usage(answer, cache, 1)}
     parts = [event("message_start", {"type": "message_start", "message": message}),
              event("content_block_start", {"type": "content_block_start", "index": 0,
                                            "content_block": {"type": "text", "text": ""}}),
@@ -342,8 +500,8 @@ class Dialect:
     parse: Callable[[dict[str, Any]], Call]
     error: Callable[[str, str], bytes]  # (kind, message)
     limit_headers: Callable[[Bucket | None, Bucket | None], dict[str, str]]
-    json_reply: Callable[..., bytes]  # (id, call, answer, malformed)
-    sse_reply: Callable[..., bytes]  # (id, call, answer, seed)
+    json_reply: Callable[..., bytes]  # (id, call, answer, cache, malformed)
+    sse_reply: Callable[..., bytes]  # (id, call, answer, cache, seed)
 
 
 OPENAI = Dialect("chat", "chatcmpl-", parse_openai, _openai_error, _openai_limit_headers,
@@ -362,6 +520,8 @@ class SimServer:
         self.tokens = Bucket(options.tpm) if options.tpm else None
         self.stats = Stats()
         self.ids = itertools.count(1)
+        self.openai_cache = PrefixCache()
+        self.anthropic_cache = PrefixCache()
         # ids are unique across restarts too: a client may compare them
         self.boot = f"{random.getrandbits(32):08x}"
 
@@ -424,19 +584,41 @@ class SimServer:
         stats.keys.add(seed)
         stats.tokens_in += answer.input_tokens
         stats.tokens_out += answer.output_tokens
+        cache = self.cache_use(dialect, call, answer)
+        stats.cached_tokens += cache.read
+        stats.cache_creation_tokens += cache.created
         reply_id = f"{dialect.id_prefix}{self.boot}{next(self.ids):016x}"
         if options.malformed == "not-json":
             body, content_type = HTML_BODY, "text/html"
         elif call.stream and options.malformed is None:  # a broken server ignores `stream`
             stats.streamed += 1
-            body, content_type = dialect.sse_reply(reply_id, call, answer, seed), SSE
+            body, content_type = dialect.sse_reply(reply_id, call, answer, cache, seed), SSE
         else:
-            body = dialect.json_reply(reply_id, call, answer, options.malformed == "no-choices")
+            body = dialect.json_reply(reply_id, call, answer, cache,
+                                      options.malformed == "no-choices")
             content_type = JSON
         headers = {"Content-Type": content_type}
         if limited:
             headers.update(self.limit_headers(dialect))
         return web.Response(body=body, headers=headers)
+
+    def cache_use(self, dialect: Dialect, call: Call, answer: sim_model.SimReply) -> CacheUse:
+        """Look the answered request's prompt up in the route's cache, then remember it."""
+        if dialect is OPENAI:
+            keys = openai_prefix_keys(call.messages)
+            if not keys:
+                return NO_CACHE
+            hits = self.openai_cache.leading_hits(keys)
+            if not hits:
+                return NO_CACHE
+            return CacheUse(read=min(hits * CACHE_BLOCK // 4, answer.input_tokens))
+        prefix = anthropic_cache_prefix(call.body) if call.body is not None else None
+        if prefix is None:
+            return NO_CACHE
+        key, tokens = prefix
+        if self.anthropic_cache.check_and_add(key):
+            return CacheUse(read=tokens)
+        return CacheUse(created=tokens)
 
     def authorize(self, request: web.Request, dialect: Dialect) -> None:
         key = self.options.api_key
@@ -502,6 +684,8 @@ class SimServer:
     async def reset_stats(self, request: web.Request) -> web.Response:
         in_flight = self.stats.in_flight  # requests still running will decrement it
         self.stats = Stats(in_flight=in_flight, max_in_flight=in_flight)
+        self.openai_cache.clear()
+        self.anthropic_cache.clear()
         return web.Response(body=orjson.dumps(self.stats.as_json()), content_type=JSON)
 
 
