@@ -51,3 +51,23 @@ def test_stream_assembles_text_deltas_and_usage():
     with pytest.raises(ProviderError) as caught:
         stream.feed({"type": "error", "error": {"type": "overloaded_error"}})
     assert caught.value.retryable
+
+
+def test_prompt_cache_marks_the_system_prompt_and_the_static_start_of_the_prompt():
+    request = Request([{"role": "system", "content": "Long instructions."},
+                       {"role": "user", "content": "Label this review: it broke"}],
+                      {}, prompt_cache=True, static_prefix=len("Label this review: "))
+    sent = anthropic.body(SPEC, request)
+    assert sent["system"] == [{"type": "text", "text": "Long instructions.",
+                               "cache_control": {"type": "ephemeral"}}]
+    assert sent["messages"][0]["content"] == [
+        {"type": "text", "text": "Label this review: ", "cache_control": {"type": "ephemeral"}},
+        {"type": "text", "text": "it broke"}]
+    assert request.messages[1]["content"] == "Label this review: it broke"  # not changed
+
+
+def test_cache_reads_and_writes_count_as_input_tokens():
+    reply = anthropic.reply({"content": [{"type": "text", "text": "x"}], "usage": {
+        "input_tokens": 10, "cache_read_input_tokens": 900, "cache_creation_input_tokens": 0,
+        "output_tokens": 2}}, "m")
+    assert (reply.input_tokens, reply.cached_tokens, reply.cache_write_tokens) == (910, 900, 0)

@@ -208,3 +208,24 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def test_provider_prompt_caching_is_used_and_its_savings_reported(project, sim_server):
+    server = sim_server()
+    instructions = "You label customer reviews. " * 40  # a long, shared system prompt
+    for provider in ("anthropic", "openai"):
+        pipeline = http_project(project, server.url, provider, n=40,
+                                extra="price: {input: 3.0, output: 15.0}")
+        text = pipeline.read_text().replace("You are a precise annotator.", instructions)
+        pipeline.write_text(text.replace("defaults: {", "defaults: {prompt_cache: true, "))
+        result = chunbot("run", str(pipeline), "--until", "sentiment", "-q", "--no-cache",
+                         cwd=project)
+        assert result.returncode == 0, result.stderr.decode()
+        summary = result.stderr.decode()
+        assert "provider prompt cache:" in summary and "without caches $" in summary
+        done = traces(project, "sentiment")
+        assert sum(t["tokens"]["cached"] > 0 for t in done) >= 30
+        assert all(t["cost"] < t["cost_full"] for t in done if t["tokens"]["cached"])
+        (project / "runs/t/state.json").unlink()
+    stats = server.stats()
+    assert stats["cached_tokens"] > 0 and stats["cache_creation_tokens"] > 0

@@ -48,3 +48,13 @@ def test_stream_assembles_deltas_and_takes_usage_from_the_last_chunk():
     reply = stream.reply()
     assert (reply.text, reply.input_tokens, reply.output_tokens,
             reply.finish_reason) == ("We're sorry.", 9, 3, "stop")
+
+
+def test_cached_prompt_tokens_are_read_from_openai_or_deepseek_usage():
+    base = {"choices": [{"message": {"content": "x"}}]}
+    openai_usage = {"prompt_tokens": 2000, "completion_tokens": 5,
+                    "prompt_tokens_details": {"cached_tokens": 1792}}
+    deepseek_usage = {"prompt_tokens": 2000, "completion_tokens": 5,
+                      "prompt_cache_hit_tokens": 1920, "prompt_cache_miss_tokens": 80}
+    assert openai.reply({**base, "usage": openai_usage}, "m").cached_tokens == 1792
+    assert openai.reply({**base, "usage": deepseek_usage}, "m").cached_tokens == 1920

@@ -63,3 +63,12 @@ def _env_render(source, record):
     from chunbot_cli.templates import _env
 
     return _env.from_string(source).render(record)
+
+
+def test_the_static_prefix_is_the_text_before_the_first_tag():
+    from chunbot_cli.templates import static_prefix
+
+    assert static_prefix("Label this review: {{ text }}") == "Label this review: "
+    assert static_prefix("Label:   {{- text }}") == "Label:"
+    assert static_prefix("{% if x %}a{% endif %}") == ""
+    assert static_prefix("no tags") == "no tags"
