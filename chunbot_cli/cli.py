@@ -112,6 +112,86 @@ def run(
 
 
 @app.command()
+def rerun(
+    pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
+    stage: str = typer.Option(..., help="The stage to recompute."),
+    only: bool = typer.Option(False, "--only", help="Not the stages downstream of it."),
+    failed: bool = typer.Option(False, "--failed", help="Only the records in its errors.jsonl."),
+    ids: Optional[Path] = typer.Option(None, help="Only the records whose ids this file lists, "
+                                                  "one per line."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of the live display."),
+    log_format: LogFormat = typer.Option(LogFormat.text, help="text, or json for log shippers."),
+) -> None:
+    """Recompute a stage (asking its models again) and what follows it; the previous output
+    stays in <stage>.prev/ for `chunbot diff`."""
+    _keep_freed_memory()
+    _collect_garbage_rarely()
+    if failed and ids is not None:
+        raise _fail("use --failed or --ids, not both", engine.EXIT_USAGE)
+    wanted = None
+    if ids is not None:
+        try:
+            wanted = frozenset(line.strip() for line in ids.read_text().splitlines()
+                               if line.strip())
+        except OSError as e:
+            raise _fail(f"--ids {ids}: {e.strerror or e}", engine.EXIT_USAGE) from None
+    try:
+        loaded = config.load(pipeline)
+        options = engine.RunOptions(rerun=stage, rerun_only=only, rerun_failed=failed,
+                                    rerun_ids=wanted)
+        report = engine.run(loaded, options, make_progress(quiet, log_format.value))
+    except (config.ConfigError, engine.InputError) as e:
+        raise _fail(str(e), engine.EXIT_USAGE) from None
+    except engine.Locked as e:
+        raise _fail(str(e), engine.EXIT_LATER) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; run the same command again to resume", 130) from None
+    raise typer.Exit(report.exit_code)
+
+
+@app.command()
+def status(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
+           as_json: bool = typer.Option(False, "--json", help="One JSON object, for scripts.")
+           ) -> None:
+    """Per stage: fresh or stale and why, shards, records, tokens, cost; the last run."""
+    from .lookback import status as lookback
+
+    try:
+        report = lookback.status(config.load(pipeline))
+    except (config.ConfigError, ValueError) as e:
+        raise _fail(str(e), engine.EXIT_USAGE) from None
+    if as_json:
+        import orjson
+
+        print(orjson.dumps(report).decode())
+    else:
+        print(lookback.render(report))
+
+
+@app.command()
+def trace(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
+          record_id: str = typer.Argument(..., help="The record's _id."),
+          as_json: bool = typer.Option(False, "--json", help="One JSON object, for scripts.")
+          ) -> None:
+    """One record through every stage: what went in, each request and reply, where it ended."""
+    from .lookback import trace as lookback
+
+    try:
+        found = lookback.find(config.load(pipeline), record_id)
+    except (config.ConfigError, ValueError) as e:
+        raise _fail(str(e), engine.EXIT_USAGE) from None
+    if found is None:
+        raise _fail(f"no record with _id {record_id!r} in {pipeline}'s runs", 1)
+    if as_json or not sys.stdout.isatty():
+        import orjson
+
+        option = orjson.OPT_INDENT_2 if not as_json else 0
+        print(orjson.dumps(found, option=option).decode())
+        return
+    lookback.show(found)
+
+
+@app.command()
 def validate(pipeline: Path = typer.Argument(..., help="The pipeline YAML file.")) -> None:
     """Check a pipeline file without running anything (exit 2 when it has a mistake)."""
     try:

@@ -108,6 +108,7 @@ class StageSpec:
     cache: bool = True  # the response cache answers this stage's requests
     cache_namespace: str | None = None  # part of the cache key: separates equal requests
     prompt_cache: bool = False  # mark the static prefix for the provider's prompt cache
+    definition: dict[str, Any] = field(default_factory=dict, compare=False)  # what is hashed
     filter: str | None = None
     python: str | None = None
 
@@ -473,8 +474,9 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
             templates.compile_expression(source)
         except templates.TemplateError as e:
             raise where.fail(f"does not compile: {e}", "filter") from None
+        definition = {"filter": source, "up": upstream}
         return StageSpec(name=name, kind="filter", line=line, filter=source,
-                         fingerprint=_digest({"filter": source, "up": upstream}))
+                         definition=definition, fingerprint=_digest(definition))
 
     if kind == "python":
         target = where.get("python", str, required=True)
@@ -482,9 +484,9 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
             function = import_callable(target, import_paths(path))
         except ConfigError as e:
             raise where.fail(str(e), "python") from None
+        definition = {"python": target, "source": _source_digest(function), "up": upstream}
         return StageSpec(name=name, kind="python", line=line, python=target,
-                         fingerprint=_digest({"python": target, "source": _source_digest(function),
-                                              "up": upstream}))
+                         definition=definition, fingerprint=_digest(definition))
 
     model = where.get("model", (str, list), default=defaults.model)
     aliases = (model,) if isinstance(model, str) else tuple(model)
@@ -523,7 +525,7 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
                      prompt=prompt, output=output, parse=parse, params=params, retries=retries,
                      outage_timeout=outage_timeout, cache=cache, cache_namespace=namespace,
                      prompt_cache=where.get("prompt_cache", bool, default=defaults.prompt_cache),
-                     fingerprint=_digest(definition))
+                     definition=definition, fingerprint=_digest(definition))
 
 
 def check_api_keys(pipeline: Pipeline, stages: list[StageSpec]) -> None:

@@ -42,6 +42,10 @@ class RunOptions:
     until: str | None = None  # this stage and everything before it
     limit: int | None = None  # only the first N input lines
     cache: str = "use"  # "use" the response cache, "off" (neither read nor write), "refresh"
+    rerun: str | None = None  # recompute this stage (and, unless rerun_only, downstream)
+    rerun_only: bool = False
+    rerun_failed: bool = False  # only its records in errors.jsonl
+    rerun_ids: frozenset[str] | None = None  # only these records
 
 
 @dataclass
@@ -100,6 +104,13 @@ def selected_stages(pipeline: Pipeline, options: RunOptions) -> list[StageSpec]:
     names = [s.name for s in pipeline.stages]
     if options.stage and options.until:
         raise ConfigError("use --stage or --until, not both")
+    if options.rerun:
+        stage = pipeline.stage(options.rerun)
+        if (options.rerun_failed or options.rerun_ids is not None) and stage.kind != "llm":
+            raise ConfigError(f"stage {stage.name!r} is a {stage.kind} stage: --failed and --ids "
+                              "redo records of LLM stages; rerun the whole stage instead")
+        start = names.index(stage.name)
+        return [stage] if options.rerun_only else pipeline.stages[start:]
     if options.stage:
         return [pipeline.stage(options.stage)]
     if options.until:
@@ -168,20 +179,56 @@ class Run:
 
     def _reset_changed_stages(self) -> None:
         position = self.pipeline.stages.index(self.selected[0])
-        if self.options.stage and position > 0:
+        if (self.options.stage or self.options.rerun) and position > 0:
             upstream = self.pipeline.stages[position - 1]
             saved = self.state["stages"].get(upstream.name)
             if saved is None or saved["fingerprint"] != upstream.fingerprint:
                 raise self._upstream_not_fresh(upstream)
         for stage in self.selected:
             saved = self.state["stages"].get(stage.name)
-            if saved is None or saved["fingerprint"] != stage.fingerprint:
-                if saved is not None:
+            redo = stage.name == self.options.rerun
+            if saved is not None and redo and self._partial_rerun:
+                self.workdir.snapshot_stage(stage.name)  # before and after, for `chunbot diff`
+            elif saved is None or saved["fingerprint"] != stage.fingerprint or redo:
+                if redo:
+                    self.note(f"rerunning stage {stage.name!r}; its previous output is in "
+                              f"{self.workdir.stage_dir(stage.name)}.prev")
+                elif saved is not None:
                     self.note(f"stage {stage.name!r} changed: recomputing it")
                 self.workdir.reset_stage(stage.name)
                 self.state["stages"][stage.name] = {"fingerprint": stage.fingerprint,
+                                                    "definition": stage.definition,
                                                     "errors_bytes": 0, "shards": {}}
         self.workdir.save_state(self.state)
+
+    @property
+    def _partial_rerun(self) -> bool:
+        return self.options.rerun_failed or self.options.rerun_ids is not None
+
+    def _redo(self, stage: StageSpec, shard: int, entry: dict[str, Any]) -> bool:
+        """Whether `rerun --failed` / `--ids` has records to redo in this fresh shard."""
+        if stage.name != self.options.rerun or not self._partial_rerun:
+            return False
+        if self.options.rerun_failed:
+            return bool(entry.get("failed"))
+        ids = self.options.rerun_ids or frozenset()
+        return any(str(t.get("_id")) in ids for t in self.workdir.read_trace(stage.name, shard))
+
+    def _reusable(self, stage: StageSpec, shard: int) -> dict[int, dict[str, Any]]:
+        """For a partial rerun: the shard's finished records that stay as they are."""
+        if stage.name != self.options.rerun or not self._partial_rerun:
+            return {}
+        kept = {}
+        for i, trace in enumerate(self.workdir.read_trace(stage.name, shard)):
+            failed = trace.get("error") is not None
+            if self.options.rerun_failed:
+                redo = failed
+            else:
+                redo = str(trace.get("_id")) in (self.options.rerun_ids or ())
+            if not redo:
+                kept[i] = ({"i": i, "error": trace["error"], "trace": trace} if failed
+                           else {"i": i, "out": trace.get("output"), "trace": trace})
+        return kept
 
     def _make_runners(self) -> dict[str, Any]:
         runners: dict[str, Any] = {}
@@ -192,7 +239,8 @@ class Run:
                 runners[stage.name] = PythonStage(stage, self.pipeline.import_paths)
             else:
                 self._connect(stage.models)
-                runners[stage.name] = LLMStage(stage, self.clients, self._open_cache(stage))
+                runners[stage.name] = LLMStage(stage, self.clients, self._open_cache(stage),
+                                               cache_read=stage.name != self.options.rerun)
         return runners
 
     def _open_cache(self, stage: StageSpec) -> Any:
@@ -236,7 +284,8 @@ class Run:
         for position, stage in enumerate(self.pipeline.stages[: self.last + 1]):
             entry = self.state["stages"].get(stage.name, {}).get("shards", {}).get(str(shard.index))
             fresh = (entry is not None and entry["src"] == source
-                     and self.state["stages"][stage.name]["fingerprint"] == stage.fingerprint)
+                     and self.state["stages"][stage.name]["fingerprint"] == stage.fingerprint
+                     and not self._redo(stage, shard.index, entry))
             if not fresh:
                 if stage not in self.selected:
                     raise self._upstream_not_fresh(stage, shard.index)
@@ -279,6 +328,7 @@ class Run:
             self.note("every selected stage is up to date: nothing to do")
         if self.options.limit is None:
             self._forget_shards_from(count)
+            self.state["input_shards"] = count
 
     def _window(self, runners: dict[str, Any]) -> int:
         """Shards in flight: enough for every LLM stage to fill its concurrency twice over."""
@@ -291,8 +341,10 @@ class Run:
                          runners: dict[str, Any]) -> None:
         first = todo[0]
         position = self.pipeline.stages.index(first)
+        ids: list[Any] | None = None
         if position == 0:
             records, input_errors = self._parse(shard, first)
+            ids = [r["_id"] for r in records] + [e["_id"] for e in input_errors]
         else:
             upstream = self.pipeline.stages[position - 1].name
             records = await asyncio.to_thread(self.workdir.read_shard, upstream, shard.index)
@@ -316,7 +368,8 @@ class Run:
                 report.counts.records_in += len(input_errors)
                 output.counts.records_in += len(input_errors)
                 input_errors = []
-            source, commit = self._commit(stage, shard.index, source, output)
+            source, commit = self._commit(stage, shard.index, source, output, ids)
+            ids = None
             commits.append(commit)
             report.shards_run += 1
             report.last_end = time.monotonic()
@@ -357,7 +410,7 @@ class Run:
         counts = self.report.stages[stage.name].counts
         journal = Journal(self.workdir.journal_path(stage.name, shard),
                           {"stage": stage.name, "fingerprint": stage.fingerprint, "src": source})
-        done = journal.load()
+        done = {**self._reusable(stage, shard), **journal.load()}
         journal.open(done)
 
         def on_done(entry: dict[str, Any]) -> None:
@@ -369,8 +422,8 @@ class Run:
         finally:
             journal.close()
 
-    def _commit(self, stage: StageSpec, shard: int, source: str,
-                output: StageOutput) -> tuple[str, asyncio.Future[None]]:
+    def _commit(self, stage: StageSpec, shard: int, source: str, output: StageOutput,
+                ids: list[Any] | None = None) -> tuple[str, asyncio.Future[None]]:
         """Hand one stage's shard to the committer thread; returns its new token at once.
 
         One thread commits in order, so a downstream shard is never marked done before
@@ -388,17 +441,19 @@ class Run:
         trace = None if output.trace is None else dumps_lines(output.trace)
         errors = dumps_lines({**e, "shard": shard} for e in output.errors)
         future = asyncio.get_running_loop().run_in_executor(
-            self.committer, self._persist, stage, shard, entry, records, trace, errors)
+            self.committer, self._persist, stage, shard, entry, records, trace, errors, ids)
         return token, future
 
     def _persist(self, stage: StageSpec, shard: int, entry: dict[str, Any], records: bytes,
-                 trace: bytes | None, errors: bytes) -> None:
+                 trace: bytes | None, errors: bytes, ids: list[Any] | None) -> None:
         """The commit itself, in the order store.py explains."""
         stage_state = self._stage_state(stage)
         key = str(shard)
         previous = stage_state["shards"].pop(key, None)
         if previous and previous.get("failed"):
             stage_state["errors_bytes"] = self.workdir.drop_errors(stage.name, {shard})
+        if ids is not None:
+            self.workdir.write_id_index(stage.name, shard, ids)
         self.workdir.write_shard(stage.name, shard, records, trace)
         stage_state["errors_bytes"] = self.workdir.append_errors(
             stage.name, stage_state["errors_bytes"], errors)

@@ -147,12 +147,13 @@ class LLMStage:
     up together first, and only the misses are sent."""
 
     def __init__(self, spec: StageSpec, clients: dict[str, "ModelClient"],
-                 cache: "Cache | None" = None):
+                 cache: "Cache | None" = None, cache_read: bool = True):
         from . import templates
 
         self.spec = spec
         self.clients = [clients[alias] for alias in spec.models]
         self.cache = cache if spec.cache else None
+        self.cache_read = cache_read  # False when rerunning: ask the models again
         self.system = templates.compile_template(spec.system) if spec.system else None
         self.prompt = templates.compile_template(spec.prompt or "")
         self.static_prefix = (len(templates.static_prefix(spec.prompt or ""))
@@ -183,7 +184,7 @@ class LLMStage:
                     error = f"template: {_describe(e)}"
                     finish({"i": i, "error": error, "trace": {
                         "_id": records[i].get("_id"), "stage": self.spec.name, "error": error}})
-        if self.cache is not None and requests:
+        if self.cache is not None and self.cache_read and requests:
             first = self.clients[0]
             keys = {i: self.cache_key(first, request) for i, request in requests.items()}
             found = await self.cache.get_many(list(keys.values()))
@@ -246,7 +247,7 @@ class LLMStage:
             key = None
             if self.cache is not None:
                 key = self.cache_key(client, request)
-                if n:  # the first model's replies were looked up with the whole shard
+                if n and self.cache_read:  # the first model's were looked up with the shard
                     found = await self.cache.get_many([key])
                     entry = key in found and self.from_cache(index, record, request, client,
                                                              found[key])

@@ -15,6 +15,9 @@ from __future__ import annotations
 import fcntl
 import os
 import shutil
+import zlib
+from array import array
+from bisect import bisect_left
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -75,6 +78,9 @@ class Workdir:
     def trace_path(self, stage: str, shard: int) -> Path:
         return self.path / stage / f"part-{shard:05d}.trace{self.suffix}"
 
+    def index_path(self, stage: str, shard: int) -> Path:
+        return self.path / stage / f"part-{shard:05d}.ids"
+
     def journal_path(self, stage: str, shard: int) -> Path:
         return self.path / stage / f"part-{shard:05d}.journal"
 
@@ -133,9 +139,51 @@ class Workdir:
             os.replace(folder, previous)
         folder.mkdir(parents=True)
 
+    def snapshot_stage(self, stage: str) -> None:
+        """Keep the stage's current output as `<stage>.prev/` while it is partly redone.
+
+        Part and trace files are hard links (a commit replaces them by rename, so the links
+        keep the old content); errors.jsonl, which is rewritten in place, is copied."""
+        folder, previous = self.stage_dir(stage), self.path / f"{stage}.prev"
+        shutil.rmtree(previous, ignore_errors=True)
+        previous.mkdir()
+        for path in folder.iterdir():
+            if path.name == "errors.jsonl":
+                shutil.copy2(path, previous / path.name)
+            elif path.name.startswith("part-") and not path.name.endswith(".journal"):
+                os.link(path, previous / path.name)
+
+    def write_id_index(self, stage: str, shard: int, ids: list[Any]) -> None:
+        """The first stage's shards carry the sorted CRC-32s of their records' ids, so
+        `chunbot trace` finds a record's shard among millions without reading them. It is
+        a look-up aid, rebuilt with the shard: no fsync."""
+        folder = self.stage_dir(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        path = self.index_path(stage, shard)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_bytes(array("I", sorted(id_crc(i) for i in ids)).tobytes())
+        os.replace(tmp, path)
+
+    def shards_holding(self, stage: str, record_id: Any) -> list[int]:
+        """The shards whose id index has `record_id` (a CRC-32 match: check the records)."""
+        crc, found = id_crc(record_id), []
+        for path in sorted(self.stage_dir(stage).glob("part-*.ids")):
+            crcs = array("I")
+            crcs.frombytes(path.read_bytes())
+            at = bisect_left(crcs, crc)
+            if at < len(crcs) and crcs[at] == crc:
+                found.append(int(path.name[5:10]))
+        return found
+
+    def read_trace(self, stage: str, shard: int) -> list[dict[str, Any]]:
+        try:
+            return self._read_lines(self.trace_path(stage, shard))
+        except FileNotFoundError:
+            return []
+
     def remove_shard(self, stage: str, shard: int) -> None:
         for path in (self.part_path(stage, shard), self.trace_path(stage, shard),
-                     self.journal_path(stage, shard)):
+                     self.journal_path(stage, shard), self.index_path(stage, shard)):
             path.unlink(missing_ok=True)
 
     # shard files
@@ -148,11 +196,18 @@ class Workdir:
         _fsync_dir(folder)
 
     def read_shard(self, stage: str, shard: int) -> list[dict[str, Any]]:
-        data = self.part_path(stage, shard).read_bytes()
+        return self._read_lines(self.part_path(stage, shard))
+
+    def _read_lines(self, path: Path) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.read_bytes(path).splitlines()]
+
+    def read_bytes(self, path: Path) -> bytes:
+        """A part or trace file's JSONL, decompressed."""
+        data = path.read_bytes()
         if self.compress == "zstd":
             import zstandard
             data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
-        return [orjson.loads(line) for line in data.splitlines()]
+        return data
 
     def _encode(self, data: bytes) -> bytes:
         if self.compress == "zstd":
@@ -190,6 +245,10 @@ class Workdir:
         kept = b"".join(line for line in lines if _shard_of(line) not in shards)
         write_atomic(path, kept)
         return len(kept)
+
+
+def id_crc(record_id: Any) -> int:
+    return zlib.crc32(str(record_id).encode())
 
 
 def _shard_of(line: bytes) -> int | None:

@@ -1,0 +1,98 @@
+"""`chunbot status`: where a pipeline's workdir stands, from state.json alone.
+
+Per stage: fresh or stale and why (which keys of its definition changed, or that an
+upstream stage was recomputed), shards done, records ok / failed / filtered, tokens,
+cost, local cache hits; and the last run's start, end and exit code. It reads no data
+files, so it is instant on any size of run.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import Pipeline, StageSpec
+from ..store import Workdir
+
+_COUNTS = ("in", "out", "failed", "filtered", "tokens_in", "tokens_out", "tokens_cached",
+           "cache_hits", "cost", "cost_full")
+
+
+def status(pipeline: Pipeline) -> dict[str, Any]:
+    state = Workdir(pipeline.workdir, pipeline.compress).load_state()
+    total = state.get("input_shards")
+    stages = []
+    upstream: dict[str, Any] | None = None
+    upstream_stale = False
+    for stage in pipeline.stages:
+        saved = state["stages"].get(stage.name)
+        row: dict[str, Any] = {"stage": stage.name, "kind": stage.kind,
+                               "shards_total": total}
+        if saved is None:
+            row.update(state="not run", why="never run", shards_done=0)
+            stages.append(row)
+            upstream, upstream_stale = None, True
+            continue
+        shards = saved["shards"]
+        row["shards_done"] = len(shards)
+        for name in _COUNTS:
+            row[name] = sum(entry.get(name, 0) for entry in shards.values())
+        row["cost"], row["cost_full"] = round(row["cost"], 6), round(row["cost_full"], 6)
+        why = _why_stale(stage, saved, upstream, upstream_stale)
+        if why is None and total is not None and len(shards) < total:
+            why = f"{total - len(shards)} of {total} shards not done"
+        row.update(state="stale" if why else "fresh", why=why or "")
+        stages.append(row)
+        upstream, upstream_stale = saved, why is not None
+    return {"pipeline": pipeline.name, "workdir": str(pipeline.workdir), "stages": stages,
+            "last_run": state.get("last_run")}
+
+
+def _why_stale(stage: StageSpec, saved: dict[str, Any], upstream: dict[str, Any] | None,
+               upstream_stale: bool) -> str | None:
+    if saved["fingerprint"] != stage.fingerprint:
+        before = saved.get("definition") or {}
+        changed = sorted(k for k in set(before) | set(stage.definition)
+                         if k != "up" and before.get(k) != stage.definition.get(k))
+        if changed and before:
+            return "changed: " + ", ".join(changed)
+        return "an upstream stage changed" if before else "its definition changed"
+    if upstream is not None:
+        tokens = {entry["token"] for entry in upstream["shards"].values()}
+        behind = sum(1 for entry in saved["shards"].values() if entry["src"] not in tokens)
+        if behind:
+            return f"{behind} shards are behind their recomputed upstream"
+    if upstream_stale:
+        return "its upstream is stale"
+    return None
+
+
+def render(report: dict[str, Any]) -> str:
+    """A plain-text table for a terminal or a log."""
+    header = ("stage", "state", "shards", "records", "ok", "failed", "filtered", "tok in",
+              "tok out", "cached", "hits", "cost")
+    rows = [header]
+    for row in report["stages"]:
+        total = row["shards_total"]
+        shards = f"{row['shards_done']}/{total}" if total is not None else str(row["shards_done"])
+        if row["state"] == "not run":
+            rows.append((row["stage"], "not run", shards) + ("",) * 9)
+            continue
+        hits = (f"{100 * row['cache_hits'] / row['in']:.0f}%"
+                if row["kind"] == "llm" and row["in"] else "")
+        cost = f"${row['cost']:,.4f}" if row["cost_full"] else ""
+        rows.append((row["stage"], row["state"], shards, f"{row['in']:,}", f"{row['out']:,}",
+                     f"{row['failed']:,}", f"{row['filtered']:,}", f"{row['tokens_in']:,}",
+                     f"{row['tokens_out']:,}", f"{row['tokens_cached']:,}", hits, cost))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+    for row in report["stages"]:
+        if row["state"] != "fresh":
+            lines.append(f"{row['stage']}: {row['state']}: {row['why']}")
+    last = report.get("last_run")
+    if last:
+        lines.append(f"last run: started {last.get('started')}, ended {last.get('ended', '-')}, "
+                     f"exit {last.get('exit_code', '-')}")
+    else:
+        lines.append("no run yet")
+    return "\n".join(lines)
