@@ -206,3 +206,13 @@ def test_demo_pipeline_runs_offline(project):
     assert {r["sentiment"] for r in labelled} == {"positive", "negative", "neutral"}
     replies = read_stage(project / "runs/demo", "reply")
     assert replies and all(r["sentiment"] == "negative" and r["reply"] for r in replies)
+    demo = str(repo / "configs/demo.yaml")
+    status = json.loads(chunbot("status", demo, "--json", cwd=project).stdout)
+    assert [s["state"] for s in status["stages"]] == ["fresh"] * 3
+    assert status["stages"][2]["out"] == len(replies)
+    kept, dropped = replies[0]["_id"], next(r["_id"] for r in labelled
+                                           if r["sentiment"] != "negative")
+    traced = json.loads(chunbot("trace", demo, kept, "--json", cwd=project).stdout)
+    assert traced["stages"][2]["trace"]["response"] == replies[0]["reply"]
+    traced = json.loads(chunbot("trace", demo, dropped, "--json", cwd=project).stdout)
+    assert [s["status"] for s in traced["stages"]] == ["ok", "filtered out", "not reached"]
