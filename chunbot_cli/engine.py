@@ -414,7 +414,8 @@ class Run:
         journal.open(done)
 
         def on_done(entry: dict[str, Any]) -> None:
-            journal.append(entry)
+            if not entry["trace"].get("cache_hit"):  # on a resume the cache answers again
+                journal.append(entry)
             counts.count(entry)
 
         try:

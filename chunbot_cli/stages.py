@@ -154,6 +154,11 @@ class LLMStage:
         self.clients = [clients[alias] for alias in spec.models]
         self.cache = cache if spec.cache else None
         self.cache_read = cache_read  # False when rerunning: ask the models again
+        if self.cache is not None:
+            from .llm.cache import KeyMaker
+
+            self.key_makers = {c.spec.alias: KeyMaker(c.spec, spec.params, spec.cache_namespace)
+                               for c in self.clients}
         self.system = templates.compile_template(spec.system) if spec.system else None
         self.prompt = templates.compile_template(spec.prompt or "")
         self.static_prefix = (len(templates.static_prefix(spec.prompt or ""))
@@ -212,9 +217,7 @@ class LLMStage:
                        prompt_cache=self.spec.prompt_cache, static_prefix=self.static_prefix)
 
     def cache_key(self, client: "ModelClient", request: Request) -> bytes:
-        from .llm.cache import request_key
-
-        return request_key(client.spec, request, self.spec.cache_namespace)
+        return self.key_makers[client.spec.alias](request)
 
     def _trace(self, record: dict[str, Any], request: Request) -> dict[str, Any]:
         return {"_id": record.get("_id"), "stage": self.spec.name,

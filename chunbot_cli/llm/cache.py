@@ -41,12 +41,24 @@ def default_path() -> Path:
 
 
 def request_key(spec: ModelSpec, request: Request, namespace: str | None = None) -> bytes:
-    params = {k: v for k, v in request.params.items() if k not in STREAM_FLAGS}
-    if spec.provider == "anthropic":
-        params.setdefault("max_tokens", spec.max_tokens)  # sent either way: it shapes the reply
-    identity = {"provider": spec.provider, "base_url": spec.base_url, "model": spec.model,
-                "messages": request.messages, "params": params, "namespace": namespace}
-    return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).digest()
+    return KeyMaker(spec, request.params, namespace)(request)
+
+
+class KeyMaker:
+    """Request keys for one model and one set of parameters (a stage's): the part that is
+    the same for every record is serialised once, the messages for each."""
+
+    def __init__(self, spec: ModelSpec, params: dict[str, Any], namespace: str | None):
+        params = {k: v for k, v in params.items() if k not in STREAM_FLAGS}
+        if spec.provider == "anthropic":
+            params.setdefault("max_tokens", spec.max_tokens)  # sent either way: it shapes replies
+        identity = {"provider": spec.provider, "base_url": spec.base_url, "model": spec.model,
+                    "params": params, "namespace": namespace}
+        self.prefix = orjson.dumps(identity, option=orjson.OPT_SORT_KEYS) + b"\n"
+
+    def __call__(self, request: Request) -> bytes:
+        messages = orjson.dumps(request.messages, option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(self.prefix + messages).digest()
 
 
 def encode(reply: Reply) -> bytes:
