@@ -192,6 +192,20 @@ def trace(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
 
 
 @app.command()
+def diff(a: Path = typer.Argument(..., help="A JSONL file, shard or stage folder, or workdir."),
+         b: Path = typer.Argument(..., help="The same kinds of thing as A."),
+         key: str = typer.Option("_id", help="The field records are joined on."),
+         fields: Optional[str] = typer.Option(None, help="Compare only these fields: a,b."),
+         format: str = typer.Option("table", "--format", help="table, or jsonl: one line per "
+                                                              "differing record."),
+         limit: Optional[int] = typer.Option(None, help="At most N jsonl lines.")) -> None:
+    """Compare two outputs joined on a key; exit 0 equal, 1 different, 2 error."""
+    from .lookback import diff as lookback
+
+    raise typer.Exit(lookback.main(a, b, key, fields, format, limit))
+
+
+@app.command()
 def validate(pipeline: Path = typer.Argument(..., help="The pipeline YAML file.")) -> None:
     """Check a pipeline file without running anything (exit 2 when it has a mistake)."""
     try:

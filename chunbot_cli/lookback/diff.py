@@ -7,12 +7,13 @@ This module owns what A and B may be, the join and the report:
   files are not records), or a workdir `runs/<name>/` (it has `state.json`): its last stage
   with part files, in the pipeline's order; two workdirs are compared at the last stage
   they have in common.
-- The join is an external sort-merge. Each side is read once, in runs of at most
-  `RUN_RECORDS` records / `RUN_BYTES` bytes sorted in memory by the key's canonical JSON
-  (`orjson.dumps(key)`) and spilled to temp files as `key <TAB> line`; the runs are merged
-  (`FAN_IN` at a time, in several passes when there are more) and the two sorted streams
-  walked side by side. Memory is about one run, whatever the input size; the temp folder
-  needs about the size of both inputs, uncompressed.
+- The join is an external sort-merge. Each side is read once (B in a forked child while
+  this process reads A, when B is bigger than a run), in runs of at most `RUN_RECORDS`
+  records / `RUN_BYTES` bytes sorted in memory by the key's canonical JSON
+  (`orjson.dumps(key)`, so 10 sorts before 9) and spilled to a temp folder; the runs are
+  merged (`FAN_IN` at a time, in several passes when there are more) and the two sorted
+  streams walked side by side. Memory is about one run per process, whatever the input
+  size; the temp folder needs about the size of both inputs, uncompressed.
 - Per key: same, changed, only in A, only in B. A key repeated within one side is a note
   (counted), and its first occurrence is the one compared. Fields are the top-level fields
   except the key (or `fields`); a field missing on one side is a change; values compare
@@ -34,12 +35,12 @@ import io
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import textwrap
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import islice
-from operator import itemgetter
 from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Iterator
 
@@ -48,6 +49,7 @@ import orjson
 RUN_RECORDS = 200_000        # records per sorted run (monkeypatched small in the tests)
 RUN_BYTES = 48 << 20         # …or this many bytes of lines and keys, whichever comes first
 FAN_IN = 64                  # runs merged at once; more runs are merged in several passes
+PARALLEL = True              # sort B in a forked child while A is sorted (when B > a run)
 EXAMPLES = 3                 # examples kept per changed field
 TOP_CONFUSIONS = 5           # confusions shown per categorical field
 MAX_CATEGORIES = 50          # distinct values a categorical field may have (both sides)
@@ -55,7 +57,7 @@ MAX_CATEGORY_LEN = 40        # longest string that counts as a category
 WIDTH = 80                   # values in examples are cut to this many characters
 
 _PART = re.compile(r"^part-\d+\.jsonl(\.zst)?$")
-_RECORD_OVERHEAD = 140       # bytes of Python objects per buffered (key, line) pair
+_ITEM_OVERHEAD = 50          # bytes of Python object and list slot per buffered item
 _READ_BUFFER = 1 << 20
 _RUN_BUFFER = 128 << 10
 
@@ -172,9 +174,18 @@ def _open(path: Path) -> IO[bytes]:
     return raw
 
 
-def _keyed_lines(side: Side, key: str) -> Iterator[tuple[bytes, bytes]]:
-    """(canonical key, line) for every record of a side, in file order; counts them."""
-    loads, dumps = orjson.loads, orjson.dumps
+# A side's records become sort items, single bytes objects that sort by key, then by input
+# order: b'<canonical key JSON>\t<10-digit ordinal><line>\n'. The tab sorts below any
+# character of canonical JSON (orjson escapes control characters), so key order is that of
+# the canonical keys; the fixed-width ordinal keeps repeated keys in input order through
+# the in-memory sort and the merges, which then compare plain bytes, in C.
+_SEQ = 10
+
+
+def _items(side: Side, key: str) -> Iterator[bytes]:
+    """The sort items of a side, in file order; counts its records."""
+    loads, dumps, sort_keys = orjson.loads, orjson.dumps, orjson.OPT_SORT_KEYS
+    seq = 0
     for path in side.files:
         handle = _open(path)
         lineno = 0
@@ -195,16 +206,16 @@ def _keyed_lines(side: Side, key: str) -> Iterator[tuple[bytes, bytes]]:
                     except KeyError:
                         raise DiffError(f"{path}:{lineno}: record has no {key!r} field "
                                         "(the join key; see --key)") from None
-                    side.records += 1
-                    # The key ends in a tab, which sorts below any character of canonical
-                    # JSON (control characters are escaped): key order is unchanged. The
-                    # concatenation also makes a right-sized copy: orjson's own result
-                    # keeps a block of ~4 KB alive per object.
-                    yield dumps(value) + b"\t", line
+                    seq += 1
+                    # (formatting also copies orjson's result, which would otherwise keep
+                    # a ~4 KB block alive per object)
+                    yield b"%b\t%010d%b\n" % (dumps(value, option=sort_keys), seq, line)
         except DiffError:
             raise
         except Exception as e:  # a truncated or corrupt .zst, an I/O error
             raise DiffError(f"{path}:{lineno + 1}: cannot read ({e})") from None
+        finally:
+            side.records = seq
 
 
 class _Spill:
@@ -214,21 +225,23 @@ class _Spill:
         self._parent = tmpdir
         self._folder: str | None = None
         self._count = 0
+        self.prefix = "run"
 
-    def write(self, pairs: Iterable[tuple[bytes, bytes]]) -> str:
+    def open(self) -> None:
         if self._folder is None:
-            self._folder = tempfile.mkdtemp(prefix="chunbot-diff-", dir=self._parent)
+            try:
+                self._folder = tempfile.mkdtemp(prefix="chunbot-diff-", dir=self._parent)
+            except OSError as e:
+                raise DiffError(f"temp folder in {self._parent or tempfile.gettempdir()}: "
+                                f"{e.strerror or e}") from None
+
+    def write(self, items: Iterable[bytes]) -> str:
+        self.open()
         self._count += 1
-        path = os.path.join(self._folder, f"run-{self._count:06d}")
+        path = os.path.join(self._folder, f"{self.prefix}-{self._count:06d}")  # type: ignore
         try:
             with open(path, "wb", buffering=_READ_BUFFER) as f:
-                chunk: list[bytes] = []
-                for k, line in pairs:
-                    chunk += (k, line, b"\n")
-                    if len(chunk) >= 30_000:
-                        f.write(b"".join(chunk))
-                        chunk.clear()
-                f.write(b"".join(chunk))
+                f.writelines(items)
         except OSError as e:
             raise DiffError(f"temp folder {self._folder}: {e.strerror or e} "
                             "(set TMPDIR to a folder with room for both inputs)") from None
@@ -240,47 +253,149 @@ class _Spill:
             self._folder = None
 
 
-def _read_run(path: str) -> Iterator[tuple[bytes, bytes]]:
-    with open(path, "rb", buffering=_RUN_BUFFER) as f:
-        for raw in f:
-            cut = raw.index(b"\t") + 1
-            yield raw[:cut], raw[cut:-1]
+def _read_run(path: str) -> IO[bytes]:
+    """A run's items; the file is gone from the folder once open (its space with it, when
+    it is read and closed)."""
+    f = open(path, "rb", buffering=_RUN_BUFFER)
     os.unlink(path)
+    return f
 
 
-_BY_KEY = itemgetter(0)
-
-
-def _sorted_side(side: Side, key: str, spill: _Spill) -> Iterator[tuple[bytes, bytes]]:
-    """A side's (key, line) pairs in key order; equal keys stay in input order.
-
-    Read to the end before returning, so that only one side's buffer is alive at a time.
-    A side that fits in one run stays in memory.
-    """
+def _spill_side(side: Side, key: str, spill: _Spill,
+                keep: bool = True) -> list[str] | list[bytes]:
+    """Read a side, spilling sorted runs; return the run files, merged down to at most
+    FAN_IN, or, when `keep` and the side fits in one run, its sorted items."""
     runs: list[str] = []
-    buffer: list[tuple[bytes, bytes]] = []
+    buffer: list[bytes] = []
     size = 0
     max_records, max_bytes = RUN_RECORDS, RUN_BYTES
-    for pair in _keyed_lines(side, key):
-        buffer.append(pair)
-        size += len(pair[0]) + len(pair[1]) + _RECORD_OVERHEAD
-        if len(buffer) >= max_records or size >= max_bytes:
-            buffer.sort(key=_BY_KEY)
+    for item in _items(side, key):
+        buffer.append(item)
+        size += len(item) + _ITEM_OVERHEAD
+        if size >= max_bytes or len(buffer) >= max_records:
+            buffer.sort()
             runs.append(spill.write(buffer))
             buffer, size = [], 0
-    buffer.sort(key=_BY_KEY)
-    if not runs:
-        return iter(buffer)
+    buffer.sort()
+    if not runs and keep:
+        return buffer
     if buffer:
         runs.append(spill.write(buffer))
     del buffer
-    while len(runs) > FAN_IN:  # consecutive groups, so equal keys keep their input order
-        runs = [spill.write(heapq.merge(*map(_read_run, runs[i:i + FAN_IN]), key=_BY_KEY))
-                if len(runs[i:i + FAN_IN]) > 1 else runs[i]
+    while len(runs) > FAN_IN:  # several passes, FAN_IN runs at a time
+        runs = [spill.write(heapq.merge(*map(_read_run, runs[i:i + FAN_IN])))
+                if len(runs) - i > 1 else runs[i]
                 for i in range(0, len(runs), FAN_IN)]
+    return runs
+
+
+def _merged(runs: list[str] | list[bytes]) -> Iterator[bytes]:
+    if not runs or isinstance(runs[0], bytes):
+        return iter(runs)  # type: ignore[arg-type]
     if len(runs) == 1:
-        return _read_run(runs[0])
-    return heapq.merge(*map(_read_run, runs), key=_BY_KEY)
+        return iter(_read_run(runs[0]))  # type: ignore[arg-type]
+    return heapq.merge(*map(_read_run, runs))  # type: ignore[arg-type]
+
+
+def _sorted_side(side: Side, key: str, spill: _Spill) -> Iterator[bytes]:
+    """A side's sort items in order. Read to the end before returning, so that only one
+    side's buffer is alive at a time; a side that fits in one run stays in memory."""
+    return _merged(_spill_side(side, key, spill))
+
+
+class _Background:
+    """Reads and sorts a side in a forked child while this process does the other side:
+    the two reads are CPU-bound and independent. The child writes its runs to the shared
+    temp folder and sends their names (or its error) through a pipe."""
+
+    def __init__(self, side: Side, key: str, spill: _Spill):
+        self.side = side
+        spill.open()
+        read, write = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:  # the child: never returns into the caller's code
+            code = 0
+            try:
+                os.close(read)
+                spill.prefix = "bg"
+                try:
+                    message: dict[str, Any] = {"runs": _spill_side(side, key, spill, False),
+                                               "records": side.records}
+                except DiffError as e:
+                    message = {"error": str(e)}
+                except BaseException as e:  # noqa: BLE001 - reported by the parent
+                    message = {"error": f"{side.path}: {type(e).__name__}: {e}"}
+                data = orjson.dumps(message)
+                while data:
+                    data = data[os.write(write, data):]
+            except BaseException:  # noqa: BLE001
+                code = 1
+            finally:
+                os._exit(code)  # no atexit handlers, no flushing of the parent's buffers
+        os.close(write)
+        self.pipe = read
+
+    def result(self) -> Iterator[bytes]:
+        chunks = []
+        with os.fdopen(self.pipe, "rb") as f:
+            self.pipe = -1
+            chunks.append(f.read())
+        _, status = os.waitpid(self.pid, 0)
+        self.pid = 0
+        try:
+            message = orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError:
+            raise DiffError(f"{self.side.path}: the process reading it died "
+                            f"(status {status})") from None
+        if "error" in message:
+            raise DiffError(message["error"])
+        self.side.records = message["records"]
+        return _merged(message["runs"])
+
+    def cancel(self) -> None:
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+                os.waitpid(self.pid, 0)
+            except OSError:
+                pass
+            self.pid = 0
+        if self.pipe >= 0:
+            os.close(self.pipe)
+            self.pipe = -1
+
+
+def _on_disk(side: Side) -> int:
+    """A guess of a side's uncompressed size."""
+    total = 0
+    for path in side.files:
+        try:
+            total += path.stat().st_size * (6 if path.name.endswith(".zst") else 1)
+        except OSError:
+            pass
+    return total
+
+
+def _keyed(items: Iterator[bytes], result: DiffResult, side: str) -> Iterator[tuple[bytes, bytes]]:
+    """(key, line) of the first record of each key; later ones are counted as duplicates."""
+    previous = None
+    keys: list[bytes] = result.duplicate_keys_a if side == "a" else result.duplicate_keys_b
+    extra = 0
+    start = _SEQ + 1
+    for item in items:
+        cut = item.index(9)  # the tab
+        k = item[:cut]
+        if k == previous:
+            extra += 1
+            if len(keys) < EXAMPLES and (not keys or keys[-1] != k):
+                keys.append(k)
+            continue
+        previous = k
+        yield k, item[cut + start:-1]
+    if side == "a":
+        result.duplicates_a = extra
+    else:
+        result.duplicates_b = extra
 
 
 # ---------------------------------------------------------------------------------------
@@ -415,6 +530,7 @@ class _Compare:
         self.only = set(result.fields) if result.fields is not None else None
         self.stats = result.field_stats
         self.candidates: dict[str, set] = {}   # fields that may still be categorical
+        self.watch: tuple[tuple[str, set], ...] = ()  # the same, as a tuple of items
         self.shapes: dict[tuple[str, ...], int] = {}  # field names of identical records
         self.remaining = limit                 # differences still to deliver (None: all)
         self.on_difference = on_difference
@@ -424,6 +540,7 @@ class _Compare:
     def _field(self, name: str) -> FieldStats:
         stats = self.stats[name] = FieldStats(name)
         self.candidates[name] = stats.categories  # type: ignore[assignment]
+        self.watch = tuple(self.candidates.items())
         return stats
 
     def _give_up(self, name: str) -> None:
@@ -431,6 +548,7 @@ class _Compare:
         stats.categories = None
         stats.confusions = Counter()
         self.candidates.pop(name, None)
+        self.watch = tuple(self.candidates.items())
 
     def _track(self, name: str, value: Any) -> bool:
         """Note a value of a field; False once the field is not categorical."""
@@ -464,14 +582,22 @@ class _Compare:
         seen = self.shapes.get(shape)
         if seen is None:
             self.shapes[shape] = 1
-            for name in shape:
-                if name != self.key and name not in self.stats and self.only is None:
-                    self._field(name)
+            if self.only is None:
+                for name in shape:
+                    if name != self.key and name not in self.stats:
+                        self._field(name)
         else:
             self.shapes[shape] = seen + 1
-        if self.candidates:
-            for name in [n for n in self.candidates if n in record]:
-                self._track(name, record[name])
+        for name, values in self.watch:  # fields that may be categorical
+            value = record.get(name, MISSING)
+            if value is MISSING:
+                continue
+            try:
+                if value in values:
+                    continue
+            except TypeError:  # a list or an object
+                pass
+            self._track(name, value)
 
     def pair(self, k: bytes, line_a: bytes, line_b: bytes) -> None:
         a, b = orjson.loads(line_a), orjson.loads(line_b)
@@ -542,26 +668,6 @@ class _Compare:
                                          or self.stats[n].missing_b)]
 
 
-def _unique(pairs: Iterator[tuple[bytes, bytes]], result: DiffResult,
-            side: str) -> Iterator[tuple[bytes, bytes]]:
-    """The first record of each key; later ones are counted as duplicates."""
-    previous = None
-    keys: list[Any] = result.duplicate_keys_a if side == "a" else result.duplicate_keys_b
-    extra = 0
-    for pair in pairs:
-        if pair[0] == previous:
-            extra += 1
-            if not keys or keys[-1] != pair[0]:
-                keys.append(pair[0])
-            continue
-        previous = pair[0]
-        yield pair
-    if side == "a":
-        result.duplicates_a = extra
-    else:
-        result.duplicates_b = extra
-
-
 def diff(a: str | Path, b: str | Path, key: str = "_id", fields: list[str] | None = None,
          *, limit: int | None = None,
          on_difference: Callable[[Difference], Any] | None = None,
@@ -580,14 +686,21 @@ def diff(a: str | Path, b: str | Path, key: str = "_id", fields: list[str] | Non
     compare = _Compare(result, limit, on_difference or result.differences.append)
     spill = _Spill(tmpdir)
     try:
-        stream_a = _unique(_sorted_side(side_a, key, spill), result, "a")
-        stream_b = _unique(_sorted_side(side_b, key, spill), result, "b")
-        _walk(stream_a, stream_b, compare)
+        background = None
+        if PARALLEL and hasattr(os, "fork") and _on_disk(side_b) > RUN_BYTES:
+            background = _Background(side_b, key, spill)
+        try:
+            sorted_a = _sorted_side(side_a, key, spill)
+            sorted_b = background.result() if background else _sorted_side(side_b, key, spill)
+        finally:
+            if background:
+                background.cancel()
+        _walk(_keyed(sorted_a, result, "a"), _keyed(sorted_b, result, "b"), compare)
     finally:
         spill.close()
     compare.finish()
     for keys in (result.duplicate_keys_a, result.duplicate_keys_b):
-        keys[:] = [orjson.loads(k) for k in keys[:EXAMPLES]]
+        keys[:] = [orjson.loads(k) for k in keys]
     return result
 
 
@@ -614,7 +727,7 @@ def _walk(stream_a: Iterator[tuple[bytes, bytes]], stream_b: Iterator[tuple[byte
             only_in(status, *first)
             for k, line in rest:
                 only_in(status, k, line)
-    for rest in (stream_a, stream_b):  # let _unique see the end and count duplicates
+    for rest in (stream_a, stream_b):  # let _keyed see the end and count duplicates
         for _ in rest:
             pass
 
@@ -656,11 +769,17 @@ def render_table(result: DiffResult) -> str:
         lines.append("")
         lines += notes
     changed = r.changed_fields()
+    unchanged = [s.name for s in r.field_stats.values() if s.both and not s.differences]
+    if unchanged:
+        lines.append("")
+        lines += textwrap.wrap("the same in every record found in both: " + ", ".join(unchanged),
+                               width=100, subsequent_indent="  ", break_on_hyphens=False)
     if changed:
         lines += ["", "fields that differ (A → B):"]
     for stats in changed:
         lines.append("")
-        head = f"  {stats.name}: {stats.differences:,} record{'s' if stats.differences != 1 else ''}"
+        plural = "s" if stats.differences != 1 else ""
+        head = f"  {stats.name}: {stats.differences:,} record{plural}"
         detail = []
         if stats.changed:
             detail.append(f"{stats.changed:,} changed of {stats.both:,} in both")
