@@ -145,14 +145,16 @@ class Run:
             self.state = self.workdir.load_state()
             self.state["last_run"] = {"started": _now(), "pid": os.getpid()}
             self._reset_changed_stages()
-            runners = self._make_runners()
-            if self.progress:
-                self.progress.start(self)
-            ticker = asyncio.create_task(self._tick())
+            ticker = None
             try:
+                runners = self._make_runners()
+                if self.progress:
+                    self.progress.start(self)
+                ticker = asyncio.create_task(self._tick())
                 await self._walk(runners)
             finally:
-                ticker.cancel()
+                if ticker is not None:
+                    ticker.cancel()
                 self.committer.shutdown(wait=True)
                 for client in self.clients.values():
                     await client.close()

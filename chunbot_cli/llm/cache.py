@@ -87,11 +87,25 @@ class SQLiteStore:
         self.ttl = ttl
         self.db = sqlite3.connect(path, timeout=60, check_same_thread=False,
                                   isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS replies "
-                        "(key BLOB PRIMARY KEY, value BLOB NOT NULL, created REAL NOT NULL)")
-        self.db.execute("CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value BLOB)")
+        self._setup()
+
+    def _setup(self) -> None:
+        """Switch to WAL and create the tables. Two processes opening a new file at once
+        can get 'database is locked' here without SQLite's busy wait: try again."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.execute("CREATE TABLE IF NOT EXISTS replies (key BLOB PRIMARY KEY, "
+                                "value BLOB NOT NULL, created REAL NOT NULL)")
+                self.db.execute("CREATE TABLE IF NOT EXISTS meta "
+                                "(name TEXT PRIMARY KEY, value BLOB)")
+                return
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def get_many(self, keys: list[bytes]) -> dict[bytes, bytes]:
         since = time.time() - self.ttl if self.ttl else 0.0
