@@ -92,16 +92,21 @@ def run(
                                        help="Send every request again and store the new replies."),
 ) -> None:
     """Run the pipeline, or resume it: only stale stages and unfinished shards are computed."""
-    _keep_freed_memory()
-    _collect_garbage_rarely()
     if no_cache and refresh_cache:
         raise _fail("use --no-cache or --refresh-cache, not both", engine.EXIT_USAGE)
+    _execute(pipeline, engine.RunOptions(stage=stage, until=until, limit=limit,
+                                         cache="off" if no_cache else "refresh" if refresh_cache
+                                         else "use"), quiet, log_format)
+
+
+def _execute(pipeline: Path, options: engine.RunOptions, quiet: bool,
+             log_format: LogFormat) -> None:
+    """Run or rerun, and leave with the exit code DESIGN.md gives."""
+    _keep_freed_memory()
+    _collect_garbage_rarely()
     try:
-        loaded = config.load(pipeline)
-        options = engine.RunOptions(stage=stage, until=until, limit=limit,
-                                    cache="off" if no_cache else "refresh" if refresh_cache
-                                    else "use")
-        report = engine.run(loaded, options, make_progress(quiet, log_format.value))
+        report = engine.run(config.load(pipeline), options,
+                            make_progress(quiet, log_format.value))
     except (config.ConfigError, engine.InputError) as e:
         raise _fail(str(e), engine.EXIT_USAGE) from None
     except engine.Locked as e:
@@ -124,8 +129,6 @@ def rerun(
 ) -> None:
     """Recompute a stage (asking its models again) and what follows it; the previous output
     stays in <stage>.prev/ for `chunbot diff`."""
-    _keep_freed_memory()
-    _collect_garbage_rarely()
     if failed and ids is not None:
         raise _fail("use --failed or --ids, not both", engine.EXIT_USAGE)
     wanted = None
@@ -135,18 +138,8 @@ def rerun(
                                if line.strip())
         except OSError as e:
             raise _fail(f"--ids {ids}: {e.strerror or e}", engine.EXIT_USAGE) from None
-    try:
-        loaded = config.load(pipeline)
-        options = engine.RunOptions(rerun=stage, rerun_only=only, rerun_failed=failed,
-                                    rerun_ids=wanted)
-        report = engine.run(loaded, options, make_progress(quiet, log_format.value))
-    except (config.ConfigError, engine.InputError) as e:
-        raise _fail(str(e), engine.EXIT_USAGE) from None
-    except engine.Locked as e:
-        raise _fail(str(e), engine.EXIT_LATER) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted; run the same command again to resume", 130) from None
-    raise typer.Exit(report.exit_code)
+    _execute(pipeline, engine.RunOptions(rerun=stage, rerun_only=only, rerun_failed=failed,
+                                         rerun_ids=wanted), quiet, log_format)
 
 
 @app.command()
