@@ -273,14 +273,23 @@ def serve(
                                       help="Tokens per minute (prompt + max_tokens), then 429."),
     api_key: Optional[str] = typer.Option(None, help="Require this key, else 401."),
     malformed: Optional[Malformed] = typer.Option(None, help="Answer 200s with broken bodies."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the injected errors and jitter."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the injected errors and jitter, "
+                                       "and of which batch items error or expire."),
+    batch_delay_s: float = typer.Option(2.0, min=0, help="Seconds from a batch's creation "
+                                        "to its end (OpenAI and Anthropic batch APIs)."),
+    batch_error_rate: float = typer.Option(0.0, min=0, max=1,
+                                           help="Share of batch items that come back errored."),
+    batch_expire_rate: float = typer.Option(0.0, min=0, max=1,
+                                            help="Share of batch items that expire."),
 ) -> None:
     """Serve the sim model over HTTP: OpenAI and Anthropic routes, plus /stats for tests."""
     from .sim import server  # aiohttp.web is only needed here: keep the other commands' start fast
 
     server.serve(server.Options(host=host, port=port, latency_ms=latency_ms, jitter_ms=jitter_ms,
                                 error_rate=error_rate, rpm=rpm, tpm=tpm, api_key=api_key,
-                                malformed=malformed.value if malformed else None, seed=seed))
+                                malformed=malformed.value if malformed else None, seed=seed,
+                                batch_delay_s=batch_delay_s, batch_error_rate=batch_error_rate,
+                                batch_expire_rate=batch_expire_rate))
 
 
 def main() -> None:

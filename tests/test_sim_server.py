@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from datetime import datetime, timezone
 import aiohttp
 
 from chunbot_cli.sim import model as sim_model
-from chunbot_cli.sim.server import go_duration, split_words
+from chunbot_cli.sim.server import go_duration, item_fate, split_words
 
 SYSTEM = "You are a precise annotator."
 PROMPT = "Write a two-line apology for: the battery died after a week"
@@ -449,3 +450,411 @@ def test_stream_pieces_join_back_to_the_text():
 def test_reset_durations_in_openai_format():
     assert [go_duration(s) for s in (0, 0.12, 1, 1.5, 360, 3723.25)] == \
         ["0s", "120ms", "1s", "1.5s", "6m0s", "1h2m3.25s"]
+
+
+# -- the batch APIs: OpenAI Files + Batches, Anthropic Message Batches --
+
+REVIEWS = ["great phone, sturdy and fast", "the battery died after a week",
+           "okay sound, average price", "screen cracked, support never answered",
+           "love the strap, perfect fit", "delivery was late and the box was damaged"]
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> Answer:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return Answer(response.status, {k.lower(): v for k, v in response.headers.items()},
+                          response.read())
+    except urllib.error.HTTPError as e:
+        return Answer(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
+
+
+def upload(url: str, data: bytes, purpose: str = "batch",
+           headers: dict[str, str] | None = None) -> Answer:
+    """POST /v1/files as the OpenAI SDK sends it: multipart/form-data."""
+    async def run() -> Answer:
+        form = aiohttp.FormData()
+        form.add_field("purpose", purpose)
+        form.add_field("file", data, filename="requests.jsonl",
+                       content_type="application/jsonl")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/v1/files", data=form, headers=headers) as response:
+                return Answer(response.status, dict(response.headers), await response.read())
+
+    return asyncio.run(run())
+
+
+def jsonl(body: bytes) -> list[dict]:
+    return [json.loads(line) for line in body.decode().splitlines() if line]
+
+
+def batch_line(custom_id: str, body: dict) -> dict:
+    return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+            "body": body}
+
+
+def openai_batch(url: str, lines: list[dict], metadata: dict | None = None,
+                 headers: dict[str, str] | None = None) -> dict:
+    """Upload the lines and create their batch; its object as created."""
+    file = upload(url, "".join(json.dumps(line) + "\n" for line in lines).encode(),
+                  headers=headers)
+    assert file.status == 200, file.body
+    created = post(url + "/v1/batches", {"input_file_id": file.json()["id"],
+                                         "endpoint": "/v1/chat/completions",
+                                         "completion_window": "24h", "metadata": metadata},
+                   headers)
+    assert created.status == 200, created.body
+    return created.json()
+
+
+def poll(url: str, until: tuple[str, ...], key: str = "status",
+         headers: dict[str, str] | None = None, timeout: float = 10) -> tuple[dict, list[str]]:
+    """GET the batch until its status is one of `until`: (its object, the statuses seen)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = get(url, headers).json()
+        if not seen or seen[-1] != batch[key]:
+            seen.append(batch[key])
+        if batch[key] in until:
+            return batch, seen
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.02)
+
+
+def test_openai_batch_gives_the_realtime_replies(sim_server):
+    server = sim_server("--batch-delay-s", "0.4")
+    url = server.url
+    bodies = {f"review-{i}": long_chat_body(f"Label the sentiment: {text}", max_tokens=16)
+              for i, text in enumerate(REVIEWS)}
+    bodies["no-messages"] = {"model": "sim-small"}  # a bad request: answered 400, as realtime
+    lines = [batch_line(custom_id, body) for custom_id, body in bodies.items()]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+
+    file = upload(url, data)
+    assert file.status == 200
+    uploaded = file.json()
+    assert uploaded["id"].startswith("file-") and uploaded["object"] == "file"
+    assert (uploaded["bytes"], uploaded["filename"], uploaded["purpose"]) == \
+        (len(data), "requests.jsonl", "batch")
+    assert isinstance(uploaded["created_at"], int)
+    assert get(f"{url}/v1/files/{uploaded['id']}").json() == uploaded
+    assert get(f"{url}/v1/files/{uploaded['id']}/content").body == data
+
+    created = post(url + "/v1/batches", {"input_file_id": uploaded["id"],
+                                         "endpoint": "/v1/chat/completions",
+                                         "completion_window": "24h",
+                                         "metadata": {"chunbot_stage": "sentiment"}}).json()
+    assert created["id"].startswith("batch_") and created["object"] == "batch"
+    assert created["status"] == "validating"
+    assert (created["endpoint"], created["input_file_id"], created["completion_window"]) == \
+        ("/v1/chat/completions", uploaded["id"], "24h")
+    assert created["output_file_id"] is None and created["error_file_id"] is None
+    assert created["completed_at"] is None and created["cancelled_at"] is None
+    assert created["expires_at"] == created["created_at"] + 86400
+    assert created["metadata"] == {"chunbot_stage": "sentiment"}
+    assert set(created["request_counts"]) == {"total", "completed", "failed"}
+
+    batch, seen = poll(f"{url}/v1/batches/{created['id']}", ("completed",))
+    assert seen[-1] == "completed" and "in_progress" in seen
+    order = ["validating", "in_progress", "finalizing", "completed"]
+    assert seen == sorted(seen, key=order.index)
+    assert batch["request_counts"] == {"total": 7, "completed": 6, "failed": 1}
+    assert batch["in_progress_at"] is not None and batch["completed_at"] is not None
+
+    output = {line["custom_id"]: line
+              for line in jsonl(get(f"{url}/v1/files/{batch['output_file_id']}/content").body)}
+    errors = {line["custom_id"]: line
+              for line in jsonl(get(f"{url}/v1/files/{batch['error_file_id']}/content").body)}
+    assert set(output) == set(bodies) - {"no-messages"} and set(errors) == {"no-messages"}
+    line = output["review-0"]
+    assert line["id"].startswith("batch_req_") and line["error"] is None
+    assert line["response"]["status_code"] == 200 and line["response"]["request_id"]
+    bad = errors["no-messages"]
+    assert bad["error"] is None and bad["response"]["status_code"] == 400
+    assert bad["response"]["body"]["error"]["type"] == "invalid_request_error"
+
+    # the same requests in realtime, from the same (empty) prompt cache, in the same order
+    reset_stats(url)
+    for custom_id, body in bodies.items():
+        realtime = post(url + "/v1/chat/completions", body)
+        if custom_id in errors:
+            assert realtime.status == 400
+            assert realtime.json() == errors[custom_id]["response"]["body"]
+            continue
+        reply, batched = realtime.json(), output[custom_id]["response"]["body"]
+        assert batched["object"] == "chat.completion" and batched["id"].startswith("chatcmpl-")
+        assert batched["choices"] == reply["choices"] and batched["model"] == reply["model"]
+        assert batched["usage"] == reply["usage"]
+    # the shared system prompt came from the provider's cache, in the batch as in realtime
+    assert output["review-1"]["response"]["body"]["usage"]["prompt_tokens_details"][
+        "cached_tokens"] >= shared_prefix_tokens(LONG_SYSTEM)
+
+
+def test_openai_batches_are_listed_newest_first_with_their_metadata(sim_server):
+    url = sim_server("--batch-delay-s", "0.2").url
+    ids = [openai_batch(url, [batch_line("a", chat_body())],
+                        {"chunbot_workdir": "runs/t", "shard": str(n)})["id"] for n in range(3)]
+    first = get(url + "/v1/batches?limit=2").json()
+    assert first["object"] == "list" and first["has_more"] is True
+    assert [b["id"] for b in first["data"]] == ids[:0:-1]
+    assert (first["first_id"], first["last_id"]) == (ids[2], ids[1])
+    assert [b["metadata"]["shard"] for b in first["data"]] == ["2", "1"]
+    rest = get(f"{url}/v1/batches?limit=2&after={first['last_id']}").json()
+    assert [b["id"] for b in rest["data"]] == [ids[0]] and rest["has_more"] is False
+    everything = get(url + "/v1/batches").json()["data"]
+    assert [b["id"] for b in everything
+            if b["metadata"] == {"chunbot_workdir": "runs/t", "shard": "0"}] == [ids[0]]
+    assert get(url + "/v1/batches?limit=0").status == 400
+    assert get(url + "/v1/batches/batch_nope").status == 404
+
+
+def test_openai_cancel_keeps_only_the_items_done_before_it(sim_server):
+    url = sim_server("--batch-delay-s", "1").url
+    lines = [batch_line(f"r{i}", chat_body(f"Summarize: item {i}")) for i in range(40)]
+    created = openai_batch(url, lines)
+    time.sleep(0.5)  # items are done evenly from 10% to 90% of the delay: about half now
+    cancelling = post(f"{url}/v1/batches/{created['id']}/cancel", b"").json()
+    assert cancelling["status"] == "cancelling" and cancelling["cancelling_at"] is not None
+    batch, _ = poll(f"{url}/v1/batches/{created['id']}", ("cancelled",), timeout=2)
+    assert batch["cancelled_at"] is not None and batch["completed_at"] is None
+    done = batch["request_counts"]["completed"]
+    assert 0 < done < 40 and batch["request_counts"]["total"] == 40
+    output = jsonl(get(f"{url}/v1/files/{batch['output_file_id']}/content").body)
+    assert [line["custom_id"] for line in output] == [f"r{i}" for i in range(done)]
+    assert batch["error_file_id"] is None
+    refused = post(f"{url}/v1/batches/{created['id']}/cancel", b"")
+    assert refused.status == 400 and "cancelled" in refused.json()["error"]["message"]
+
+    # cancelled while validating: nothing was done
+    early = openai_batch(url, lines)
+    post(f"{url}/v1/batches/{early['id']}/cancel", b"")
+    batch, _ = poll(f"{url}/v1/batches/{early['id']}", ("cancelled",), timeout=2)
+    assert batch["output_file_id"] is None
+    assert batch["request_counts"]["completed"] == batch["request_counts"]["failed"] == 0
+
+
+def test_openai_bad_input_files_fail_the_batch(sim_server):
+    url = sim_server("--batch-delay-s", "0.2").url
+    lines = [json.dumps(batch_line("a", chat_body())), "{not json",
+             json.dumps(batch_line("a", chat_body("Other"))),
+             json.dumps({**batch_line("b", chat_body()), "url": "/v1/embeddings"})]
+    file = upload(url, ("\n".join(lines) + "\n").encode()).json()
+    created = post(url + "/v1/batches", {"input_file_id": file["id"],
+                                         "endpoint": "/v1/chat/completions",
+                                         "completion_window": "24h"}).json()
+    assert created["status"] == "validating"
+    batch, _ = poll(f"{url}/v1/batches/{created['id']}", ("failed",))
+    assert [(e["code"], e["line"]) for e in batch["errors"]["data"]] == \
+        [("invalid_json_line", 2), ("duplicate_custom_id", 3), ("url_mismatch", 4)]
+    assert batch["failed_at"] is not None and batch["output_file_id"] is None
+    assert batch["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+
+    def create(**fields) -> Answer:
+        return post(url + "/v1/batches", {"input_file_id": file["id"],
+                                          "endpoint": "/v1/chat/completions",
+                                          "completion_window": "24h", **fields})
+
+    assert create(input_file_id="file-nope").status == 400
+    assert create(endpoint="/v1/embeddings").status == 400
+    assert create(completion_window="1h").status == 400
+    assert create(metadata={"n": 1}).status == 400
+    assert upload(url, b"{}\n", purpose="nonsense").status == 400
+    assert get(url + "/v1/files/file-nope").status == 404
+
+
+def test_anthropic_batch_gives_the_realtime_replies(sim_server):
+    url = sim_server("--batch-delay-s", "0.3").url
+    marked = [{"type": "text", "text": LONG_SYSTEM, "cache_control": {"type": "ephemeral"}}]
+    params = {f"review-{i}": messages_body(f"Label the sentiment: {text}", system=marked)
+              for i, text in enumerate(REVIEWS)}
+    params["no-max-tokens"] = {"model": "sim-small", "messages": [{"role": "user",
+                                                                   "content": "Hi"}]}
+    created = post(url + "/v1/messages/batches",
+                   {"requests": [{"custom_id": custom_id, "params": p}
+                                 for custom_id, p in params.items()]}, ANTHROPIC_HEADERS)
+    assert created.status == 200, created.body
+    batch = created.json()
+    assert batch["id"].startswith("msgbatch_") and batch["type"] == "message_batch"
+    assert batch["processing_status"] == "in_progress"
+    assert batch["request_counts"] == {"processing": 7, "succeeded": 0, "errored": 0,
+                                       "canceled": 0, "expired": 0}
+    assert batch["ended_at"] is None and batch["cancel_initiated_at"] is None
+    assert batch["results_url"] is None
+    created_at = datetime.fromisoformat(batch["created_at"].replace("Z", "+00:00"))
+    assert abs((created_at - datetime.now(timezone.utc)).total_seconds()) < 60
+    early = get(f"{url}/v1/messages/batches/{batch['id']}/results", ANTHROPIC_HEADERS)
+    assert early.status == 400 and early.json()["error"]["type"] == "invalid_request_error"
+
+    ended, seen = poll(f"{url}/v1/messages/batches/{batch['id']}", ("ended",),
+                       "processing_status", ANTHROPIC_HEADERS)
+    assert seen == ["in_progress", "ended"]
+    assert ended["request_counts"] == {"processing": 0, "succeeded": 6, "errored": 1,
+                                       "canceled": 0, "expired": 0}
+    assert ended["ended_at"] is not None
+    assert ended["results_url"] == f"{url}/v1/messages/batches/{batch['id']}/results"
+    results = {line["custom_id"]: line["result"]
+               for line in jsonl(get(ended["results_url"], ANTHROPIC_HEADERS).body)}
+    assert set(results) == set(params)
+    assert results["no-max-tokens"]["type"] == "errored"
+
+    reset_stats(url)  # the same requests in realtime, from the same empty prompt cache
+    for custom_id, body in params.items():
+        realtime = post(url + "/v1/messages", body, ANTHROPIC_HEADERS)
+        if custom_id == "no-max-tokens":
+            assert realtime.status == 400
+            assert results[custom_id]["error"] == realtime.json()
+            continue
+        reply, message = realtime.json(), results[custom_id]["message"]
+        assert results[custom_id]["type"] == "succeeded" and message["id"].startswith("msg_")
+        assert {k: v for k, v in message.items() if k != "id"} == \
+            {k: v for k, v in reply.items() if k != "id"}
+    usage = results["review-1"]["message"]["usage"]
+    assert usage["cache_read_input_tokens"] == sim_model.count_tokens(LONG_SYSTEM)
+
+
+def test_anthropic_batches_refuse_bad_custom_ids_and_keys(sim_server):
+    url = sim_server("--api-key", "sk-right", "--batch-delay-s", "0.2").url
+    key = {**ANTHROPIC_HEADERS, "x-api-key": "sk-right"}
+
+    def create(*custom_ids: str, headers: dict[str, str] = key) -> Answer:
+        return post(url + "/v1/messages/batches",
+                    {"requests": [{"custom_id": c, "params": messages_body()}
+                                  for c in custom_ids]}, headers)
+
+    for bad in ("has space", "x" * 65, "", "dot.ted"):
+        refused = create("fine", bad)
+        assert refused.status == 400, bad
+        assert refused.json()["error"]["type"] == "invalid_request_error"
+    assert create("twice", "twice").status == 400
+    assert create("a" * 64, "A-b_9").status == 200
+    assert create("ok", headers={"x-api-key": "sk-right"}).status == 400  # no version
+    assert create("ok", headers=ANTHROPIC_HEADERS).json()["error"]["type"] == \
+        "authentication_error"
+    assert get(url + "/v1/messages/batches", ANTHROPIC_HEADERS).status == 401
+    # the OpenAI routes want the Bearer key
+    assert get(url + "/v1/batches").status == 401
+    assert upload(url, b"{}\n").status == 401
+    bearer = {"Authorization": "Bearer sk-right"}
+    assert upload(url, b"{}\n", headers=bearer).status == 200
+    assert get(url + "/v1/batches", bearer).json()["data"] == []
+
+
+def test_anthropic_batches_are_listed_and_cancelled(sim_server):
+    url = sim_server("--batch-delay-s", "0.6").url
+
+    def create(n: int) -> dict:
+        return post(url + "/v1/messages/batches",
+                    {"requests": [{"custom_id": f"r{i}", "params": messages_body(f"Item {i}")}
+                                  for i in range(n)]}, ANTHROPIC_HEADERS).json()
+
+    first, second, third = create(3), create(4), create(30)
+    listed = get(url + "/v1/messages/batches?limit=2", ANTHROPIC_HEADERS).json()
+    assert [b["id"] for b in listed["data"]] == [third["id"], second["id"]]
+    assert listed["has_more"] is True and listed["last_id"] == second["id"]
+    rest = get(f"{url}/v1/messages/batches?limit=2&after_id={second['id']}",
+               ANTHROPIC_HEADERS).json()
+    assert [b["id"] for b in rest["data"]] == [first["id"]] and rest["has_more"] is False
+
+    canceling = post(f"{url}/v1/messages/batches/{second['id']}/cancel", b"",
+                     ANTHROPIC_HEADERS).json()
+    assert canceling["processing_status"] == "canceling"
+    assert canceling["cancel_initiated_at"] is not None
+    ended, _ = poll(f"{url}/v1/messages/batches/{second['id']}", ("ended",),
+                    "processing_status", ANTHROPIC_HEADERS)
+    assert ended["request_counts"] == {"processing": 0, "succeeded": 0, "errored": 0,
+                                       "canceled": 4, "expired": 0}
+    results = jsonl(get(ended["results_url"], ANTHROPIC_HEADERS).body)
+    assert results == [{"custom_id": f"r{i}", "result": {"type": "canceled"}} for i in range(4)]
+    assert post(f"{url}/v1/messages/batches/{second['id']}/cancel", b"",
+                ANTHROPIC_HEADERS).status == 400
+
+    time.sleep(0.35)  # the third is past half its items: those are answered, not canceled
+    post(f"{url}/v1/messages/batches/{third['id']}/cancel", b"", ANTHROPIC_HEADERS)
+    ended, _ = poll(f"{url}/v1/messages/batches/{third['id']}", ("ended",),
+                    "processing_status", ANTHROPIC_HEADERS)
+    counts = ended["request_counts"]
+    assert 0 < counts["succeeded"] < 30 and counts["succeeded"] + counts["canceled"] == 30
+    kinds = [line["result"]["type"] for line in jsonl(get(ended["results_url"],
+                                                          ANTHROPIC_HEADERS).body)]
+    assert kinds == ["succeeded"] * counts["succeeded"] + ["canceled"] * counts["canceled"]
+    deleted = urllib.request.urlopen(urllib.request.Request(
+        f"{url}/v1/messages/batches/{third['id']}", method="DELETE",
+        headers=ANTHROPIC_HEADERS), timeout=10)
+    assert json.loads(deleted.read())["type"] == "message_batch_deleted"
+    assert get(f"{url}/v1/messages/batches/{third['id']}", ANTHROPIC_HEADERS).status == 404
+
+
+def test_error_and_expire_rates_decide_each_item_by_seed_and_custom_id(sim_server):
+    url = sim_server("--batch-delay-s", "0.2", "--seed", "7", "--batch-error-rate", "0.3",
+                     "--batch-expire-rate", "0.2").url
+    ids = [f"item-{i}" for i in range(40)]
+    expected = {c: item_fate(7, c, 0.3, 0.2) for c in ids}
+    assert set(expected.values()) == {"succeeded", "errored", "expired"}
+    assert item_fate(8, "item-0", 0.3, 0.2) in ("succeeded", "errored", "expired")
+    assert {item_fate(7, c, 0, 0) for c in ids} == {"succeeded"}
+
+    created = openai_batch(url, [batch_line(c, chat_body(f"Item {c}")) for c in ids])
+    batch, _ = poll(f"{url}/v1/batches/{created['id']}", ("completed",))
+    kinds = {}
+    for line in jsonl(get(f"{url}/v1/files/{batch['output_file_id']}/content").body):
+        kinds[line["custom_id"]] = "succeeded"
+    for line in jsonl(get(f"{url}/v1/files/{batch['error_file_id']}/content").body):
+        if line["response"] is None:
+            assert line["error"]["code"] == "batch_expired" and line["error"]["message"]
+            kinds[line["custom_id"]] = "expired"
+        else:
+            assert line["response"]["status_code"] == 500 and line["error"] is None
+            assert line["response"]["body"]["error"]["type"] == "server_error"
+            kinds[line["custom_id"]] = "errored"
+    assert kinds == expected
+    succeeded = list(expected.values()).count("succeeded")
+    assert batch["request_counts"] == {"total": 40, "completed": succeeded,
+                                       "failed": 40 - succeeded}
+
+    created = post(url + "/v1/messages/batches",
+                   {"requests": [{"custom_id": c, "params": messages_body(f"Item {c}")}
+                                 for c in ids]}, ANTHROPIC_HEADERS).json()
+    ended, _ = poll(f"{url}/v1/messages/batches/{created['id']}", ("ended",),
+                    "processing_status", ANTHROPIC_HEADERS)
+    results = {line["custom_id"]: line["result"]
+               for line in jsonl(get(ended["results_url"], ANTHROPIC_HEADERS).body)}
+    assert {c: r["type"] for c, r in results.items()} == expected
+    errored = next(r for r in results.values() if r["type"] == "errored")
+    assert errored["error"]["type"] == "error"
+    assert errored["error"]["error"]["type"] == "api_error"
+    assert ended["request_counts"] == {
+        "processing": 0, "canceled": 0,
+        **{kind: list(expected.values()).count(kind)
+           for kind in ("succeeded", "errored", "expired")}}
+    assert server_stats(url)["batch_expired"] == 2 * list(expected.values()).count("expired")
+
+
+def server_stats(url: str) -> dict:
+    return get(url + "/stats").json()
+
+
+def test_stats_count_batches_apart_from_realtime_requests(sim_server):
+    url = sim_server("--batch-delay-s", "0.2").url
+    post(url + "/v1/chat/completions", chat_body())
+    created = openai_batch(url, [batch_line(f"r{i}", chat_body()) for i in range(3)])
+    message_batch = post(url + "/v1/messages/batches",
+                         {"requests": [{"custom_id": f"m{i}", "params": messages_body()}
+                                       for i in range(2)]}, ANTHROPIC_HEADERS).json()
+    batch, _ = poll(f"{url}/v1/batches/{created['id']}", ("completed",))
+    poll(f"{url}/v1/messages/batches/{message_batch['id']}", ("ended",), "processing_status",
+         ANTHROPIC_HEADERS)
+    stats = server_stats(url)
+    assert (stats["batches_created"], stats["batch_items"], stats["files_uploaded"]) == (2, 5, 1)
+    assert stats["batch_answered"] == 5 and stats["batch_tokens_out"] > 0
+    # realtime only: the one chat request
+    assert (stats["requests"], stats["answered"], stats["unique"]) == (1, 1, 1)
+
+    reset = reset_stats(url)
+    assert reset["batches_created"] == reset["batch_items"] == reset["files_uploaded"] == 0
+    assert reset["batch_answered"] == 0
+    # the batches and files are kept
+    assert get(f"{url}/v1/batches/{batch['id']}").json()["status"] == "completed"
+    assert get(f"{url}/v1/files/{batch['output_file_id']}/content").status == 200
+    assert get(f"{url}/v1/messages/batches/{message_batch['id']}",
+               ANTHROPIC_HEADERS).json()["processing_status"] == "ended"

@@ -1,7 +1,8 @@
 """`chunbot sim serve`: the deterministic sim model over HTTP, speaking OpenAI and Anthropic.
 
 This module owns the wire side of the simulator: the two protocols (JSON and SSE replies,
-the vendors' error bodies and rate-limit headers), the faults a test can inject (latency,
+the vendors' error bodies and rate-limit headers) and their batch APIs (OpenAI's Files and
+Batches, Anthropic's Message Batches), the faults a test can inject (latency,
 server errors, RPM/TPM limits, a required key, malformed replies) and the /stats counters
 that tests read to check what a client sent, and a model of the vendors' prompt caching
 (automatic prefix caching on the OpenAI route, `cache_control` blocks on the Anthropic
@@ -21,6 +22,7 @@ import hashlib
 import itertools
 import math
 import random
+import re
 import signal
 import sys
 import time
@@ -58,6 +60,7 @@ ERROR_TYPES = {
     "rate_limit_tokens": ("tokens", "rate_limit_exceeded", "rate_limit_error"),
     "server": ("server_error", None, "api_error"),
     "overloaded": ("server_error", None, "overloaded_error"),
+    "not_found": ("invalid_request_error", None, "not_found_error"),
 }
 
 
@@ -73,6 +76,9 @@ class Options:
     api_key: str | None = None
     malformed: str | None = None  # "not-json" | "no-choices"
     seed: int | None = None
+    batch_delay_s: float = 2.0  # from creation to the end of a batch
+    batch_error_rate: float = 0.0  # share of batch items that come back errored
+    batch_expire_rate: float = 0.0  # share of batch items that expire
 
 
 class BadRequest(Exception):
@@ -131,6 +137,15 @@ class Stats:
     streamed: int = 0
     cached_tokens: int = 0  # OpenAI cached_tokens + Anthropic cache reads
     cache_creation_tokens: int = 0
+    # the batch APIs; their items count here, not in answered / unique / tokens_*
+    batches_created: int = 0  # both vendors
+    batch_items: int = 0  # items submitted
+    files_uploaded: int = 0
+    batch_answered: int = 0
+    batch_errored: int = 0
+    batch_expired: int = 0
+    batch_tokens_in: int = 0
+    batch_tokens_out: int = 0
 
     def as_json(self) -> dict[str, Any]:
         unique = len(self.keys)
@@ -141,7 +156,12 @@ class Stats:
                 "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
                 "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
                 "streamed": self.streamed, "cached_tokens": self.cached_tokens,
-                "cache_creation_tokens": self.cache_creation_tokens}
+                "cache_creation_tokens": self.cache_creation_tokens,
+                "batches_created": self.batches_created, "batch_items": self.batch_items,
+                "files_uploaded": self.files_uploaded, "batch_answered": self.batch_answered,
+                "batch_errored": self.batch_errored, "batch_expired": self.batch_expired,
+                "batch_tokens_in": self.batch_tokens_in,
+                "batch_tokens_out": self.batch_tokens_out}
 
 
 @dataclass
@@ -301,6 +321,11 @@ def _body(raw: bytes) -> dict[str, Any]:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise BadRequest(400, "invalid_request", "the request body is not valid JSON") from None
+    return _checked(body)
+
+
+def _checked(body: Any) -> dict[str, Any]:
+    """The checks every model request gets, whether sent alone or as a batch item."""
     if not isinstance(body, dict):
         raise BadRequest(400, "invalid_request", "the request body must be a JSON object")
     for key in ("model", "messages"):
@@ -510,6 +535,685 @@ ANTHROPIC = Dialect("messages", "msg_", parse_anthropic, _anthropic_error,
                     _anthropic_limit_headers, anthropic_json, anthropic_sse)
 
 
+# Provider batch APIs: OpenAI's Files and Batches, Anthropic's Message Batches.
+#
+# A batch lives in memory and moves on a clock of --batch-delay-s seconds from its creation:
+# its items are processed evenly from 10% to 90% of the delay (which the request counts
+# show while it runs), then it finalizes: the replies of every item are computed then, in
+# chunks that let realtime requests through, by the same code as realtime requests, and it
+# ends at the delay (or when they are computed, if later). A cancel keeps the items done by
+# then and ends the batch a tenth of the delay later. What becomes of each item (succeeded,
+# errored, expired) is decided by a hash of --seed and its custom_id.
+
+BATCH_CHUNK = 512  # items computed between two yields to the event loop
+MAX_BODY = 256 * 1024 * 1024  # OpenAI takes batch input files of up to 200 MB
+BATCH_ENDPOINT = "/v1/chat/completions"
+BATCH_WINDOW = 86_400  # 24h: both vendors' expires_at
+CUSTOM_ID = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+FILE_PURPOSES = frozenset({"batch", "assistants", "fine-tune", "vision", "user_data", "evals"})
+ANTHROPIC_RESULTS = "application/binary"  # what Anthropic's SDKs ask the results route for
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+ERRORED_MESSAGE = "The server had an error while processing your request (injected by chunbot sim)."
+
+# An item's fate, decided when it is submitted; INVALID: its body is a bad request (400)
+SUCCEEDED, ERRORED, EXPIRED, INVALID = 0, 1, 2, 3
+FATES = ("succeeded", "errored", "expired", "invalid")
+
+
+def _fate(seed: int | None, custom_id: str, error_rate: float, expire_rate: float) -> int:
+    if not error_rate and not expire_rate:
+        return SUCCEEDED
+    digest = hashlib.blake2b(f"{seed or 0}\x00{custom_id}".encode("utf-8", "surrogatepass"),
+                             digest_size=8).digest()
+    draw = int.from_bytes(digest, "big") / 2 ** 64
+    if draw < error_rate:
+        return ERRORED
+    return EXPIRED if draw < error_rate + expire_rate else SUCCEEDED
+
+
+def item_fate(seed: int | None, custom_id: str, error_rate: float, expire_rate: float) -> str:
+    """"succeeded", "errored" or "expired": what becomes of a (valid) batch item with this
+    custom_id under `--seed`, `--batch-error-rate` and `--batch-expire-rate`."""
+    return FATES[_fate(seed, custom_id, error_rate, expire_rate)]
+
+
+@dataclass(eq=False)
+class File:
+    id: str
+    filename: str
+    purpose: str
+    created_at: int
+    data: bytes
+
+    def as_json(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "file", "bytes": len(self.data),
+                "created_at": self.created_at, "filename": self.filename,
+                "purpose": self.purpose, "status": "processed"}
+
+
+@dataclass(eq=False)
+class Batch:
+    """One batch of either vendor; its status follows from the clock and these fields."""
+
+    id: str
+    dialect: Dialect
+    created: float  # time.time()
+    started: float  # time.monotonic() at the same moment
+    delay: float
+    custom_ids: list[str]
+    bodies: list[bytes]  # each item's request, as JSON
+    fates: bytes
+    problems: dict[int, str]  # why each INVALID item is a bad request
+    endpoint: str = BATCH_ENDPOINT  # the OpenAI fields
+    input_file_id: str | None = None
+    metadata: dict[str, str] | None = None
+    errors: list[dict[str, Any]] | None = None  # why the input file was refused
+    cancel_at: float | None = None  # monotonic
+    cancel_wall: float | None = None
+    todo: int = 0  # items answered: all of them, or those done before the cancel
+    timer: asyncio.TimerHandle | None = None
+    task: asyncio.Task | None = None
+    ready_wall: float | None = None  # when its results were computed
+    counts: dict[str, int] = field(default_factory=dict)  # the final request counts
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    results: bytes = b""  # Anthropic's results JSONL
+
+    def done_by(self, now: float) -> int:
+        """Items processed by `now` (or by the cancel): evenly from 10% to 90% of the delay."""
+        if self.cancel_at is not None:
+            now = min(now, self.cancel_at)
+        n = len(self.custom_ids)
+        if self.delay <= 0:
+            return n
+        share = (now - self.started - 0.1 * self.delay) / (0.8 * self.delay)
+        return n if share >= 1 else max(0, int(n * share))
+
+    def running_counts(self, now: float) -> tuple[int, int]:
+        """(succeeded, failed) among the items processed so far; expiry shows at the end."""
+        done = self.fates[:self.done_by(now)]
+        return done.count(SUCCEEDED), done.count(ERRORED) + done.count(INVALID)
+
+    def end(self) -> float:
+        if self.cancel_at is not None:
+            return self.cancel_at + 0.1 * self.delay
+        return self.started + self.delay
+
+    def ended(self, now: float) -> bool:
+        return self.ready_wall is not None and now >= self.end()
+
+    def ended_wall(self) -> float:
+        return max(self.created + self.end() - self.started, self.ready_wall or 0.0)
+
+    def reached(self, now: float, fraction: float) -> bool:
+        """Whether the batch got to this share of its delay before now (and any cancel)."""
+        stop = now if self.cancel_at is None else min(now, self.cancel_at)
+        return stop - self.started >= fraction * self.delay
+
+
+def _iso(moment: float) -> str:
+    return datetime.fromtimestamp(moment, timezone.utc).isoformat(
+        timespec="microseconds").replace("+00:00", "Z")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=orjson.dumps(data), content_type=JSON)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        raise BadRequest(400, "invalid_request", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest(400, "invalid_request", "the request body must be a JSON object")
+    return body
+
+
+def _limit(request: web.Request, default: int, most: int) -> int:
+    raw = request.query.get("limit")
+    if raw is None:
+        return default
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= most:
+        raise BadRequest(400, "invalid_request", f"limit: must be an integer from 1 to {most}")
+    return limit
+
+
+def _metadata(raw: Any) -> dict[str, str] | None:
+    if raw is None:
+        return None
+    if (not isinstance(raw, dict) or len(raw) > 16
+            or not all(isinstance(k, str) and len(k) <= 64 and isinstance(v, str)
+                       and len(v) <= 512 for k, v in raw.items())):
+        raise BadRequest(400, "invalid_request", "metadata: at most 16 pairs of strings, keys "
+                         "of up to 64 characters and values of up to 512")
+    return raw
+
+
+def _guarded(dialect: Dialect) -> Callable[..., Any]:
+    """A batch route: the key (and Anthropic's version header) checked like the model
+    routes', and refusals answered with the vendor's error body."""
+    def wrap(handler: Callable[..., Any]) -> Callable[..., Any]:
+        async def run(self: "BatchAPI", request: web.Request) -> web.StreamResponse:
+            try:
+                self.server.authorize(request, dialect)
+                return await handler(self, request)
+            except BadRequest as e:
+                return self.server.error(dialect, e.status, e.kind, e.message)
+        run.__name__ = handler.__name__
+        return run
+    return wrap
+
+
+class BatchAPI:
+    """Files, OpenAI batches and Anthropic message batches, in memory."""
+
+    def __init__(self, server: "SimServer"):
+        self.server = server
+        self.files: dict[str, File] = {}
+        self.batches: dict[str, Batch] = {}  # OpenAI, oldest first
+        self.message_batches: dict[str, Batch] = {}  # Anthropic, oldest first
+
+    def add_routes(self, app: web.Application) -> None:
+        router = app.router
+        router.add_post("/v1/files", self.upload_file)
+        router.add_get("/v1/files", self.list_files)
+        router.add_get("/v1/files/{id}", self.get_file)
+        router.add_delete("/v1/files/{id}", self.delete_file)
+        router.add_get("/v1/files/{id}/content", self.file_content)
+        router.add_post("/v1/batches", self.create_batch)
+        router.add_get("/v1/batches", self.list_batches)
+        router.add_get("/v1/batches/{id}", self.get_batch)
+        router.add_post("/v1/batches/{id}/cancel", self.cancel_batch)
+        router.add_post("/v1/messages/batches", self.create_message_batch)
+        router.add_get("/v1/messages/batches", self.list_message_batches)
+        router.add_get("/v1/messages/batches/{id}", self.get_message_batch)
+        router.add_get("/v1/messages/batches/{id}/results", self.message_batch_results)
+        router.add_post("/v1/messages/batches/{id}/cancel", self.cancel_message_batch)
+        router.add_delete("/v1/messages/batches/{id}", self.delete_message_batch)
+
+    def close(self) -> None:
+        for batch in [*self.batches.values(), *self.message_batches.values()]:
+            if batch.timer is not None:
+                batch.timer.cancel()
+            if batch.task is not None:
+                batch.task.cancel()
+
+    def new_id(self, prefix: str) -> str:
+        return f"{prefix}{self.server.boot}{next(self.server.ids):016x}"
+
+    # -- files --
+
+    def add_file(self, data: bytes, filename: str, purpose: str) -> File:
+        file = File(self.new_id("file-"), filename, purpose, int(time.time()), data)
+        self.files[file.id] = file
+        return file
+
+    def file(self, request: web.Request) -> File:
+        file = self.files.get(request.match_info["id"])
+        if file is None:
+            raise BadRequest(404, "not_found",
+                             f"No such File object: {request.match_info['id']}")
+        return file
+
+    @_guarded(OPENAI)
+    async def upload_file(self, request: web.Request) -> web.Response:
+        if not request.content_type.startswith("multipart/"):
+            raise BadRequest(400, "invalid_request", "the request must be multipart/form-data "
+                             "with the fields 'purpose' and 'file'")
+        purpose = data = None
+        filename = "upload.jsonl"
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            name = getattr(part, "name", None)
+            if name == "purpose":
+                purpose = (await part.text()).strip()
+            elif name == "file":
+                filename = part.filename or filename
+                data = bytes(await part.read())
+            else:
+                await part.release()
+        if data is None:
+            raise BadRequest(400, "invalid_request", "file: field required")
+        if purpose not in FILE_PURPOSES:
+            raise BadRequest(400, "invalid_request", f"purpose: must be one of "
+                             f"{', '.join(sorted(FILE_PURPOSES))}")
+        file = self.add_file(data, filename, purpose)
+        self.server.stats.files_uploaded += 1
+        return _json(file.as_json())
+
+    @_guarded(OPENAI)
+    async def list_files(self, request: web.Request) -> web.Response:
+        data = [file.as_json() for file in reversed(self.files.values())]
+        return _json({"object": "list", "data": data, "has_more": False,
+                      "first_id": data[0]["id"] if data else None,
+                      "last_id": data[-1]["id"] if data else None})
+
+    @_guarded(OPENAI)
+    async def get_file(self, request: web.Request) -> web.Response:
+        return _json(self.file(request).as_json())
+
+    @_guarded(OPENAI)
+    async def delete_file(self, request: web.Request) -> web.Response:
+        file = self.file(request)
+        del self.files[file.id]
+        return _json({"id": file.id, "object": "file", "deleted": True})
+
+    @_guarded(OPENAI)
+    async def file_content(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.file(request).data,
+                            content_type="application/octet-stream")
+
+    # -- both vendors' batches --
+
+    def prepare(self, dialect: Dialect, custom_id: str,
+                body: dict[str, Any]) -> tuple[bytes, int, str | None]:
+        """A submitted item as the batch keeps it: its body as JSON, its fate, and why it is
+        a bad request if it is one."""
+        options = self.server.options
+        # a copy: orjson's bytes keep their spare buffer, five times the JSON for small bodies
+        packed = bytes(memoryview(orjson.dumps(body)))
+        try:
+            dialect.parse(_checked(body))
+        except BadRequest as e:
+            return packed, INVALID, e.message
+        return packed, _fate(options.seed, custom_id, options.batch_error_rate,
+                             options.batch_expire_rate), None
+
+    def new_batch(self, prefix: str, dialect: Dialect, custom_ids: list[str],
+                  items: list[tuple[bytes, int, str | None]], **fields: Any) -> Batch:
+        """A batch of prepared items; the computation of their replies is scheduled for when
+        it finalizes."""
+        problems = {i: problem for i, (_, _, problem) in enumerate(items) if problem}
+        delay = self.server.options.batch_delay_s
+        batch = Batch(self.new_id(prefix), dialect, time.time(), time.monotonic(), delay,
+                      custom_ids, [packed for packed, _, _ in items],
+                      bytes(fate for _, fate, _ in items), problems, **fields)
+        stats = self.server.stats
+        stats.batches_created += 1
+        stats.batch_items += len(custom_ids)
+        batch.timer = asyncio.get_running_loop().call_later(0.9 * delay, self.finalize, batch)
+        return batch
+
+    def finalize(self, batch: Batch) -> None:
+        batch.timer = None
+        if batch.task is None and batch.cancel_at is None and batch.errors is None:
+            batch.todo = len(batch.custom_ids)
+            batch.task = asyncio.get_running_loop().create_task(self.compute(batch))
+
+    def cancel(self, batch: Batch) -> None:
+        now = time.monotonic()
+        batch.cancel_at, batch.cancel_wall = now, time.time()
+        if batch.task is None and batch.ready_wall is None:
+            if batch.timer is not None:
+                batch.timer.cancel()
+                batch.timer = None
+            batch.todo = batch.done_by(now)
+            batch.task = asyncio.get_running_loop().create_task(self.compute(batch))
+
+    async def compute(self, batch: Batch) -> None:
+        """Answer the batch's items as realtime requests are answered, then keep the results
+        as the vendor serves them."""
+        server, dialect = self.server, batch.dialect
+        openai = dialect is OPENAI
+        cancelled = batch.cancel_at is not None
+        tally = [0, 0, 0, 0]
+        lines: list[bytes] = []  # OpenAI's output file, or Anthropic's results
+        error_lines: list[bytes] = []
+        ids, bodies, fates = batch.custom_ids, batch.bodies, batch.fates
+        for start in range(0, batch.todo, BATCH_CHUNK):
+            stats = server.stats  # a /stats/reset may replace it meanwhile
+            for i in range(start, min(start + BATCH_CHUNK, batch.todo)):
+                fate = fates[i]
+                if fate == EXPIRED and cancelled:
+                    continue  # the cancel came before it would have expired
+                tally[fate] += 1
+                custom_id = orjson.dumps(ids[i])
+                if fate == SUCCEEDED:
+                    call = dialect.parse(orjson.loads(bodies[i]))  # checked when submitted
+                    answer, cache, reply_id = server.model_reply(dialect, call)
+                    stats.batch_answered += 1
+                    stats.batch_tokens_in += answer.input_tokens
+                    stats.batch_tokens_out += answer.output_tokens
+                    reply = dialect.json_reply(reply_id, call, answer, cache, False)
+                elif fate == EXPIRED:
+                    stats.batch_expired += 1
+                else:
+                    stats.batch_errored += 1
+                    kind, message = (("server", ERRORED_MESSAGE) if fate == ERRORED
+                                     else ("invalid_request", batch.problems[i]))
+                    reply = dialect.error(kind, message)
+                if openai:
+                    tag = f"{self.server.boot}{next(self.server.ids):016x}".encode()
+                    head = b'{"id":"batch_req_' + tag + b'","custom_id":' + custom_id
+                    if fate == SUCCEEDED:
+                        lines.append(head + b',"response":{"status_code":200,"request_id":'
+                                     b'"req_' + tag + b'","body":' + reply + b'},"error":null}\n')
+                    elif fate == EXPIRED:
+                        error_lines.append(head + b',"response":null,"error":'
+                                           + orjson.dumps({"code": "batch_expired",
+                                                           "message": EXPIRED_MESSAGE})
+                                           + b'}\n')
+                    else:
+                        status = b"500" if fate == ERRORED else b"400"
+                        error_lines.append(head + b',"response":{"status_code":' + status
+                                           + b',"request_id":"req_' + tag + b'","body":'
+                                           + reply + b'},"error":null}\n')
+                else:
+                    head = b'{"custom_id":' + custom_id + b',"result":'
+                    if fate == SUCCEEDED:
+                        lines.append(head + b'{"type":"succeeded","message":' + reply + b'}}\n')
+                    elif fate == EXPIRED:
+                        lines.append(head + b'{"type":"expired"}}\n')
+                    else:
+                        lines.append(head + b'{"type":"errored","error":' + reply + b'}}\n')
+            await asyncio.sleep(0)
+        succeeded, failed = tally[SUCCEEDED], tally[ERRORED] + tally[INVALID]
+        if openai:
+            if lines:
+                batch.output_file_id = self.add_file(b"".join(lines), f"{batch.id}_output.jsonl",
+                                                     "batch_output").id
+            if error_lines:
+                batch.error_file_id = self.add_file(b"".join(error_lines),
+                                                    f"{batch.id}_error.jsonl",
+                                                    "batch_output").id
+            batch.counts = {"total": len(ids), "completed": succeeded,
+                            "failed": failed + tally[EXPIRED]}
+        else:
+            canceled = len(ids) - succeeded - failed - tally[EXPIRED]
+            lines += [b'{"custom_id":' + orjson.dumps(ids[i]) + b',"result":{"type":"canceled"}}\n'
+                      for i in range(len(ids))
+                      if i >= batch.todo or (cancelled and fates[i] == EXPIRED)]
+            batch.results = b"".join(lines)
+            batch.counts = {"processing": 0, "succeeded": succeeded, "errored": failed,
+                            "canceled": canceled, "expired": tally[EXPIRED]}
+        batch.bodies = []  # answered: only the results are needed now
+        batch.ready_wall = time.time()
+
+    # -- OpenAI --
+
+    def read_input(self, data: bytes, endpoint: str) -> tuple[
+            list[str], list[tuple[bytes, int, str | None]], list[dict[str, Any]]]:
+        """The input file's custom_ids and prepared items, and the errors that make the
+        batch fail, as OpenAI reports them."""
+        errors: list[dict[str, Any]] = []
+
+        def refuse(code: str, message: str, line: int | None, param: str | None = None) -> None:
+            if len(errors) < 100:
+                errors.append({"code": code, "message": message, "param": param, "line": line})
+
+        custom_ids: list[str] = []
+        items: list[tuple[bytes, int, str | None]] = []
+        seen: set[str] = set()
+        model = None
+        for number, raw in enumerate(data.split(b"\n"), 1):
+            if not raw.strip():
+                continue
+            try:
+                line = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                line = None
+            if not isinstance(line, dict):
+                refuse("invalid_json_line", "This line is not parseable as valid JSON.", number)
+                continue
+            custom_id = line.get("custom_id")
+            if not isinstance(custom_id, str) or not custom_id:
+                refuse("missing_required_parameter", "custom_id: a non-empty string is "
+                       "required.", number, "custom_id")
+                continue
+            if custom_id in seen:
+                refuse("duplicate_custom_id", f"The custom_id '{custom_id}' is not unique "
+                       "within the batch.", number, "custom_id")
+                continue
+            seen.add(custom_id)
+            if line.get("method") != "POST":
+                refuse("invalid_method", "method: only 'POST' is supported.", number, "method")
+            if line.get("url") != endpoint:
+                refuse("url_mismatch", f"The url {line.get('url')!r} does not match the "
+                       f"batch's endpoint '{endpoint}'.", number, "url")
+            body = line.get("body")
+            if not isinstance(body, dict):
+                refuse("missing_required_parameter", "body: a JSON object is required.",
+                       number, "body")
+                continue
+            if model is None:
+                model = body.get("model")
+            elif body.get("model") != model:
+                refuse("model_mismatch", f"The model {body.get('model')!r} differs from the "
+                       f"batch's model {model!r}: a batch uses one model.", number, "body.model")
+            custom_ids.append(custom_id)
+            if not errors:  # else the batch fails: no need to keep its items
+                items.append(self.prepare(OPENAI, custom_id, body))
+        if not custom_ids and not errors:
+            refuse("empty_file", "The input file has no requests.", None)
+        return custom_ids, items, errors
+
+    def openai_batch(self, request: web.Request) -> Batch:
+        batch = self.batches.get(request.match_info["id"])
+        if batch is None:
+            raise BadRequest(404, "not_found", f"No batch found with id "
+                             f"'{request.match_info['id']}'.")
+        return batch
+
+    def openai_status(self, batch: Batch, now: float) -> str:
+        elapsed = now - batch.started
+        if batch.cancel_at is not None:
+            return "cancelled" if batch.ended(now) else "cancelling"
+        if batch.errors is not None:
+            return "validating" if elapsed < 0.1 * batch.delay else "failed"
+        if batch.ended(now):
+            return "completed"
+        if elapsed < 0.1 * batch.delay:
+            return "validating"
+        return "in_progress" if elapsed < 0.9 * batch.delay else "finalizing"
+
+    def openai_json(self, batch: Batch, now: float) -> dict[str, Any]:
+        status = self.openai_status(batch, now)
+        valid = batch.errors is None
+        ended = status in ("completed", "cancelled", "failed")
+
+        def stamp(fraction: float) -> int:
+            return int(batch.created + fraction * batch.delay)
+
+        if not valid or status == "validating":
+            counts = {"total": 0, "completed": 0, "failed": 0}
+        elif ended:
+            counts = batch.counts
+        else:
+            succeeded, failed = batch.running_counts(now)
+            counts = {"total": len(batch.custom_ids), "completed": succeeded, "failed": failed}
+        return {
+            "id": batch.id, "object": "batch", "endpoint": batch.endpoint,
+            "errors": None if valid else {"object": "list", "data": batch.errors},
+            "input_file_id": batch.input_file_id, "completion_window": "24h",
+            "status": status,
+            "output_file_id": batch.output_file_id if ended else None,
+            "error_file_id": batch.error_file_id if ended else None,
+            "created_at": int(batch.created),
+            "in_progress_at": stamp(0.1) if valid and batch.reached(now, 0.1) else None,
+            "expires_at": int(batch.created) + BATCH_WINDOW,
+            "finalizing_at": stamp(0.9) if valid and batch.reached(now, 0.9) else None,
+            "completed_at": int(batch.ended_wall()) if status == "completed" else None,
+            "failed_at": stamp(0.1) if status == "failed" else None,
+            "expired_at": None,
+            "cancelling_at": int(batch.cancel_wall) if batch.cancel_wall else None,
+            "cancelled_at": int(batch.ended_wall()) if status == "cancelled" else None,
+            "request_counts": counts, "metadata": batch.metadata}
+
+    @_guarded(OPENAI)
+    async def create_batch(self, request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        file_id = body.get("input_file_id")
+        if not isinstance(file_id, str):
+            raise BadRequest(400, "invalid_request", "input_file_id: field required")
+        if body.get("endpoint") != BATCH_ENDPOINT:
+            raise BadRequest(400, "invalid_request", f"endpoint: chunbot sim serves batches "
+                             f"for '{BATCH_ENDPOINT}' only")
+        if body.get("completion_window") != "24h":
+            raise BadRequest(400, "invalid_request", "completion_window: only '24h' is "
+                             "supported")
+        metadata = _metadata(body.get("metadata"))
+        file = self.files.get(file_id)
+        if file is None:
+            raise BadRequest(400, "invalid_request", f"input_file_id: no such file: {file_id}")
+        if file.purpose != "batch":
+            raise BadRequest(400, "invalid_request", f"input_file_id: file {file_id} has "
+                             f"purpose '{file.purpose}', not 'batch'")
+        custom_ids, items, errors = self.read_input(file.data, BATCH_ENDPOINT)
+        if errors:
+            custom_ids, items = [], []
+        batch = self.new_batch("batch_", OPENAI, custom_ids, items, input_file_id=file_id,
+                               metadata=metadata, errors=errors or None)
+        if errors:
+            batch.ready_wall = batch.created
+        self.batches[batch.id] = batch
+        return _json(self.openai_json(batch, time.monotonic()))
+
+    @_guarded(OPENAI)
+    async def get_batch(self, request: web.Request) -> web.Response:
+        return _json(self.openai_json(self.openai_batch(request), time.monotonic()))
+
+    @_guarded(OPENAI)
+    async def list_batches(self, request: web.Request) -> web.Response:
+        limit = _limit(request, 20, 100)
+        batches = list(reversed(self.batches.values()))  # newest first
+        after = request.query.get("after")
+        if after is not None:
+            at = next((i for i, b in enumerate(batches) if b.id == after), len(batches))
+            batches = batches[at + 1:]
+        page, now = batches[:limit], time.monotonic()
+        return _json({"object": "list", "data": [self.openai_json(b, now) for b in page],
+                      "first_id": page[0].id if page else None,
+                      "last_id": page[-1].id if page else None,
+                      "has_more": len(batches) > limit})
+
+    @_guarded(OPENAI)
+    async def cancel_batch(self, request: web.Request) -> web.Response:
+        batch = self.openai_batch(request)
+        now = time.monotonic()
+        status = self.openai_status(batch, now)
+        if status in ("completed", "failed", "cancelled", "expired"):
+            raise BadRequest(400, "invalid_request", f"Cannot cancel a batch with status "
+                             f"'{status}'.")
+        if status != "cancelling":
+            self.cancel(batch)
+        return _json(self.openai_json(batch, now))
+
+    # -- Anthropic --
+
+    def anthropic_batch(self, request: web.Request) -> Batch:
+        batch = self.message_batches.get(request.match_info["id"])
+        if batch is None:
+            raise BadRequest(404, "not_found", f"No message batch found with id "
+                             f"'{request.match_info['id']}'.")
+        return batch
+
+    def anthropic_json(self, batch: Batch, now: float, origin: str) -> dict[str, Any]:
+        ended = batch.ended(now)
+        if ended:
+            status, counts = "ended", batch.counts
+        else:
+            status = "in_progress" if batch.cancel_at is None else "canceling"
+            succeeded, errored = batch.running_counts(now)
+            counts = {"processing": len(batch.custom_ids) - succeeded - errored,
+                      "succeeded": succeeded, "errored": errored, "canceled": 0, "expired": 0}
+        return {"id": batch.id, "type": "message_batch", "processing_status": status,
+                "request_counts": counts,
+                "ended_at": _iso(batch.ended_wall()) if ended else None,
+                "created_at": _iso(batch.created),
+                "expires_at": _iso(batch.created + BATCH_WINDOW), "archived_at": None,
+                "cancel_initiated_at": _iso(batch.cancel_wall) if batch.cancel_wall else None,
+                "results_url": (f"{origin}/v1/messages/batches/{batch.id}/results"
+                                if ended else None)}
+
+    def anthropic_reply(self, request: web.Request, batch: Batch) -> web.Response:
+        return _json(self.anthropic_json(batch, time.monotonic(), str(request.url.origin())))
+
+    @_guarded(ANTHROPIC)
+    async def create_message_batch(self, request: web.Request) -> web.Response:
+        requests = (await _json_object(request)).get("requests")
+        if not isinstance(requests, list) or not requests:
+            raise BadRequest(400, "invalid_request", "requests: must be a non-empty list")
+        custom_ids: list[str] = []
+        items: list[tuple[bytes, int, str | None]] = []
+        seen: set[str] = set()
+        for i, item in enumerate(requests):
+            if not isinstance(item, dict):
+                raise BadRequest(400, "invalid_request", f"requests.{i}: must be an object")
+            custom_id, params = item.get("custom_id"), item.get("params")
+            if not isinstance(custom_id, str) or not CUSTOM_ID.fullmatch(custom_id):
+                raise BadRequest(400, "invalid_request", f"requests.{i}.custom_id: String "
+                                 "should match pattern '^[a-zA-Z0-9_-]{1,64}$'")
+            if custom_id in seen:
+                raise BadRequest(400, "invalid_request", f"requests.{i}.custom_id: "
+                                 f"'{custom_id}' is used by another request of the batch; "
+                                 "custom_id must be unique")
+            if not isinstance(params, dict):
+                raise BadRequest(400, "invalid_request", f"requests.{i}.params: field required")
+            seen.add(custom_id)
+            custom_ids.append(custom_id)
+            items.append(self.prepare(ANTHROPIC, custom_id, params))
+        del requests  # the parsed request: the items keep what they need
+        batch = self.new_batch("msgbatch_", ANTHROPIC, custom_ids, items)
+        self.message_batches[batch.id] = batch
+        return self.anthropic_reply(request, batch)
+
+    @_guarded(ANTHROPIC)
+    async def get_message_batch(self, request: web.Request) -> web.Response:
+        return self.anthropic_reply(request, self.anthropic_batch(request))
+
+    @_guarded(ANTHROPIC)
+    async def list_message_batches(self, request: web.Request) -> web.Response:
+        limit = _limit(request, 20, 1000)
+        batches = list(reversed(self.message_batches.values()))  # newest first
+        after, before = request.query.get("after_id"), request.query.get("before_id")
+        cursor = after if after is not None else before
+        at = next((i for i, b in enumerate(batches) if b.id == cursor), None)
+        if cursor is not None and at is None:
+            page, has_more = [], False
+        elif after is not None:  # older than the cursor
+            page, has_more = batches[at + 1:at + 1 + limit], len(batches) > at + 1 + limit
+        elif before is not None:  # newer than the cursor
+            page, has_more = batches[max(0, at - limit):at], at > limit
+        else:
+            page, has_more = batches[:limit], len(batches) > limit
+        now, origin = time.monotonic(), str(request.url.origin())
+        return _json({"data": [self.anthropic_json(b, now, origin) for b in page],
+                      "has_more": has_more, "first_id": page[0].id if page else None,
+                      "last_id": page[-1].id if page else None})
+
+    @_guarded(ANTHROPIC)
+    async def message_batch_results(self, request: web.Request) -> web.Response:
+        batch = self.anthropic_batch(request)
+        if not batch.ended(time.monotonic()):
+            raise BadRequest(400, "invalid_request", f"Message batch {batch.id} has not ended "
+                             "yet: its results are available once processing_status is 'ended'")
+        return web.Response(body=batch.results, content_type=ANTHROPIC_RESULTS)
+
+    @_guarded(ANTHROPIC)
+    async def cancel_message_batch(self, request: web.Request) -> web.Response:
+        batch = self.anthropic_batch(request)
+        if batch.ended(time.monotonic()):
+            raise BadRequest(400, "invalid_request", f"Message batch {batch.id} has ended: "
+                             "it cannot be canceled")
+        if batch.cancel_at is None:
+            self.cancel(batch)
+        return self.anthropic_reply(request, batch)
+
+    @_guarded(ANTHROPIC)
+    async def delete_message_batch(self, request: web.Request) -> web.Response:
+        batch = self.anthropic_batch(request)
+        if not batch.ended(time.monotonic()):
+            raise BadRequest(400, "invalid_request", f"Message batch {batch.id} is still "
+                             "processing: cancel it and wait until it has ended")
+        del self.message_batches[batch.id]
+        return _json({"id": batch.id, "type": "message_batch_deleted"})
+
+
 class SimServer:
     """The state behind the routes: options, the fault RNG, rate-limit buckets and stats."""
 
@@ -524,9 +1228,11 @@ class SimServer:
         self.anthropic_cache = PrefixCache()
         # ids are unique across restarts too: a client may compare them
         self.boot = f"{random.getrandbits(32):08x}"
+        self.batch_api = BatchAPI(self)
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(client_max_size=MAX_BODY)
+        self.batch_api.add_routes(app)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/messages", self.messages)
         app.router.add_get("/v1/models", self.models)
@@ -578,16 +1284,14 @@ class SimServer:
                               "(injected by chunbot sim).")
 
         seed = sim_model.request_seed(call.model, call.messages, call.params)
-        answer = sim_model.reply(call.model, call.messages, call.params)
+        answer, cache, reply_id = self.model_reply(dialect, call)
         stats = self.stats
         stats.answered += 1
         stats.keys.add(seed)
         stats.tokens_in += answer.input_tokens
         stats.tokens_out += answer.output_tokens
-        cache = self.cache_use(dialect, call, answer)
         stats.cached_tokens += cache.read
         stats.cache_creation_tokens += cache.created
-        reply_id = f"{dialect.id_prefix}{self.boot}{next(self.ids):016x}"
         if options.malformed == "not-json":
             body, content_type = HTML_BODY, "text/html"
         elif call.stream and options.malformed is None:  # a broken server ignores `stream`
@@ -601,6 +1305,14 @@ class SimServer:
         if limited:
             headers.update(self.limit_headers(dialect))
         return web.Response(body=body, headers=headers)
+
+    def model_reply(self, dialect: Dialect,
+                    call: Call) -> tuple[sim_model.SimReply, CacheUse, str]:
+        """The model's answer to a request, its provider-cache use and its reply id: the one
+        path of realtime requests and batch items, so both get the same text and usage."""
+        answer = sim_model.reply(call.model, call.messages, call.params)
+        cache = self.cache_use(dialect, call, answer)
+        return answer, cache, f"{dialect.id_prefix}{self.boot}{next(self.ids):016x}"
 
     def cache_use(self, dialect: Dialect, call: Call, answer: sim_model.SimReply) -> CacheUse:
         """Look the answered request's prompt up in the route's cache, then remember it."""
@@ -706,6 +1418,7 @@ async def _serve(options: Options) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    server.batch_api.close()
     await runner.cleanup()
 
 
