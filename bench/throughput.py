@@ -468,8 +468,12 @@ def run_side(scenario: str, side: str, requests: int, server_args: list[str],
                     killed = True
                 waiter.join(timeout=max(0.0, min(next_poll - time.perf_counter(), POLL_S)))
         finally:
-            if waiter.is_alive():  # interrupted (Ctrl-C): don't leave the client running
-                os.killpg(process.pid, signal.SIGKILL)
+            # not waiter.is_alive(): a Ctrl-C inside join() marks the thread stopped (3.11)
+            if "status" not in ended:  # interrupted: don't leave the client running
+                try:
+                    os.killpg(process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 waiter.join(timeout=10)
         process.returncode = result.exit_code = os.waitstatus_to_exitcode(ended["status"])
         result.wall_s = ended["at"] - started
