@@ -229,3 +229,24 @@ def test_provider_prompt_caching_is_used_and_its_savings_reported(project, sim_s
         (project / "runs/t/state.json").unlink()
     stats = server.stats()
     assert stats["cached_tokens"] > 0 and stats["cache_creation_tokens"] > 0
+
+
+def test_kill_9_mid_run_over_http_then_resume_repeats_only_what_was_in_flight(project,
+                                                                             sim_server):
+    server = sim_server("--latency-ms", "30")
+    pipeline = http_project(project, server.url, extra="max_concurrency: 8", n=400)
+    run = subprocess.Popen([sys.executable, "-m", "chunbot_cli", "run", str(pipeline), "-q"],
+                           cwd=project, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(lambda: server.stats()["answered"] >= 150)
+    run.kill()  # SIGKILL
+    run.wait()
+    before = server.stats()["answered"]
+    assert before < 800, "the kill should land mid-run"
+    result = chunbot("run", str(pipeline), "-q", cwd=project)
+    assert result.returncode == 0, result.stderr.decode()
+    stats = server.stats()
+    assert stats["unique"] == 800  # every request of both stages answered…
+    assert stats["repeated"] <= 8  # …and only those in flight at the kill asked twice
+    ids = [f"r{i:04d}" for i in range(400)]
+    assert [r["_id"] for r in read_stage(project / "runs/t", "sentiment")] == ids
+    assert [r["_id"] for r in read_stage(project / "runs/t", "reply")] == ids
