@@ -233,7 +233,8 @@ def cache_stats(pipeline: Optional[Path] = _CACHE_OF) -> None:
         raise _fail(f"cache: {type(e).__name__}: {e}", engine.EXIT_USAGE) from None
     print(f"cache:    {found.where}")
     print(f"entries:  {found.entries:,}")
-    print(f"size:     {found.bytes / 1e6:,.1f} MB")
+    whole = " (the whole Redis server's memory)" if found.where.startswith("redis") else ""
+    print(f"size:     {found.bytes / 1e6:,.1f} MB{whole}")
     last = found.last_run
     if last:
         asked = last["hits"] + last["misses"]
