@@ -5,8 +5,10 @@ token budgets per model.
 It is TCP congestion control applied to requests: slow start, then additive increase and
 multiplicative decrease, with a Vegas-like latency check. Samples are judged a window
 at a time, a window being about one round trip (as many replies as the limit):
-  - congestion — a 429, 503, 529, 504 or timeout — cuts the limit to 70% at once, at most
-    once a window, and ends slow start;
+  - congestion — 429, 503, 529, 504 or timeouts, at least 2 of them and 5% of a window's
+    replies — cuts the limit to 70% at once, at most once a window, and ends slow start
+    (a server that throws the odd random 503 is not overloaded; an overloaded one answers
+    with many);
   - latency inflation — the window's mean latency over twice the long-run baseline —
     means requests queue at the server without more getting done: the limit drops to 90%;
   - otherwise, while the limit is full, it grows: in slow start by one with every reply
@@ -34,6 +36,7 @@ INITIAL_LIMIT = 16
 MIN_LIMIT = 4
 MAX_LIMIT = 2048
 DECREASE = 0.7
+CONGESTION_SHARE = 0.05  # of a window's replies, and at least 2, before a cut
 INFLATION = 2.0
 INFLATION_DECREASE = 0.9
 BUDGET_SHARE = 0.98  # of an announced limit: clocks and counting differ a little
@@ -52,6 +55,7 @@ class Limiter:
     _latency_sum: float = 0.0
     _full: bool = False
     _congested: bool = False
+    _signs: int = 0  # congestion answers in this window
 
     def __post_init__(self) -> None:
         if self.pinned is not None:
@@ -73,11 +77,12 @@ class Limiter:
         if self.pinned is not None:
             return
         if congested:
-            if not self._congested:  # the first sign in this window: cut, start a new window
-                self.slow_start = False
+            self._signs += 1
+            if not self._congested and self._signs >= max(2, CONGESTION_SHARE * self._window):
+                self.slow_start = False  # cut, and judge the new limit over a new window
                 self.limit = max(MIN_LIMIT, self.limit * DECREASE)
                 self._count, self._latency_sum, self._window = 0, 0.0, self.limit
-                self._full, self._congested = False, True
+                self._full, self._congested, self._signs = False, True, 0
             return
         self._count += 1
         self._latency_sum += latency
@@ -101,6 +106,7 @@ class Limiter:
             self.baseline += 0.05 * (mean - self.baseline)
         self._count, self._latency_sum, self._window = 0, 0.0, self.limit
         self._full = self._congested = False
+        self._signs = 0
 
 
 @dataclass
