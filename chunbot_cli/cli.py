@@ -31,6 +31,11 @@ class LogFormat(str, Enum):
     json = "json"
 
 
+class Mode(str, Enum):
+    realtime = "realtime"
+    batch = "batch"
+
+
 class Malformed(str, Enum):
     not_json = "not-json"
     no_choices = "no-choices"
@@ -90,13 +95,18 @@ def run(
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the response cache."),
     refresh_cache: bool = typer.Option(False, "--refresh-cache",
                                        help="Send every request again and store the new replies."),
+    mode: Optional[Mode] = typer.Option(None, help="realtime or batch for every LLM stage, "
+                                                   "whatever the YAML says."),
+    wait: bool = typer.Option(False, "--wait", help="Batch mode: poll until every batch is "
+                                                    "done instead of exiting 75."),
 ) -> None:
     """Run the pipeline, or resume it: only stale stages and unfinished shards are computed."""
     if no_cache and refresh_cache:
         raise _fail("use --no-cache or --refresh-cache, not both", engine.EXIT_USAGE)
     _execute(pipeline, engine.RunOptions(stage=stage, until=until, limit=limit,
                                          cache="off" if no_cache else "refresh" if refresh_cache
-                                         else "use"), quiet, log_format)
+                                         else "use", mode=mode.value if mode else None,
+                                         wait=wait), quiet, log_format)
 
 
 def _execute(pipeline: Path, options: engine.RunOptions, quiet: bool,

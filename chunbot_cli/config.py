@@ -42,16 +42,18 @@ BUILTIN_MODELS = {"sim": {"provider": "sim", "model": "sim-small"}}
 _PIPELINE_KEYS = {"name", "input", "workdir", "id_field", "shard_size", "compress", "cache", "models",
                   "defaults", "stages"}
 _MODEL_KEYS = {"provider", "model", "base_url", "api_key_env", "endpoints", "max_concurrency",
-               "rpm", "tpm", "price", "headers", "timeout", "max_tokens", "latency_ms",
+               "rpm", "tpm", "price", "headers", "timeout", "max_tokens", "batch_api", "latency_ms",
                "jitter_ms", "error_rate", "request_log"}
 _SIM_ONLY_KEYS = {"latency_ms", "jitter_ms", "error_rate", "request_log"}
-_HTTP_ONLY_KEYS = {"base_url", "api_key_env", "endpoints", "headers", "timeout", "max_tokens"}
-_DEFAULTS_KEYS = {"model", "mode", "retries", "params", "outage_timeout", "cache",
+_HTTP_ONLY_KEYS = {"base_url", "api_key_env", "endpoints", "headers", "timeout", "max_tokens",
+                   "batch_api"}
+_DEFAULTS_KEYS = {"model", "mode", "batch_fallback", "retries", "params", "outage_timeout", "cache",
                   "prompt_cache"}
 _CACHE_KEYS = {"backend", "path", "url", "ttl"}
 PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "batch_discount")
 _STAGE_KEYS = {
     "prompt": {"name", "model", "system", "prompt", "output", "parse", "params", "retries", "mode",
+               "batch_fallback",
                "outage_timeout", "cache", "prompt_cache"},
     "filter": {"name", "filter"},
     "python": {"name", "python"},
@@ -80,6 +82,7 @@ class ModelSpec:
     jitter_ms: float = 0.0
     error_rate: float = 0.0
     request_log: str | None = None
+    batch_api: bool = False  # the server has the provider's batch API
 
     def identity(self) -> dict[str, Any]:
         """What decides the replies: part of the fingerprint of every stage using it."""
@@ -108,6 +111,8 @@ class StageSpec:
     cache: bool = True  # the response cache answers this stage's requests
     cache_namespace: str | None = None  # part of the cache key: separates equal requests
     prompt_cache: bool = False  # mark the static prefix for the provider's prompt cache
+    mode: str = "realtime"  # or "batch": through the provider's batch API
+    batch_fallback: bool = False  # finish items a batch could not in realtime
     definition: dict[str, Any] = field(default_factory=dict, compare=False)  # what is hashed
     filter: str | None = None
     python: str | None = None
@@ -279,9 +284,9 @@ def _pipeline(path: Path, data: _Mapping) -> Pipeline:
     if default_model not in models:
         raise where.fail(f"unknown model alias {default_model!r}; known: {', '.join(models)}",
                          "model")
-    _mode(where)
     defaults = _StageDefaults(
-        model=default_model, retries=where.get("retries", int, default=6),
+        model=default_model, mode=_mode(where), batch_fallback=_batch_fallback(where),
+        retries=where.get("retries", int, default=6),
         params=where.get("params", dict, default={}),
         outage_timeout=_duration(where, "outage_timeout", DEFAULT_OUTAGE_TIMEOUT_S),
         cache=_stage_cache(where, (True, None)),
@@ -309,6 +314,8 @@ def _pipeline(path: Path, data: _Mapping) -> Pipeline:
 @dataclass(frozen=True)
 class _StageDefaults:
     model: str
+    mode: str
+    batch_fallback: bool
     retries: int
     params: dict[str, Any]
     outage_timeout: float
@@ -407,6 +414,9 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
         jitter_ms=float(where.get("jitter_ms", (int, float), default=0)),
         error_rate=float(error_rate),
         request_log=where.get("request_log", str),
+        batch_api=where.get("batch_api", bool,
+                            default=provider in VENDOR_DEFAULTS
+                            and base_url == VENDOR_DEFAULTS[provider][0]),
     )
 
 
@@ -441,10 +451,21 @@ def _positive(where: _Where, key: str, default: int) -> int:
     return value
 
 
-def _mode(where: _Where) -> None:
-    mode = where.get("mode", str, default="realtime")
-    if mode != "realtime":
-        raise where.fail(f"{mode!r} is not supported yet; only 'realtime'", "mode")
+def _mode(where: _Where, default: str = "realtime") -> str:
+    mode = where.get("mode", str, default=default)
+    if mode not in ("realtime", "batch"):
+        raise where.fail(f"must be 'realtime' or 'batch', not {mode!r}", "mode")
+    return mode
+
+
+def _batch_fallback(where: _Where, default: bool = False) -> bool:
+    if "batch_fallback" not in where.mapping:
+        return default
+    value = where.mapping["batch_fallback"]
+    if value not in (False, "realtime"):
+        raise where.fail("must be 'realtime' (finish what a batch could not in realtime)",
+                         "batch_fallback")
+    return value == "realtime"
 
 
 def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
@@ -515,7 +536,13 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
         raise where.fail("must be 0 or more", "retries")
     outage_timeout = _duration(where, "outage_timeout", defaults.outage_timeout)
     cache, namespace = _stage_cache(where, defaults.cache)
-    _mode(where)
+    mode = _mode(where, defaults.mode)
+    batch_fallback = _batch_fallback(where, defaults.batch_fallback)
+    first = models[aliases[0]]
+    if mode == "batch" and not first.batch_api and not batch_fallback:
+        raise where.fail(f"model {first.alias!r} has no batch API ({first.provider} at "
+                         f"{first.base_url or 'in-process'}); set batch_api: true on the model "
+                         "if its server has one, or batch_fallback: realtime", "mode")
     definition = {"models": [models[a].identity() for a in aliases], "system": system,
                   "prompt": prompt, "output": output, "parse": parse, "params": params,
                   "up": upstream}
@@ -525,6 +552,7 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
                      prompt=prompt, output=output, parse=parse, params=params, retries=retries,
                      outage_timeout=outage_timeout, cache=cache, cache_namespace=namespace,
                      prompt_cache=where.get("prompt_cache", bool, default=defaults.prompt_cache),
+                     mode=mode, batch_fallback=batch_fallback,
                      definition=definition, fingerprint=_digest(definition))
 
 

@@ -31,6 +31,7 @@ from .stages import Counters, FilterStage, LLMStage, PythonStage, StageOutput
 from .store import Journal, Locked, Workdir, dumps_lines
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LATER = 0, 1, 2, 75
+BATCH_POLL_S = float(os.environ.get("CHUNBOT_BATCH_POLL_S", "30"))
 MAX_SHARDS_IN_FLIGHT = 64
 
 __all__ = ["RunOptions", "RunReport", "run", "ConfigError", "InputError", "Locked"]
@@ -42,6 +43,8 @@ class RunOptions:
     until: str | None = None  # this stage and everything before it
     limit: int | None = None  # only the first N input lines
     cache: str = "use"  # "use" the response cache, "off" (neither read nor write), "refresh"
+    mode: str | None = None  # "realtime" or "batch" for every LLM stage, over the YAML
+    wait: bool = False  # batch mode: poll until every batch is done instead of exiting 75
     rerun: str | None = None  # recompute this stage (and, unless rerun_only, downstream)
     rerun_only: bool = False
     rerun_failed: bool = False  # only its records in errors.jsonl
@@ -53,6 +56,7 @@ class StageReport:
     counts: Counters = field(default_factory=Counters)
     shards_run: int = 0
     shards_skipped: int = 0
+    batches_pending: int = 0
     first_start: float | None = None
     last_end: float | None = None
 
@@ -134,6 +138,7 @@ class Run:
         self.clients: dict[str, Any] = {}
         self.session: Any = None  # the run's one aiohttp session, when a model speaks HTTP
         self.cache: Any = None  # the response cache, when an LLM stage uses it
+        self.batch_ledgers: dict[str, dict[str, Any]] = {}  # batches.json per stage
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self.state: dict[str, Any] = {}
 
@@ -360,6 +365,9 @@ class Run:
             runner = runners[stage.name]
             if isinstance(runner, LLMStage):
                 output = await self._run_llm(runner, stage, shard.index, source, records)
+                if output is None:  # its batch is pending: downstream waits for the next run
+                    report.batches_pending += 1
+                    break
             else:
                 output = runner.run(records)
                 report.counts.add(output.counts)
@@ -408,7 +416,8 @@ class Run:
         return records, errors
 
     async def _run_llm(self, runner: LLMStage, stage: StageSpec, shard: int, source: str,
-                       records: list[dict[str, Any]]) -> StageOutput:
+                       records: list[dict[str, Any]]) -> StageOutput | None:
+        """One LLM stage of one shard, realtime or through a batch (None: still pending)."""
         counts = self.report.stages[stage.name].counts
         journal = Journal(self.workdir.journal_path(stage.name, shard),
                           {"stage": stage.name, "fingerprint": stage.fingerprint, "src": source})
@@ -421,9 +430,53 @@ class Run:
             counts.count(entry)
 
         try:
-            return await runner.run(records, done, on_done)
+            if not self._batched(stage):
+                return await runner.run(records, done, on_done)
+            return await self._run_batch(runner, stage, shard, source, records, done, on_done)
         finally:
             journal.close()
+
+    def _batched(self, stage: StageSpec) -> bool:
+        mode = self.options.mode or stage.mode
+        return mode == "batch" and self.pipeline.models[stage.models[0]].batch_api
+
+    async def _run_batch(self, runner: LLMStage, stage: StageSpec, shard: int, source: str,
+                         records: list[dict[str, Any]], done: dict[int, dict[str, Any]],
+                         on_done: Any) -> StageOutput | None:
+        from .llm.batch import Batches
+
+        ledgers = self._ledgers(stage)
+        ledger = ledgers.setdefault(str(shard), {})
+        if ledger.get("src") not in (None, source) or \
+                ledger.get("fingerprint") not in (None, stage.fingerprint):
+            ledger.clear()  # batches made for other input or another definition
+        ledger.update(src=source, fingerprint=stage.fingerprint)
+
+        def save() -> None:
+            if not ledger:
+                ledgers.pop(str(shard), None)
+            self.workdir.save_batches(stage.name, ledgers)
+
+        api = Batches(self.pipeline.models[stage.models[0]], self.session)
+        metadata = {"chunbot_pipeline": self.pipeline.name, "chunbot_stage": stage.name,
+                    "chunbot_shard": str(shard)}
+        finished = dict(done)
+
+        def remember(entry: dict[str, Any]) -> None:
+            finished[entry["i"]] = entry
+            on_done(entry)
+
+        while True:
+            output = await runner.run_batch(records, finished, remember, ledger, save, api,
+                                            metadata)
+            if output is not None or not self.options.wait:
+                return output
+            await asyncio.sleep(BATCH_POLL_S)
+
+    def _ledgers(self, stage: StageSpec) -> dict[str, Any]:
+        if stage.name not in self.batch_ledgers:
+            self.batch_ledgers[stage.name] = self.workdir.load_batches(stage.name)
+        return self.batch_ledgers[stage.name]
 
     def _commit(self, stage: StageSpec, shard: int, source: str, output: StageOutput,
                 ids: list[Any] | None = None) -> tuple[str, asyncio.Future[None]]:
@@ -487,7 +540,11 @@ class Run:
                      for stage in self.selected
                      for entry in self._stage_state(stage)["shards"].values())
         self.report.failed_total = failed
-        self.report.exit_code = EXIT_FAILED if failed else EXIT_OK
+        pending = sum(stage.batches_pending for stage in self.report.stages.values())
+        self.report.exit_code = EXIT_LATER if pending else EXIT_FAILED if failed else EXIT_OK
+        if pending:
+            self.note(f"{pending} shard(s) wait for provider batches: run again later "
+                      "(or use --wait)")
         self.state["last_run"].update(ended=_now(), exit_code=self.report.exit_code)
         self.workdir.save_state(self.state)
 

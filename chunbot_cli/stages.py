@@ -10,6 +10,8 @@ finished record to a callback (the journal) as soon as it is done.
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -20,6 +22,7 @@ from .config import StageSpec, import_callable
 from .llm.types import Reply, Request
 
 if TYPE_CHECKING:
+    from .llm.batch import Batches
     from .llm.cache import Cache
     from .llm.client import ModelClient
 
@@ -174,6 +177,15 @@ class LLMStage:
                   on_done: Callable[[dict[str, Any]], None]) -> StageOutput:
         """`done` holds entries finished by an earlier attempt (from the journal); `on_done`
         gets each new entry as soon as its record is finished."""
+        entries, finish, requests = await self._open(records, done, on_done)
+        await self._realtime(records, requests, finish)
+        return self.assemble(records, entries)
+
+    async def _open(self, records: list[dict[str, Any]], done: dict[int, dict[str, Any]],
+                    on_done: Callable[[dict[str, Any]], None]) -> tuple[
+            list[dict[str, Any] | None], Callable[[dict[str, Any]], None], dict[int, Request]]:
+        """The shard's entries so far, how to finish one, and the requests still to send
+        (rendered; those the cache answers are finished here)."""
         entries: list[dict[str, Any] | None] = [done.get(i) for i in range(len(records))]
 
         def finish(entry: dict[str, Any]) -> None:
@@ -199,6 +211,10 @@ class LLMStage:
                 if entry:
                     del requests[i]
                     finish(entry)
+        return entries, finish, requests
+
+    async def _realtime(self, records: list[dict[str, Any]], requests: dict[int, Request],
+                        finish: Callable[[dict[str, Any]], None]) -> None:
         queue = iter(list(requests.items()))
 
         async def worker() -> None:
@@ -206,7 +222,93 @@ class LLMStage:
                 finish(await self.process(i, records[i], request))
 
         await asyncio.gather(*(worker() for _ in range(min(len(requests), self.concurrency))))
+
+    async def run_batch(self, records: list[dict[str, Any]], done: dict[int, dict[str, Any]],
+                        on_done: Callable[[dict[str, Any]], None], ledger: dict[str, Any],
+                        save_ledger: Callable[[], None], api: "Batches",
+                        metadata: dict[str, str]) -> StageOutput | None:
+        """The shard through the provider's batch API: None while its batch is pending.
+
+        `ledger` is this shard's record in batches.json. The intent is saved before a
+        batch is created and each id right after, so a crash in between is reconciled with
+        the provider's list of batches (by the intent in their metadata) rather than
+        creating a second batch."""
+        from .llm.batch import split
+
+        entries, finish, requests = await self._open(records, done, on_done)
+        client = self.clients[0]
+        if requests and not ledger.get("batches"):
+            if ledger.get("intent"):
+                found = [b.id for b in await api.recent() if _made_for(b, ledger)]
+                if found:
+                    ledger["batches"] = found
+                    save_ledger()
+                    return None
+            ledger.update(intent=os.urandom(6).hex(), intent_at=time.time(), batches=[],
+                          items=len(requests))
+            save_ledger()
+            items = [(_custom_id(i, ledger), request) for i, request in requests.items()]
+            for part in split(items, client.spec):
+                ledger["batches"].append(await api.submit(
+                    part, {**metadata, "intent": ledger["intent"]}))
+                save_ledger()
+            return None
+        if requests:
+            states = [await api.state(batch_id) for batch_id in ledger["batches"]]
+            if not all(state.done for state in states):
+                return None
+            results: dict[str, Any] = {}
+            for batch_id in ledger["batches"]:
+                results.update(await api.results(batch_id))
+            retry: dict[int, Request] = {}
+            for i, request in requests.items():
+                result = results.get(_custom_id(i, ledger), "not in the batch's results")
+                entry = (self.accepted(i, records[i], request, client, result)
+                         if isinstance(result, Reply) else None)
+                if entry is not None:
+                    finish(entry)
+                else:
+                    retry[i] = request
+                    ledger.setdefault("errors", {})[str(i)] = str(result)
+            rounds = ledger.get("rounds", 0) + 1
+            if retry and self.spec.batch_fallback:
+                await self._realtime(records, retry, finish)
+            elif retry and rounds <= self.spec.retries:
+                ledger.update(rounds=rounds, batches=[], intent=None)  # a new batch for them
+                finished = {i: e for i, e in enumerate(entries) if e is not None}
+                return await self.run_batch(records, finished, on_done, ledger, save_ledger,
+                                            api, metadata)
+            else:
+                for i in retry:
+                    error = f"model {client.spec.alias!r}: {ledger['errors'][str(i)]}"
+                    trace = self._trace(records[i], requests[i])
+                    trace["error"] = error
+                    finish({"i": i, "error": error, "trace": trace})
+        ledger.clear()
+        save_ledger()
         return self.assemble(records, entries)
+
+    def accepted(self, index: int, record: dict[str, Any], request: Request,
+                 client: "ModelClient", reply: Reply) -> dict[str, Any] | None:
+        """A journal entry for a reply that came back in a batch; None when it does not
+        parse (the item is then retried)."""
+        try:
+            value = self.parse(reply.text)
+        except ValueError:
+            return None
+        prices = client.spec.price
+        trace = self._trace(record, request)
+        trace.update(model=client.spec.alias, model_name=reply.model, batch=True,
+                     response=reply.text, output=value, error=None,
+                     tokens={"in": reply.input_tokens, "out": reply.output_tokens,
+                             "cached": reply.cached_tokens,
+                             "cache_write": reply.cache_write_tokens},
+                     cost=round(price(client.spec.provider, prices, reply)
+                                * (1 - prices.get("batch_discount", 0.5)), 8),
+                     cost_full=round(full_price(prices, reply), 8))
+        if self.cache is not None:
+            self.cache.put(self.cache_key(client, request), reply)
+        return {"i": index, "out": value, "trace": trace}
 
     def request(self, record: dict[str, Any]) -> Request:
         messages = []
@@ -313,6 +415,22 @@ class LLMStage:
                 record[field_name] = entry["out"]
                 out.records.append(record)
         return out
+
+
+def _made_for(batch: Any, ledger: dict[str, Any]) -> bool:
+    """Whether a batch found at the provider is the one this shard's intent created: by
+    the intent in its metadata (OpenAI), or — Anthropic batches carry none — by being
+    created just after the intent with as many items."""
+    if batch.metadata:
+        return batch.metadata.get("intent") == ledger["intent"]
+    return (batch.items == ledger.get("items")
+            and ledger.get("intent_at", 0) - 5 <= batch.created <= ledger.get("intent_at", 0) + 600)
+
+
+def _custom_id(index: int, ledger: dict[str, Any]) -> str:
+    """A batch item's id: its place in the shard, and which attempt at it this is."""
+    rounds = ledger.get("rounds", 0)
+    return f"c{index}r{rounds}" if rounds else f"c{index}"
 
 
 def price(provider: str, prices: dict[str, float], reply: Reply) -> float:

@@ -84,6 +84,17 @@ class Workdir:
     def journal_path(self, stage: str, shard: int) -> Path:
         return self.path / stage / f"part-{shard:05d}.journal"
 
+    def load_batches(self, stage: str) -> dict[str, Any]:
+        """<stage>/batches.json: per shard, the provider batches it waits for."""
+        try:
+            return orjson.loads((self.stage_dir(stage) / "batches.json").read_bytes())
+        except FileNotFoundError:
+            return {}
+
+    def save_batches(self, stage: str, ledgers: dict[str, Any]) -> None:
+        self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
+        write_atomic(self.stage_dir(stage) / "batches.json", orjson.dumps(ledgers))
+
     def errors_path(self, stage: str) -> Path:
         return self.path / stage / "errors.jsonl"
 

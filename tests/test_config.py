@@ -75,7 +75,7 @@ def test_a_stage_without_model_uses_the_builtin_sim(project):
     (GOOD.replace("label == 'negative'", "label == = 'negative'"),
      "stage 'keep': key 'filter': does not compile"),
     (GOOD.replace("    parse: json", "    mode: batch"),
-     "stage 'draft': key 'mode': 'batch' is not supported yet"),
+     "stage 'draft': key 'mode': model 'small' has no batch API"),
     (GOOD.replace("shard_size: 500", "shard_size: many"),
      "key 'shard_size': must be an integer, not str 'many'"),
     (GOOD.replace("shard_size: 500", "shard_size: 500\nshard_size: 600"),

@@ -12,6 +12,7 @@ and when, and remembering batch ids, is the engine's job.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -34,6 +35,13 @@ class BatchState:
     done: bool
     counts: dict[str, int] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    created: float = 0.0  # Unix time
+
+    @property
+    def items(self) -> int:
+        if "total" in self.counts:
+            return self.counts["total"]
+        return sum(self.counts.values())  # Anthropic: processing + each outcome
 
 
 def split(items: list[tuple[str, Request]], spec: ModelSpec) -> list[list[tuple[str, Request]]]:
@@ -172,10 +180,16 @@ def _parsed(parse: Any, body: Any, model: str) -> Reply | str:
 def _openai_state(data: dict[str, Any]) -> BatchState:
     status = data.get("status", "")
     return BatchState(data["id"], status, status in DONE_STATES,
-                      dict(data.get("request_counts") or {}), dict(data.get("metadata") or {}))
+                      dict(data.get("request_counts") or {}), dict(data.get("metadata") or {}),
+                      float(data.get("created_at") or 0))
 
 
 def _anthropic_state(data: dict[str, Any]) -> BatchState:
     status = data.get("processing_status", "")
+    created = data.get("created_at") or ""
+    try:
+        when = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        when = 0.0
     return BatchState(data["id"], status, status == "ended",
-                      dict(data.get("request_counts") or {}))
+                      dict(data.get("request_counts") or {}), created=when)
