@@ -153,6 +153,24 @@ def rerun(
 
 
 @app.command()
+def cancel(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
+           stage: Optional[str] = typer.Option(None, help="Only this stage's batches.")) -> None:
+    """Cancel the provider batches a pipeline waits for (batch mode). A later `run` collects
+    what they finished and sends the rest again."""
+    try:
+        rows = engine.pending_batches(config.load(pipeline), stage, cancel=True)
+    except config.ConfigError as e:
+        raise _fail(str(e), engine.EXIT_USAGE) from None
+    except engine.Locked as e:
+        raise _fail(str(e), engine.EXIT_LATER) from None
+    for row in rows:
+        print(f"{row['stage']} shard {row['shard']}: {row['batch']}: {row['status']}"
+              + (f" ({row['error']})" if "error" in row else ""))
+    if not rows:
+        print("no pending batches")
+
+
+@app.command()
 def status(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
            as_json: bool = typer.Option(False, "--json", help="One JSON object, for scripts.")
            ) -> None:
@@ -160,7 +178,10 @@ def status(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
     from .lookback import status as lookback
 
     try:
-        report = lookback.status(config.load(pipeline))
+        loaded = config.load(pipeline)
+        report = lookback.status(loaded)
+        if any(s.mode == "batch" for s in loaded.stages):
+            report["batches"] = engine.pending_batches(loaded)
     except (config.ConfigError, ValueError) as e:
         raise _fail(str(e), engine.EXIT_USAGE) from None
     if as_json:

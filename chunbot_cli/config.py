@@ -47,13 +47,13 @@ _MODEL_KEYS = {"provider", "model", "base_url", "api_key_env", "endpoints", "max
 _SIM_ONLY_KEYS = {"latency_ms", "jitter_ms", "error_rate", "request_log"}
 _HTTP_ONLY_KEYS = {"base_url", "api_key_env", "endpoints", "headers", "timeout", "max_tokens",
                    "batch_api"}
-_DEFAULTS_KEYS = {"model", "mode", "batch_fallback", "retries", "params", "outage_timeout", "cache",
+_DEFAULTS_KEYS = {"model", "mode", "batch_fallback", "batch_deadline", "retries", "params", "outage_timeout", "cache",
                   "prompt_cache"}
 _CACHE_KEYS = {"backend", "path", "url", "ttl"}
 PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "batch_discount")
 _STAGE_KEYS = {
     "prompt": {"name", "model", "system", "prompt", "output", "parse", "params", "retries", "mode",
-               "batch_fallback",
+               "batch_fallback", "batch_deadline",
                "outage_timeout", "cache", "prompt_cache"},
     "filter": {"name", "filter"},
     "python": {"name", "python"},
@@ -113,6 +113,7 @@ class StageSpec:
     prompt_cache: bool = False  # mark the static prefix for the provider's prompt cache
     mode: str = "realtime"  # or "batch": through the provider's batch API
     batch_fallback: bool = False  # finish items a batch could not in realtime
+    batch_deadline: float | None = None  # seconds; then stragglers are finished in realtime
     definition: dict[str, Any] = field(default_factory=dict, compare=False)  # what is hashed
     filter: str | None = None
     python: str | None = None
@@ -286,6 +287,7 @@ def _pipeline(path: Path, data: _Mapping) -> Pipeline:
                          "model")
     defaults = _StageDefaults(
         model=default_model, mode=_mode(where), batch_fallback=_batch_fallback(where),
+        batch_deadline=_duration(where, "batch_deadline", 0.0) or None,
         retries=where.get("retries", int, default=6),
         params=where.get("params", dict, default={}),
         outage_timeout=_duration(where, "outage_timeout", DEFAULT_OUTAGE_TIMEOUT_S),
@@ -316,6 +318,7 @@ class _StageDefaults:
     model: str
     mode: str
     batch_fallback: bool
+    batch_deadline: float | None
     retries: int
     params: dict[str, Any]
     outage_timeout: float
@@ -553,6 +556,8 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
                      outage_timeout=outage_timeout, cache=cache, cache_namespace=namespace,
                      prompt_cache=where.get("prompt_cache", bool, default=defaults.prompt_cache),
                      mode=mode, batch_fallback=batch_fallback,
+                     batch_deadline=_duration(where, "batch_deadline",
+                                              defaults.batch_deadline or 0.0) or None,
                      definition=definition, fingerprint=_digest(definition))
 
 

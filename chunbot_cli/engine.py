@@ -104,6 +104,45 @@ def run(pipeline: Pipeline, options: RunOptions | None = None,
     return asyncio.run(Run(pipeline, options, progress).execute())
 
 
+def pending_batches(pipeline: Pipeline, stage: str | None = None,
+                    cancel: bool = False) -> list[dict[str, Any]]:
+    """The provider batches shards wait for, with their state at the provider (asked now);
+    with `cancel`, cancelled first. A later `run` collects what they finished and sends
+    the rest again."""
+    stages = [pipeline.stage(stage)] if stage else [s for s in pipeline.stages
+                                                     if s.kind == "llm"]
+    check_api_keys(pipeline, stages)
+    workdir = Workdir(pipeline.workdir, pipeline.compress)
+
+    async def ask() -> list[dict[str, Any]]:
+        from .llm.batch import Batches
+        from .llm.http import open_session
+
+        found = []
+        async with open_session(8) as session:
+            for spec in stages:
+                api = None
+                for shard, ledger in workdir.load_batches(spec.name).items():
+                    api = api or Batches(pipeline.models[spec.models[0]], session)
+                    for batch_id in ledger.get("batches", []):
+                        row = {"stage": spec.name, "shard": int(shard), "batch": batch_id}
+                        try:
+                            state = await (api.cancel(batch_id) if cancel
+                                           else api.state(batch_id))
+                            row.update(status=state.status, counts=state.counts)
+                        except ProviderError as e:
+                            row.update(status="unknown", error=str(e))
+                        found.append(row)
+        return found
+
+    from .llm.types import ProviderError
+
+    if not cancel:
+        return asyncio.run(ask())
+    with workdir.lock():
+        return asyncio.run(ask())
+
+
 def selected_stages(pipeline: Pipeline, options: RunOptions) -> list[StageSpec]:
     names = [s.name for s in pipeline.stages]
     if options.stage and options.until:

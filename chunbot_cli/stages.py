@@ -249,13 +249,23 @@ class LLMStage:
             save_ledger()
             items = [(_custom_id(i, ledger), request) for i, request in requests.items()]
             for part in split(items, client.spec):
-                ledger["batches"].append(await api.submit(
-                    part, {**metadata, "intent": ledger["intent"]}))
+                batch_id = await api.submit(part, {**metadata, "intent": ledger["intent"]})
+                if os.environ.get("CHUNBOT_FAILPOINT") == "batch-created":
+                    os.kill(os.getpid(), 9)  # tests: die where a crash costs the most
+                ledger["batches"].append(batch_id)
                 save_ledger()
             return None
         if requests:
             states = [await api.state(batch_id) for batch_id in ledger["batches"]]
             if not all(state.done for state in states):
+                deadline = self.spec.batch_deadline
+                if deadline and time.time() - ledger.get("intent_at", 0) > deadline \
+                        and not ledger.get("past_deadline"):
+                    ledger["past_deadline"] = True  # what is not done goes realtime
+                    save_ledger()
+                    for state in states:
+                        if not state.done:
+                            await api.cancel(state.id)
                 return None
             results: dict[str, Any] = {}
             for batch_id in ledger["batches"]:
@@ -271,7 +281,7 @@ class LLMStage:
                     retry[i] = request
                     ledger.setdefault("errors", {})[str(i)] = str(result)
             rounds = ledger.get("rounds", 0) + 1
-            if retry and self.spec.batch_fallback:
+            if retry and (self.spec.batch_fallback or ledger.get("past_deadline")):
                 await self._realtime(records, retry, finish)
             elif retry and rounds <= self.spec.retries:
                 ledger.update(rounds=rounds, batches=[], intent=None)  # a new batch for them
@@ -428,9 +438,10 @@ def _made_for(batch: Any, ledger: dict[str, Any]) -> bool:
 
 
 def _custom_id(index: int, ledger: dict[str, Any]) -> str:
-    """A batch item's id: its place in the shard, and which attempt at it this is."""
-    rounds = ledger.get("rounds", 0)
-    return f"c{index}r{rounds}" if rounds else f"c{index}"
+    """A batch item's id: the intent that sent it, and its place in the shard. A batch
+    adopted by mistake after a crash (Anthropic's are matched by time and size) has none of
+    this intent's ids, so its items are simply sent again, never taken for ours."""
+    return f"{ledger['intent']}-{index}"
 
 
 def price(provider: str, prices: dict[str, float], reply: Reply) -> float:

@@ -87,26 +87,50 @@ def test_batch_fallback_finishes_what_a_batch_could_not_in_realtime(project, sim
     assert server.stats()["answered"] > 0  # the expired ones, in realtime
 
 
-def test_a_crash_between_creating_a_batch_and_recording_it_makes_no_second_batch(
+def test_kill_9_between_creating_a_batch_and_recording_it_makes_no_second_batch(
         project, sim_server):
-    """batches.json is written with the intent before the batch is created and with its
-    id right after; here the id is taken out again, which is what a kill -9 between the
-    two leaves on disk. The next run must find the batch at the provider."""
+    """The process kills itself (SIGKILL, via CHUNBOT_FAILPOINT) right after the provider
+    created the batch and before batches.json names it; the next run must find that batch
+    at the provider instead of creating another."""
     server = sim_server("--batch-delay-s", "0.3")
     for provider in ("openai", "anthropic"):
-        batch = batch_project(project, server.url, provider, "batch", f"c-{provider}")
-        assert chunbot("run", str(batch), "-q", "--no-cache", cwd=project).returncode == 75
+        batch = batch_project(project, server.url, provider, "batch", f"k-{provider}")
+        batch.write_text(batch.read_text().replace("shard_size: 25", "shard_size: 100"))
+        killed = chunbot("run", str(batch), "-q", "--no-cache", cwd=project,
+                         env={"CHUNBOT_FAILPOINT": "batch-created"})
+        assert killed.returncode == -9
         created = server.stats()["batches_created"]
-        ledger_path = project / f"runs/c-{provider}/sentiment/batches.json"
-        ledger = json.loads(ledger_path.read_text())
-        for shard in ledger.values():
-            shard["batches"] = []  # created at the provider, never recorded here
-        ledger_path.write_text(json.dumps(ledger))
+        ledger = json.loads((project / f"runs/k-{provider}/sentiment/batches.json").read_text())
+        assert [s["batches"] for s in ledger.values()] == [[]]  # the intent, not the id
         for _ in range(20):
             result = chunbot("run", str(batch), "-q", "--no-cache", cwd=project)
             if result.returncode != 75:
                 break
         assert result.returncode == 0, result.stderr.decode()
-        reply_batches = 3  # the reply stage's, one per shard; no second sentiment batch
-        assert server.stats()["batches_created"] == created + reply_batches
-        assert len(read_stage(project / f"runs/c-{provider}", "sentiment")) == 60
+        # the sentiment batch was found, not made again; the reply stage's is the only new one
+        assert server.stats()["batches_created"] == created + 1
+        assert len(read_stage(project / f"runs/k-{provider}", "sentiment")) == 60
+
+
+def test_status_lists_pending_batches_and_cancel_cancels_them(project, sim_server):
+    server = sim_server("--batch-delay-s", "30")
+    batch = batch_project(project, server.url, "openai", "batch", "s")
+    assert chunbot("run", str(batch), "-q", "--no-cache", cwd=project).returncode == 75
+    status = chunbot("status", str(batch), cwd=project).stdout.decode()
+    assert status.count("batch batch_") == 3 and "(sentiment, shard 0)" in status
+    cancelled = chunbot("cancel", str(batch), cwd=project)
+    assert cancelled.returncode == 0 and cancelled.stdout.decode().count("cancel") == 3
+    data = json.loads(chunbot("status", str(batch), "--json", cwd=project).stdout)
+    assert {b["status"] for b in data["batches"]} <= {"cancelling", "cancelled"}
+
+
+def test_batch_deadline_finishes_stragglers_in_realtime(project, sim_server):
+    server = sim_server("--batch-delay-s", "60")
+    batch = batch_project(project, server.url, "anthropic", "batch", "d")
+    batch.write_text(batch.read_text().replace("mode: batch,", "mode: batch, "
+                                               "batch_deadline: 1s,"))
+    result = chunbot("run", str(batch), "-q", "--wait", "--no-cache", cwd=project,
+                     env={"CHUNBOT_BATCH_POLL_S": "0.3"}, timeout=120)
+    assert result.returncode == 0, result.stderr.decode()
+    assert len(read_stage(project / "runs/d", "reply")) == 30
+    assert server.stats()["answered"] == 60 + 30  # all of it in realtime, after the deadline

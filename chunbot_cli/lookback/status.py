@@ -89,6 +89,10 @@ def render(report: dict[str, Any]) -> str:
     for row in report["stages"]:
         if row["state"] != "fresh":
             lines.append(f"{row['stage']}: {row['state']}: {row['why']}")
+    for row in report.get("batches", []):
+        counts = ", ".join(f"{k} {v}" for k, v in (row.get("counts") or {}).items())
+        lines.append(f"batch {row['batch']} ({row['stage']}, shard {row['shard']}): "
+                     f"{row['status']}" + (f"; {counts}" if counts else ""))
     last = report.get("last_run")
     if last:
         lines.append(f"last run: started {last.get('started')}, ended {last.get('ended', '-')}, "
