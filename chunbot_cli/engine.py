@@ -284,6 +284,10 @@ class Run:
             elif stage.kind == "python":
                 runners[stage.name] = PythonStage(stage, self.pipeline.import_paths)
             else:
+                first = self.pipeline.models[stage.models[0]]
+                if self.options.mode == "batch" and not first.batch_api:
+                    self.note(f"stage {stage.name!r}: model {first.alias!r} has no batch API "
+                              "(batch_api: false): realtime")
                 self._connect(stage.models)
                 runners[stage.name] = LLMStage(stage, self.clients, self._open_cache(stage),
                                                cache_read=stage.name != self.options.rerun)
