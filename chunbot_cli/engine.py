@@ -117,6 +117,7 @@ def pending_batches(pipeline: Pipeline, stage: str | None = None,
     async def ask() -> list[dict[str, Any]]:
         from .llm.batch import Batches
         from .llm.http import open_session
+        from .llm.types import ProviderError
 
         found = []
         async with open_session(8) as session:
@@ -134,8 +135,6 @@ def pending_batches(pipeline: Pipeline, stage: str | None = None,
                             row.update(status="unknown", error=str(e))
                         found.append(row)
         return found
-
-    from .llm.types import ProviderError
 
     if not cancel:
         return asyncio.run(ask())
@@ -256,9 +255,14 @@ class Run:
         if stage.name != self.options.rerun or not self._partial_rerun:
             return False
         if self.options.rerun_failed:
-            return bool(entry.get("failed"))
-        ids = self.options.rerun_ids or frozenset()
-        return any(str(t.get("_id")) in ids for t in self.workdir.read_trace(stage.name, shard))
+            return bool(entry.get("failed"))  # state.json says so: no need to read the trace
+        return any(map(self._redoes, self.workdir.read_trace(stage.name, shard)))
+
+    def _redoes(self, trace: dict[str, Any]) -> bool:
+        """Whether a partial rerun sends this record (its trace entry) again."""
+        if self.options.rerun_failed:
+            return trace.get("error") is not None
+        return str(trace.get("_id")) in (self.options.rerun_ids or ())
 
     def _reusable(self, stage: StageSpec, shard: int) -> dict[int, dict[str, Any]]:
         """For a partial rerun: the shard's finished records that stay as they are."""
@@ -266,14 +270,10 @@ class Run:
             return {}
         kept = {}
         for i, trace in enumerate(self.workdir.read_trace(stage.name, shard)):
-            failed = trace.get("error") is not None
-            if self.options.rerun_failed:
-                redo = failed
-            else:
-                redo = str(trace.get("_id")) in (self.options.rerun_ids or ())
-            if not redo:
-                kept[i] = ({"i": i, "error": trace["error"], "trace": trace} if failed
-                           else {"i": i, "out": trace.get("output"), "trace": trace})
+            if not self._redoes(trace):
+                kept[i] = ({"i": i, "out": trace.get("output"), "trace": trace}
+                           if trace.get("error") is None
+                           else {"i": i, "error": trace["error"], "trace": trace})
         return kept
 
     def _make_runners(self) -> dict[str, Any]:

@@ -206,8 +206,8 @@ class LLMStage:
             keys = {i: self.cache_key(first, request) for i, request in requests.items()}
             found = await self.cache.get_many(list(keys.values()))
             for i, key in keys.items():
-                entry = found.get(key) and self.from_cache(i, records[i], requests[i], first,
-                                                           found[key])
+                entry = found.get(key) and self.answered(i, records[i], requests[i], first,
+                                                         found[key], "cache")
                 if entry:
                     del requests[i]
                     finish(entry)
@@ -273,7 +273,7 @@ class LLMStage:
             retry: dict[int, Request] = {}
             for i, request in requests.items():
                 result = results.get(_custom_id(i, ledger), "not in the batch's results")
-                entry = (self.accepted(i, records[i], request, client, result)
+                entry = (self.answered(i, records[i], request, client, result, "batch")
                          if isinstance(result, Reply) else None)
                 if entry is not None:
                     finish(entry)
@@ -298,28 +298,6 @@ class LLMStage:
         save_ledger()
         return self.assemble(records, entries)
 
-    def accepted(self, index: int, record: dict[str, Any], request: Request,
-                 client: "ModelClient", reply: Reply) -> dict[str, Any] | None:
-        """A journal entry for a reply that came back in a batch; None when it does not
-        parse (the item is then retried)."""
-        try:
-            value = self.parse(reply.text)
-        except ValueError:
-            return None
-        prices = client.spec.price
-        trace = self._trace(record, request)
-        trace.update(model=client.spec.alias, model_name=reply.model, batch=True,
-                     response=reply.text, output=value, error=None,
-                     tokens={"in": reply.input_tokens, "out": reply.output_tokens,
-                             "cached": reply.cached_tokens,
-                             "cache_write": reply.cache_write_tokens},
-                     cost=round(price(client.spec.provider, prices, reply)
-                                * (1 - prices.get("batch_discount", 0.5)), 8),
-                     cost_full=round(full_price(prices, reply), 8))
-        if self.cache is not None:
-            self.cache.put(self.cache_key(client, request), reply)
-        return {"i": index, "out": value, "trace": trace}
-
     def request(self, record: dict[str, Any]) -> Request:
         messages = []
         if self.system is not None:
@@ -336,26 +314,32 @@ class LLMStage:
                 "request": {"messages": request.messages, "params": request.params},
                 "attempts": [], "cache_hit": False}
 
-    def from_cache(self, index: int, record: dict[str, Any], request: Request,
-                   client: "ModelClient", reply: Reply) -> dict[str, Any] | None:
-        """A journal entry for a cached reply; None when it no longer parses (the stage's
-        `parse` changed), so the request is sent instead."""
+    def answered(self, index: int, record: dict[str, Any], request: Request,
+                 client: "ModelClient", reply: Reply, source: str) -> dict[str, Any] | None:
+        """A journal entry for a reply that came from the local cache (`source` "cache":
+        no cost) or from a provider batch ("batch": at the batch discount, and cached);
+        None when it does not parse, so the request is sent again."""
         try:
             value = self.parse(reply.text)
         except ValueError:
             return None
+        prices = client.spec.price
+        cost = 0.0 if source == "cache" else (price(client.spec.provider, prices, reply)
+                                              * (1 - prices.get("batch_discount", 0.5)))
         trace = self._trace(record, request)
-        trace.update(cache_hit=True, model=client.spec.alias, model_name=reply.model,
-                     response=reply.text, output=value, error=None,
-                     tokens={"in": reply.input_tokens, "out": reply.output_tokens},
-                     cost=0.0, cost_full=full_price(client.spec.price, reply))
+        trace.update(model=client.spec.alias, model_name=reply.model, response=reply.text,
+                     output=value, error=None, tokens=_tokens(reply), cost=round(cost, 8),
+                     cost_full=round(full_price(prices, reply), 8))
+        trace["cache_hit" if source == "cache" else "batch"] = True
+        if source == "batch" and self.cache is not None:
+            self.cache.put(self.cache_key(client, request), reply)
         return {"i": index, "out": value, "trace": trace}
 
     async def process(self, index: int, record: dict[str, Any],
                       request: Request) -> dict[str, Any]:
         """One record → a journal entry: {i, out | error, trace}."""
         trace = self._trace(record, request)
-        tokens = {"in": 0, "out": 0, "cached": 0, "cache_write": 0}
+        tokens = dict.fromkeys(("in", "out", "cached", "cache_write"), 0)
         cost = cost_full = 0.0
         error = "no model answered"
         for n, client in enumerate(self.clients):
@@ -364,8 +348,8 @@ class LLMStage:
                 key = self.cache_key(client, request)
                 if n and self.cache_read:  # the first model's were looked up with the shard
                     found = await self.cache.get_many([key])
-                    entry = key in found and self.from_cache(index, record, request, client,
-                                                             found[key])
+                    entry = key in found and self.answered(index, record, request, client,
+                                                           found[key], "cache")
                     if entry:
                         entry["trace"]["attempts"] = trace["attempts"]
                         return entry
@@ -377,10 +361,8 @@ class LLMStage:
                 error = f"model {client.spec.alias!r}: {result.error}"
                 continue
             reply = result.reply
-            tokens["in"] += reply.input_tokens
-            tokens["out"] += reply.output_tokens
-            tokens["cached"] += reply.cached_tokens
-            tokens["cache_write"] += reply.cache_write_tokens
+            for name, count in _tokens(reply).items():
+                tokens[name] += count
             cost += price(client.spec.provider, client.spec.price, reply)
             cost_full += full_price(client.spec.price, reply)
             trace.update(model=client.spec.alias, model_name=reply.model,
@@ -425,6 +407,11 @@ class LLMStage:
                 record[field_name] = entry["out"]
                 out.records.append(record)
         return out
+
+
+def _tokens(reply: Reply) -> dict[str, int]:
+    return {"in": reply.input_tokens, "out": reply.output_tokens,
+            "cached": reply.cached_tokens, "cache_write": reply.cache_write_tokens}
 
 
 def _made_for(batch: Any, ledger: dict[str, Any]) -> bool:

@@ -20,7 +20,7 @@ import orjson
 
 from ..config import ModelSpec
 from . import anthropic, openai
-from .http import api_key
+from .http import RETRYABLE_STATUS, api_key
 from .types import ProviderError, Reply, Request, excerpt
 
 # Per batch: (most requests, most bytes of request bodies)
@@ -85,7 +85,7 @@ class Batches:
                     if self.key:
                         text = text.replace(self.key, "***")
                     raise ProviderError(f"batch API: HTTP {response.status} from {url}: {text}",
-                                        retryable=response.status == 429
+                                        retryable=response.status in RETRYABLE_STATUS
                                         or response.status >= 500, status=response.status)
                 return data if raw else orjson.loads(data)
         except aiohttp.ClientError as e:
