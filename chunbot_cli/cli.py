@@ -117,12 +117,14 @@ def _execute(pipeline: Path, options: engine.RunOptions, quiet: bool,
     try:
         report = engine.run(config.load(pipeline), options,
                             make_progress(quiet, log_format.value))
-    except (config.ConfigError, engine.InputError) as e:
+    except (config.ConfigError, engine.InputError, engine.StoreError) as e:
         raise _fail(str(e), engine.EXIT_USAGE) from None
     except engine.Locked as e:
         raise _fail(str(e), engine.EXIT_LATER) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted; run the same command again to resume", 130) from None
+    except engine.Interrupted as e:
+        raise _fail(str(e), e.exit_code) from None
+    except KeyboardInterrupt:  # before the run had started
+        raise _fail("interrupted; nothing was run", 130) from None
     raise typer.Exit(report.exit_code)
 
 
@@ -180,9 +182,8 @@ def status(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
     try:
         loaded = config.load(pipeline)
         report = lookback.status(loaded)
-        if any(s.mode == "batch" for s in loaded.stages):
-            report["batches"] = engine.pending_batches(loaded)
-    except (config.ConfigError, ValueError) as e:
+        report["batches"] = engine.pending_batches(loaded)
+    except (config.ConfigError, engine.StoreError) as e:
         raise _fail(str(e), engine.EXIT_USAGE) from None
     if as_json:
         import orjson
@@ -202,7 +203,7 @@ def trace(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
 
     try:
         found = lookback.find(config.load(pipeline), record_id)
-    except (config.ConfigError, ValueError) as e:
+    except (config.ConfigError, engine.StoreError) as e:
         raise _fail(str(e), engine.EXIT_USAGE) from None
     if found is None:
         raise _fail(f"no record with _id {record_id!r} in {pipeline}'s runs", 1)
@@ -313,15 +314,33 @@ def serve(
                                            help="Share of batch items that come back errored."),
     batch_expire_rate: float = typer.Option(0.0, min=0, max=1,
                                             help="Share of batch items that expire."),
+    hang_rate: float = typer.Option(0.0, min=0, max=1,
+                                    help="Share of requests accepted and never answered: held "
+                                    "until the client gives up (an hour at most), then the "
+                                    "connection is dropped; drawn with --seed; 'hung' in "
+                                    "/stats."),
+    fail_prompt: Optional[str] = typer.Option(None, help="Answer 500 (the vendor's error body) "
+                                              "to every request whose messages contain this "
+                                              "text, every time: a poisoned record; "
+                                              "'poisoned' in /stats."),
+    storm_s: float = typer.Option(0.0, min=0, help="A rate-limit storm: for this many seconds "
+                                  "from the first chat/messages request, answer every one 429 "
+                                  "with retry-after."),
+    storm_retry_after: int = typer.Option(1, min=0, help="The retry-after (seconds) of the "
+                                          "storm's 429s; retry-after-ms says the same."),
 ) -> None:
     """Serve the sim model over HTTP: OpenAI and Anthropic routes, plus /stats for tests."""
     from .sim import server  # aiohttp.web is only needed here: keep the other commands' start fast
 
+    if fail_prompt == "":
+        raise typer.BadParameter("must not be empty", param_hint="--fail-prompt")
     server.serve(server.Options(host=host, port=port, latency_ms=latency_ms, jitter_ms=jitter_ms,
                                 error_rate=error_rate, rpm=rpm, tpm=tpm, api_key=api_key,
                                 malformed=malformed.value if malformed else None, seed=seed,
                                 batch_delay_s=batch_delay_s, batch_error_rate=batch_error_rate,
-                                batch_expire_rate=batch_expire_rate))
+                                batch_expire_rate=batch_expire_rate, hang_rate=hang_rate,
+                                fail_prompt=fail_prompt, storm_s=storm_s,
+                                storm_retry_after=storm_retry_after))
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,14 +28,27 @@ import orjson
 
 from .config import ConfigError, Pipeline, StageSpec, check_api_keys
 from .source import InputError, Shard, parse_line, read_shards, resolve
-from .stages import Counters, FilterStage, LLMStage, PythonStage, StageOutput
-from .store import Journal, Locked, Workdir, dumps_lines
+from .stages import Counters, FilterStage, LLMStage, PythonStage, StageOutput, failure
+from .store import (Journal, Locked, StoreError, Workdir, describe, dumps_lines, encode_lines,
+                    printable)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LATER = 0, 1, 2, 75
 BATCH_POLL_S = float(os.environ.get("CHUNBOT_BATCH_POLL_S", "30"))
 MAX_SHARDS_IN_FLIGHT = 64
 
-__all__ = ["RunOptions", "RunReport", "run", "ConfigError", "InputError", "Locked"]
+__all__ = ["RunOptions", "RunReport", "run", "ConfigError", "InputError", "Locked",
+           "StoreError", "Interrupted"]
+
+
+class Interrupted(Exception):
+    """The run was stopped by SIGINT (Ctrl-C) or SIGTERM; what finished is kept."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        self.exit_code = 128 + signum
+        name = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+        super().__init__(f"{name}: what finished is kept; run the same command again to "
+                         "resume")
 
 
 @dataclass
@@ -77,6 +91,7 @@ class RunReport:
     cache_hits: int = 0
     cache_misses: int = 0
     notes: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)  # what stopped work beyond one record
 
 
 class Progress(Protocol):
@@ -101,18 +116,36 @@ def run(pipeline: Pipeline, options: RunOptions | None = None,
     """
     options = options or RunOptions()
     check_api_keys(pipeline, selected_stages(pipeline, options))
-    return asyncio.run(Run(pipeline, options, progress).execute())
+    work = Run(pipeline, options, progress)
+    try:
+        return asyncio.run(work.execute())
+    except asyncio.CancelledError:
+        if work.stopped_by is None:
+            raise
+        raise Interrupted(work.stopped_by) from None
+    except OSError as e:  # the lock or state.json, before or after the shards' work
+        raise StoreError(f"cannot write the workdir: {describe(e)}") from None
 
 
 def pending_batches(pipeline: Pipeline, stage: str | None = None,
                     cancel: bool = False) -> list[dict[str, Any]]:
-    """The provider batches shards wait for, with their state at the provider (asked now);
-    with `cancel`, cancelled first. A later `run` collects what they finished and sends
-    the rest again."""
-    stages = [pipeline.stage(stage)] if stage else [s for s in pipeline.stages
-                                                     if s.kind == "llm"]
-    check_api_keys(pipeline, stages)
+    """The provider batches shards wait for (however batch mode was chosen: the YAML or
+    `--mode batch`), with their state at the provider, asked now; with `cancel`,
+    cancelled first. A later `run` collects what they finished and sends the rest again.
+    Without the model's API key, they are listed unasked (cancelling needs it)."""
     workdir = Workdir(pipeline.workdir, pipeline.compress)
+    chosen = [pipeline.stage(stage)] if stage else [s for s in pipeline.stages
+                                                    if s.kind == "llm"]
+    ledgers = {s.name: workdir.load_batches(s.name) for s in chosen}
+    stages = [s for s in chosen if ledgers[s.name]]
+    keyless: dict[str, str] = {}
+    for spec in stages:
+        try:
+            check_api_keys(pipeline, [spec])
+        except ConfigError as e:
+            if cancel:
+                raise
+            keyless[spec.name] = str(e)
 
     async def ask() -> list[dict[str, Any]]:
         from .llm.batch import Batches
@@ -123,19 +156,24 @@ def pending_batches(pipeline: Pipeline, stage: str | None = None,
         async with open_session(8) as session:
             for spec in stages:
                 api = None
-                for shard, ledger in workdir.load_batches(spec.name).items():
-                    api = api or Batches(pipeline.models[spec.models[0]], session)
+                for shard, ledger in ledgers[spec.name].items():
                     for batch_id in ledger.get("batches", []):
                         row = {"stage": spec.name, "shard": int(shard), "batch": batch_id}
+                        found.append(row)
+                        if spec.name in keyless:
+                            row.update(status="unknown", error=keyless[spec.name])
+                            continue
+                        api = api or Batches(pipeline.models[spec.models[0]], session)
                         try:
                             state = await (api.cancel(batch_id) if cancel
                                            else api.state(batch_id))
                             row.update(status=state.status, counts=state.counts)
                         except ProviderError as e:
                             row.update(status="unknown", error=str(e))
-                        found.append(row)
         return found
 
+    if not stages:
+        return []
     if not cancel:
         return asyncio.run(ask())
     with workdir.lock():
@@ -179,22 +217,32 @@ class Run:
         self.batch_ledgers: dict[str, dict[str, Any]] = {}  # batches.json per stage
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self.state: dict[str, Any] = {}
+        self.stopped_by: int | None = None  # the signal that interrupted the run
+        self.stopping = False  # a fault of the workdir: read no more input
+        self.missing_parts: set[str] = set()  # stages whose part files were found gone
+        self.collecting: set[str] = set()  # realtime stages collecting earlier batches
 
     async def execute(self) -> RunReport:
         with self.workdir.lock() as previous_holder:
             if previous_holder and previous_holder != str(os.getpid()):
                 self.note(f"took over the lock left by pid {previous_holder}, "
                           "which is no longer running")
+            self.workdir.remove_temp_files()
             self.state = self.workdir.load_state()
             self.state["last_run"] = {"started": _now(), "pid": os.getpid()}
             self._reset_changed_stages()
             ticker = None
+            self._on_signals(asyncio.current_task())
             try:
                 runners = self._make_runners()
                 if self.progress:
                     self.progress.start(self)
                 ticker = asyncio.create_task(self._tick())
                 await self._walk(runners)
+            except asyncio.CancelledError:
+                if self.stopped_by is not None:
+                    self._record_interruption()
+                raise
             finally:
                 if ticker is not None:
                     ticker.cancel()
@@ -211,6 +259,33 @@ class Run:
         if self.progress:
             self.progress.finish(self, self.report)
         return self.report
+
+    def _on_signals(self, task: asyncio.Task[Any] | None) -> None:
+        """SIGINT and SIGTERM stop the run the same way: no new requests, what finished
+        is committed or stays in the journals, state.json says how the run ended."""
+        loop = asyncio.get_running_loop()
+
+        def stop(signum: int) -> None:
+            if self.stopped_by is None and task is not None:
+                self.stopped_by = signum
+                task.cancel()
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, stop, signum)
+            except (ValueError, RuntimeError):  # not the main thread (a notebook's worker)
+                return
+
+    def _record_interruption(self) -> None:
+        assert self.stopped_by is not None
+        self.report.seconds = time.monotonic() - self.started
+        self.report.exit_code = 128 + self.stopped_by
+        self.state["last_run"].update(ended=_now(), exit_code=self.report.exit_code,
+                                      interrupted=signal.Signals(self.stopped_by).name)
+        self.committer.shutdown(wait=True)  # the commits under way belong in the state
+        self.workdir.save_state(self.state)
+        if self.progress:
+            self.progress.finish(self, self.report)
 
     # planning
     def _stage_state(self, stage: StageSpec) -> dict[str, Any]:
@@ -329,44 +404,86 @@ class Run:
                    for a in aliases if self.pipeline.models[a].provider != "sim")
 
     def _plan(self, shard: Shard) -> tuple[list[StageSpec], str]:
-        """The stages to compute for this shard and the source token the first one reads."""
-        source = shard.digest
-        for position, stage in enumerate(self.pipeline.stages[: self.last + 1]):
+        """The stages to compute for this shard and the source token the first one reads.
+
+        state.json is trusted only as far as the files it vouches for exist: a selected
+        stage's shard whose part file is gone is recomputed, and so is an upstream one
+        whose part a recomputed stage must read."""
+        stages = self.pipeline.stages[: self.last + 1]
+        sources = [shard.digest]
+        for position, stage in enumerate(stages):
             entry = self.state["stages"].get(stage.name, {}).get("shards", {}).get(str(shard.index))
-            fresh = (entry is not None and entry["src"] == source
+            fresh = (entry is not None and entry["src"] == sources[-1]
                      and self.state["stages"][stage.name]["fingerprint"] == stage.fingerprint
                      and not self._redo(stage, shard.index, entry))
+            if fresh and stage in self.selected and not self._has_part(stage, shard.index):
+                fresh = False
             if not fresh:
-                if stage not in self.selected:
-                    raise self._upstream_not_fresh(stage, shard.index)
-                return self.pipeline.stages[position: self.last + 1], source
-            source = entry["token"]
-        return [], source
+                break
+            sources.append(entry["token"])
+        else:
+            return [], sources[-1]
+        while position > 0 and not self._has_part(stages[position - 1], shard.index):
+            position -= 1  # what the stale stage reads is gone too: make it again
+        if stages[position] not in self.selected:
+            raise self._upstream_not_fresh(stages[position], shard.index)
+        return stages[position:], sources[position]
+
+    def _has_part(self, stage: StageSpec, shard: int) -> bool:
+        if self.workdir.part_path(stage.name, shard).exists():
+            return True
+        if stage.name not in self.missing_parts:
+            self.note(f"stage {stage.name!r}: the output of shard {shard} is missing "
+                      f"({self.workdir.part_path(stage.name, shard)}): recomputing it")
+        self.missing_parts.add(stage.name)
+        return False
 
     # the shard walk
     async def _walk(self, runners: dict[str, Any]) -> None:
         window = asyncio.Semaphore(self._window(runners))
-        jobs: set[asyncio.Task[None]] = set()
+        jobs: dict[asyncio.Task[None], int] = {}
+
+        def finished(job: asyncio.Task[None]) -> None:
+            shard = jobs.pop(job)
+            window.release()
+            if not job.cancelled() and job.exception() is not None:
+                self._job_failed(shard, job.exception())
+                if self.stopping:
+                    for other in jobs:
+                        other.cancel()
+
         count = 0
+        read_through = False
+        if self.options.limit is None:
+            self.state.pop("input_shards", None)  # known again once the input is read through
         try:
-            for shard in read_shards(self.files, self.pipeline.shard_size, self.options.limit):
-                count += 1
-                self.report.lines_read += len(shard.lines)
-                self.bytes_read += shard.size + len(shard.lines)
-                todo, source = self._plan(shard)
-                for stage in self.selected:
-                    if stage not in todo:
-                        self.report.stages[stage.name].shards_skipped += 1
-                if not todo:
-                    continue
-                await window.acquire()
-                job = asyncio.create_task(self._shard_job(shard, todo, source, runners))
-                job.add_done_callback(lambda _: window.release())
-                jobs.add(job)
-                job.add_done_callback(jobs.discard)
-                await asyncio.sleep(0)  # let running jobs see their replies between shards
-            if jobs:
-                await asyncio.gather(*jobs)
+            try:
+                for shard in read_shards(self.files, self.pipeline.shard_size,
+                                         self.options.limit):
+                    if self.stopping:
+                        break
+                    count += 1
+                    self.report.lines_read += len(shard.lines)
+                    self.bytes_read += shard.size + len(shard.lines)
+                    todo, source = self._plan(shard)
+                    for stage in self.selected:
+                        if stage not in todo:
+                            self.report.stages[stage.name].shards_skipped += 1
+                    if not todo:
+                        continue
+                    await window.acquire()
+                    job = asyncio.create_task(self._shard_job(shard, todo, source, runners))
+                    jobs[job] = shard.index
+                    job.add_done_callback(finished)
+                    await asyncio.sleep(0)  # let running jobs see their replies between shards
+                else:
+                    read_through = not self.stopping
+            except InputError as e:  # a file that breaks off after some shards were read
+                if count == 0:
+                    raise
+                self.report.errors.append(f"{e}; the records read before it were processed")
+            while jobs:
+                await asyncio.wait(list(jobs))
         except BaseException:
             for job in jobs:
                 job.cancel()
@@ -374,11 +491,26 @@ class Run:
             raise
         if count == 0:
             self.note("input is empty: nothing to do")
-        elif not any(stage.shards_run for stage in self.report.stages.values()):
+        elif not any(stage.shards_run for stage in self.report.stages.values()) \
+                and not self.report.errors:
             self.note("every selected stage is up to date: nothing to do")
-        if self.options.limit is None:
+        if self.options.limit is None and read_through:
             self._forget_shards_from(count)
             self.state["input_shards"] = count
+
+    def _job_failed(self, shard: int, error: BaseException) -> None:
+        """A shard job that raised: its shard stays undone (the next run redoes it) and the
+        run ends with exit 1. A workdir that cannot be written stops the whole run."""
+        if isinstance(error, OSError):
+            if not self.stopping:
+                self.stopping = True
+                self.report.errors.append(
+                    f"cannot write the workdir: {describe(error)}; stopped (what was "
+                    "committed is kept: free space or fix the permissions, then run again "
+                    "to resume)")
+            return
+        self.report.errors.append(f"shard {shard}: {type(error).__name__}: {error} "
+                                  "(a bug in chunbot; the shard is redone by the next run)")
 
     def _window(self, runners: dict[str, Any]) -> int:
         """Shards in flight: enough for every LLM stage to fill its concurrency twice over."""
@@ -464,7 +596,10 @@ class Run:
         counts = self.report.stages[stage.name].counts
         journal = Journal(self.workdir.journal_path(stage.name, shard),
                           {"stage": stage.name, "fingerprint": stage.fingerprint, "src": source})
-        done = {**self._reusable(stage, shard), **journal.load()}
+        restored = {i: e for i, e in journal.load().items() if i < len(records)}
+        for entry in restored.values():  # finished by an interrupted run: counted here too
+            counts.count(entry)
+        done = {**self._reusable(stage, shard), **restored}
         journal.open(done)
 
         def on_done(entry: dict[str, Any]) -> None:
@@ -473,9 +608,11 @@ class Run:
             counts.count(entry)
 
         try:
-            if not self._batched(stage):
-                return await runner.run(records, done, on_done)
-            return await self._run_batch(runner, stage, shard, source, records, done, on_done)
+            batched = self._batched(stage)
+            if batched or self._batches_pending(stage, shard, source):
+                return await self._run_batch(runner, stage, shard, source, records, done,
+                                             on_done, realtime_rest=not batched)
+            return await runner.run(records, done, on_done)
         finally:
             journal.close()
 
@@ -483,9 +620,25 @@ class Run:
         mode = self.options.mode or stage.mode
         return mode == "batch" and self.pipeline.models[stage.models[0]].batch_api
 
+    def _batches_pending(self, stage: StageSpec, shard: int, source: str) -> bool:
+        """Whether an earlier batch-mode run left batches at the provider for this shard
+        (as it is now). A realtime run collects them rather than pay for the same
+        requests twice, and sends only what they do not answer."""
+        ledger = self._ledgers(stage).get(str(shard))
+        pending = bool(ledger and (ledger.get("batches") or ledger.get("intent"))
+                       and ledger.get("src") == source
+                       and ledger.get("fingerprint") == stage.fingerprint)
+        if pending and stage.name not in self.collecting:
+            self.collecting.add(stage.name)
+            self.note(f"stage {stage.name!r}: provider batches of an earlier batch-mode run "
+                      "are pending: collecting them instead of sending their requests again "
+                      f"(`chunbot cancel {self.pipeline.path} --stage {stage.name}` gives up "
+                      "on them; what they did not answer then goes in realtime)")
+        return pending
+
     async def _run_batch(self, runner: LLMStage, stage: StageSpec, shard: int, source: str,
                          records: list[dict[str, Any]], done: dict[int, dict[str, Any]],
-                         on_done: Any) -> StageOutput | None:
+                         on_done: Any, realtime_rest: bool = False) -> StageOutput | None:
         from .llm.batch import Batches
 
         ledgers = self._ledgers(stage)
@@ -511,7 +664,7 @@ class Run:
 
         while True:
             output = await runner.run_batch(records, finished, remember, ledger, save, api,
-                                            metadata)
+                                            metadata, realtime_rest)
             if output is not None or not self.options.wait:
                 return output
             await asyncio.sleep(BATCH_POLL_S)
@@ -529,6 +682,7 @@ class Run:
         its upstream, and fsyncs overlap with the next shard's work.
         """
         token = os.urandom(8).hex()
+        records, trace, errors = self._encode(stage, shard, output)
         counts = output.counts
         entry = {"src": source, "token": token, "in": counts.records_in,
                  "out": counts.records_out, "failed": counts.failed,
@@ -536,12 +690,41 @@ class Run:
                  "tokens_out": counts.tokens_out, "tokens_cached": counts.tokens_cached,
                  "cache_hits": counts.cache_hits, "cost": round(counts.cost, 8),
                  "cost_full": round(counts.cost_full, 8)}
-        records = dumps_lines(output.records)
-        trace = None if output.trace is None else dumps_lines(output.trace)
-        errors = dumps_lines({**e, "shard": shard} for e in output.errors)
         future = asyncio.get_running_loop().run_in_executor(
             self.committer, self._persist, stage, shard, entry, records, trace, errors, ids)
         return token, future
+
+    def _encode(self, stage: StageSpec, shard: int,
+                output: StageOutput) -> tuple[bytes, bytes | None, bytes]:
+        """The shard's part, trace and error lines. A record JSON cannot hold (a set, a
+        key that is not a string, too deep) is that record's failure: it leaves the
+        output, before the next stage sees it, for errors.jsonl."""
+        records, bad = encode_lines(output.records)
+        if bad:
+            counts = (output.counts, self.report.stages[stage.name].counts)
+            for i, why in reversed(bad):
+                record = output.records.pop(i)
+                output.errors.append(failure(stage.name, printable(record),
+                                             f"the record cannot be written as JSON: {why}"))
+            for c in counts:
+                c.records_out -= len(bad)
+                c.failed += len(bad)
+        trace = None
+        if output.trace is not None:
+            trace, bad = encode_lines(output.trace)
+            if bad:  # one line per record, always: `rerun` reads them by position
+                for i, why in bad:
+                    output.trace[i] = {"_id": printable(output.trace[i].get("_id")),
+                                       "stage": stage.name,
+                                       "error": f"the trace cannot be written as JSON: {why}"}
+                trace = dumps_lines(output.trace)
+        lines = [{**e, "shard": shard} for e in output.errors]
+        errors, bad = encode_lines(lines)
+        if bad:
+            for i, _ in bad:
+                lines[i] = printable(lines[i])
+            errors = dumps_lines(lines)
+        return records, trace, errors
 
     def _persist(self, stage: StageSpec, shard: int, entry: dict[str, Any], records: bytes,
                  trace: bytes | None, errors: bytes, ids: list[Any] | None) -> None:

@@ -9,13 +9,12 @@ failure (with its file and line number) instead of stopping the run. A shard's d
 from __future__ import annotations
 
 import glob
-import io
 import os
 import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 import orjson
 
@@ -58,7 +57,11 @@ def resolve(spec: str) -> list[str]:
         return files
     path = Path(spec)
     if path.is_dir():
-        return sorted(str(p) for p in path.rglob("*") if p.is_file() and _is_jsonl(p.name))
+        files = sorted(str(p) for p in path.rglob("*") if p.is_file() and _is_jsonl(p.name))
+        if not files:
+            raise InputError(f"input {spec!r}: the folder holds no .jsonl, .jsonl.zst or "
+                             ".ndjson file")
+        return files
     if not path.exists():
         raise InputError(f"input {spec!r}: no such file or folder")
     if not os.access(path, os.R_OK):
@@ -70,20 +73,40 @@ def _is_jsonl(name: str) -> bool:
     return name.endswith((".jsonl", ".jsonl.zst", ".ndjson"))
 
 
-def _open(name: str) -> IO[bytes]:
+def _blocks(name: str) -> Iterator[bytes]:
+    """The decompressed bytes of one input file, block by block; raises InputError when
+    it cannot be read, or is a .zst file that is not zstd or ends mid-frame (a truncated
+    copy would otherwise pass for a shorter input)."""
     if name == "-":
-        return sys.stdin.buffer
-    raw = open(name, "rb", buffering=1 << 20)
-    if name.endswith(".zst"):
+        yield from iter(lambda: sys.stdin.buffer.read1(BLOCK_SIZE), b"")
+        return
+    with open(name, "rb", buffering=0) as raw:
+        blocks = iter(lambda: raw.read(BLOCK_SIZE), b"")
+        if not name.endswith(".zst"):
+            yield from blocks
+            return
         try:
             import zstandard
         except ImportError:
-            raw.close()
             raise InputError(f"input {name!r}: reading .zst needs pip install 'chunbot[zstd]'") \
                 from None
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True),
-                                 buffer_size=BLOCK_SIZE)
-    return raw
+        frame, open_frame = zstandard.ZstdDecompressor().decompressobj(), False
+        for block in blocks:
+            while block:  # a file may hold several frames one after the other
+                try:
+                    data = frame.decompress(block)
+                except zstandard.ZstdError as e:
+                    raise InputError(f"input {name!r}: not valid zstd data ({e})") from None
+                open_frame = True
+                if data:
+                    yield data
+                block = b""
+                if frame.eof:
+                    block, open_frame = frame.unused_data, False
+                    frame = zstandard.ZstdDecompressor().decompressobj()
+        if open_frame:
+            raise InputError(f"input {name!r}: the file ends in the middle of a zstd frame "
+                             "(truncated?)")
 
 
 def read_shards(files: list[str], shard_size: int, limit: int | None = None) -> Iterator[Shard]:
@@ -96,11 +119,11 @@ def read_shards(files: list[str], shard_size: int, limit: int | None = None) -> 
     shard = Shard(index=0, start=0, lines=[])
     position = 0
     for name in files:
-        handle = _open(name)
+        blocks = _blocks(name)
         consumed, first, tail = 0, 1, b""
         try:
             while limit is None or position < limit:
-                block = handle.read1(BLOCK_SIZE)
+                block = next(blocks, b"")
                 if block:
                     lines = (tail + block).split(b"\n")
                     tail = lines.pop()
@@ -124,10 +147,9 @@ def read_shards(files: list[str], shard_size: int, limit: int | None = None) -> 
                         shard = Shard(index=shard.index + 1, start=position, lines=[])
                         first = consumed + 1
         except OSError as e:
-            raise InputError(f"input {name!r}: {e}") from None
+            raise InputError(f"input {name!r}: {e.strerror or e}") from None
         finally:
-            if handle is not sys.stdin.buffer:
-                handle.close()
+            blocks.close()
         if consumed >= first:
             shard.origins.append((name, first, consumed - first + 1))
     if shard.lines:

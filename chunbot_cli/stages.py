@@ -226,13 +226,15 @@ class LLMStage:
     async def run_batch(self, records: list[dict[str, Any]], done: dict[int, dict[str, Any]],
                         on_done: Callable[[dict[str, Any]], None], ledger: dict[str, Any],
                         save_ledger: Callable[[], None], api: "Batches",
-                        metadata: dict[str, str]) -> StageOutput | None:
+                        metadata: dict[str, str], realtime_rest: bool = False
+                        ) -> StageOutput | None:
         """The shard through the provider's batch API: None while its batch is pending.
 
         `ledger` is this shard's record in batches.json. The intent is saved before a
         batch is created and each id right after, so a crash in between is reconciled with
         the provider's list of batches (by the intent in their metadata) rather than
-        creating a second batch."""
+        creating a second batch. With `realtime_rest` (a realtime run finding batches an
+        earlier run left) it creates none: it collects them, and sends the rest in realtime."""
         from .llm.batch import split
 
         entries, finish, requests = await self._open(records, done, on_done)
@@ -244,6 +246,11 @@ class LLMStage:
                     ledger["batches"] = found
                     save_ledger()
                     return None
+            if realtime_rest:
+                await self._realtime(records, requests, finish)
+                ledger.clear()
+                save_ledger()
+                return self.assemble(records, entries)
             ledger.update(intent=os.urandom(6).hex(), intent_at=time.time(), batches=[],
                           items=len(requests))
             save_ledger()
@@ -281,13 +288,14 @@ class LLMStage:
                     retry[i] = request
                     ledger.setdefault("errors", {})[str(i)] = str(result)
             rounds = ledger.get("rounds", 0) + 1
-            if retry and (self.spec.batch_fallback or ledger.get("past_deadline")):
+            if retry and (self.spec.batch_fallback or ledger.get("past_deadline")
+                          or realtime_rest):
                 await self._realtime(records, retry, finish)
             elif retry and rounds <= self.spec.retries:
                 ledger.update(rounds=rounds, batches=[], intent=None)  # a new batch for them
                 finished = {i: e for i, e in enumerate(entries) if e is not None}
                 return await self.run_batch(records, finished, on_done, ledger, save_ledger,
-                                            api, metadata)
+                                            api, metadata, realtime_rest)
             else:
                 for i in retry:
                     error = f"model {client.spec.alias!r}: {ledger['errors'][str(i)]}"

@@ -28,6 +28,17 @@ STATE_VERSION = 1
 _DUMP = orjson.OPT_APPEND_NEWLINE
 
 
+class StoreError(Exception):
+    """The workdir cannot be read or written (a corrupt state.json, a read-only or full
+    disk); the message names the file and says why, for the user as is."""
+
+
+def describe(error: OSError) -> str:
+    """An OSError as one line: what could not be done to which file."""
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror or error}"
+
+
 class Locked(Exception):
     """Another live process holds the workdir's lock."""
 
@@ -42,14 +53,48 @@ def dumps_lines(records: Iterable[Any]) -> bytes:
     return data + b"\n" if data else data
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so readers see either the old or the whole new content, even after a crash."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def encode_lines(items: list[Any]) -> tuple[bytes, list[tuple[int, str]]]:
+    """JSON lines of `items`, and the positions of those JSON cannot hold (left out) with
+    why: a set, a key that is not a string, nesting deeper than orjson writes (254)."""
+    try:
+        return dumps_lines(items), []
+    except TypeError:  # orjson.JSONEncodeError is one
+        pass
+    lines, bad = [], []
+    for i, item in enumerate(items):
+        try:
+            lines.append(orjson.dumps(item))
+        except TypeError as e:
+            bad.append((i, str(e)))
+    data = b"\n".join(lines)
+    return (data + b"\n" if data else data), bad
+
+
+def printable(value: Any) -> Any:
+    """`value` as JSON can hold it, for an error line about a value that JSON cannot."""
+    try:
+        return orjson.loads(orjson.dumps(value, default=repr, option=orjson.OPT_NON_STR_KEYS))
+    except TypeError:
+        return repr(value)[:2000]
+
+
+TEMP_MARK = ".tmp"
+
+
+def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
+    """Write a file so readers see either the old or the whole new content, even after a
+    crash (`sync` False: after a crash, maybe neither, for files that are rebuilt)."""
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not keep what it could not finish
+        raise
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,18 +145,36 @@ class Workdir:
 
     # state
     def load_state(self) -> dict[str, Any]:
+        path = self.path / "state.json"
         try:
-            state = orjson.loads((self.path / "state.json").read_bytes())
+            state = orjson.loads(path.read_bytes())
         except FileNotFoundError:
             return {"version": STATE_VERSION, "stages": {}}
+        except OSError as e:
+            raise StoreError(f"cannot read {describe(e)}") from None
+        except orjson.JSONDecodeError as e:
+            raise StoreError(f"{path}: not a state file chunbot can read ({e}); move it "
+                             "away to start this workdir afresh (the cache keeps the "
+                             "replies)") from None
+        if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
+            raise StoreError(f"{path}: not a chunbot state file (no 'stages'); move it away "
+                             "to start this workdir afresh")
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"{self.path / 'state.json'}: unknown state version "
-                             f"{state.get('version')!r}")
+            raise StoreError(f"{path}: unknown state version {state.get('version')!r}")
         return state
 
     def save_state(self, state: dict[str, Any]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path / "state.json", orjson.dumps(state))
+
+    def remove_temp_files(self) -> int:
+        """Remove what writes killed half-way left behind; only the lock holder writes
+        here, so every temp file is an orphan. Returns how many were removed."""
+        removed = 0
+        for path in (*self.path.glob(f".*{TEMP_MARK}*"), *self.path.glob(f"*/.*{TEMP_MARK}*")):
+            path.unlink(missing_ok=True)
+            removed += 1
+        return removed
 
     # lock
     @contextmanager
@@ -170,10 +233,8 @@ class Workdir:
         a look-up aid, rebuilt with the shard: no fsync."""
         folder = self.stage_dir(stage)
         folder.mkdir(parents=True, exist_ok=True)
-        path = self.index_path(stage, shard)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_bytes(array("I", sorted(id_crc(i) for i in ids)).tobytes())
-        os.replace(tmp, path)
+        write_atomic(self.index_path(stage, shard),
+                     array("I", sorted(id_crc(i) for i in ids)).tobytes(), sync=False)
 
     def shards_holding(self, stage: str, record_id: Any) -> list[int]:
         """The shards whose id index has `record_id` (a CRC-32 match: check the records)."""
@@ -301,7 +362,8 @@ class Journal:
                 entry = orjson.loads(line)
             except orjson.JSONDecodeError:
                 continue  # a torn last line or the empty tail
-            entries[entry["i"]] = entry
+            if _is_entry(entry):  # anything else was not written by chunbot: ignore it
+                entries[entry["i"]] = entry
         return entries
 
     def open(self, keep: dict[int, dict[str, Any]]) -> None:
@@ -315,9 +377,19 @@ class Journal:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     def append(self, entry: dict[str, Any]) -> None:
-        os.write(self._fd, orjson.dumps(entry, option=_DUMP))
+        try:
+            line = orjson.dumps(entry, option=_DUMP)
+        except TypeError:
+            return  # not journalled: after a crash this record is simply asked again
+        os.write(self._fd, line)
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _is_entry(entry: Any) -> bool:
+    """Whether a journal line is a finished record as `Journal.append` writes them."""
+    return (isinstance(entry, dict) and type(entry.get("i")) is int and entry["i"] >= 0
+            and isinstance(entry.get("trace"), dict) and ("out" in entry or "error" in entry))
