@@ -85,8 +85,10 @@ class ModelSpec:
     batch_api: bool = False  # the server has the provider's batch API
 
     def identity(self) -> dict[str, Any]:
-        """What decides the replies: part of the fingerprint of every stage using it."""
-        return {"provider": self.provider, "model": self.model, "base_url": self.base_url}
+        """What decides the replies: part of the fingerprint of every stage using it (and
+        so of state.json: without the credentials a URL may carry)."""
+        return {"provider": self.provider, "model": self.model,
+                "base_url": redact_url(self.base_url) if self.base_url else None}
 
     @property
     def urls(self) -> tuple[str, ...]:
@@ -155,6 +157,15 @@ class Pipeline:
         return import_paths(self.path)
 
 
+def redact_url(url: str) -> str:
+    """A URL without the password or token its userinfo may carry (`https://u:t@host`),
+    for everything chunbot writes or prints."""
+    return _USERINFO.sub(r"\1***@", url)
+
+
+_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@]*@")
+
+
 class _Mapping(dict):
     """A YAML mapping that remembers the line of each key."""
 
@@ -214,11 +225,23 @@ class _Where:
                 raise self.fail("is required", key)
             return default
         value = self.mapping[key]
-        if kind is int and isinstance(value, bool):
-            raise self.fail(f"must be an integer, not {value!r}", key)
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, bool) and bool not in kinds:
+            value = None  # YAML's true/false are ints to Python: refuse them where a number is due
         if not isinstance(value, kind):
-            names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise self.fail(f"must be {_article(names)}, not {type(value).__name__} {value!r}", key)
+            names = " or ".join(k.__name__ for k in kinds)
+            given = self.mapping[key]
+            raise self.fail(f"must be {_article(names)}, not {type(given).__name__} {given!r}",
+                            key)
+        return value
+
+    def get_json(self, key: str, default: Any) -> dict[str, Any]:
+        """A mapping sent to a provider as JSON: string keys and JSON values only."""
+        value = self.get(key, dict, default=default)
+        try:
+            orjson.dumps(value)
+        except TypeError as e:
+            raise self.fail(f"must hold JSON values under string keys ({e})", key) from None
         return value
 
 
@@ -289,7 +312,7 @@ def _pipeline(path: Path, data: _Mapping) -> Pipeline:
         model=default_model, mode=_mode(where), batch_fallback=_batch_fallback(where),
         batch_deadline=_duration(where, "batch_deadline", 0.0) or None,
         retries=where.get("retries", int, default=6),
-        params=where.get("params", dict, default={}),
+        params=where.get_json("params", {}),
         outage_timeout=_duration(where, "outage_timeout", DEFAULT_OUTAGE_TIMEOUT_S),
         cache=_stage_cache(where, (True, None)),
         prompt_cache=where.get("prompt_cache", bool, default=False))
@@ -379,19 +402,24 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
     elif not isinstance(max_concurrency, int) or max_concurrency < 1:
         raise where.fail("must be 'auto' or a positive integer", "max_concurrency")
     base_url, api_key_env = where.get("base_url", str), where.get("api_key_env", str)
-    if provider in VENDOR_DEFAULTS and base_url is None:
-        base_url, default_key_env = VENDOR_DEFAULTS[provider]
-        api_key_env = api_key_env or default_key_env
     endpoints = where.get("endpoints", list, default=[])
     if not all(isinstance(e, str) for e in endpoints):
         raise where.fail("must be a list of URLs", "endpoints")
     for key, urls in (("base_url", [base_url] if base_url else []), ("endpoints", endpoints)):
         for url in urls:
+            shown = redact_url(url)
             if not url.startswith(("http://", "https://")):
-                raise where.fail(f"{url!r} is not an http:// or https:// URL", key)
+                raise where.fail(f"{shown!r} is not an http:// or https:// URL", key)
             if provider == "anthropic" and url.rstrip("/").endswith("/v1"):
-                raise where.fail(f"{url!r}: an anthropic URL is the server's root, without /v1 "
-                                 "(requests go to {url}/v1/messages)", key)
+                raise where.fail(f"{shown!r}: an anthropic URL is the server's root, without "
+                                 "/v1 (requests go to {url}/v1/messages)", key)
+    vendor = False  # every request goes to the vendor's own API: its key, its batch API
+    if provider in VENDOR_DEFAULTS:
+        vendor_url, vendor_key_env = VENDOR_DEFAULTS[provider]
+        base_url = base_url or (endpoints[0] if endpoints else vendor_url)
+        vendor = all(url.rstrip("/") == vendor_url for url in [base_url, *endpoints])
+        if vendor:
+            api_key_env = api_key_env or vendor_key_env
     price = where.get("price", dict, default={})
     for key, value in price.items():
         if key not in PRICE_KEYS or not isinstance(value, (int, float)):
@@ -407,19 +435,17 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
         api_key_env=api_key_env,
         endpoints=tuple(e.rstrip("/") for e in endpoints),
         max_concurrency=max_concurrency,
-        rpm=where.get("rpm", int),
-        tpm=where.get("tpm", int),
+        rpm=_positive(where, "rpm", None),
+        tpm=_positive(where, "tpm", None),
         price=dict(price),
-        headers={str(k): str(v) for k, v in where.get("headers", dict, default={}).items()},
+        headers={str(k): str(v) for k, v in where.get_json("headers", {}).items()},
         timeout=_duration(where, "timeout", DEFAULT_TIMEOUT_S),
         max_tokens=_positive(where, "max_tokens", DEFAULT_ANTHROPIC_MAX_TOKENS),
         latency_ms=float(where.get("latency_ms", (int, float), default=0)),
         jitter_ms=float(where.get("jitter_ms", (int, float), default=0)),
         error_rate=float(error_rate),
         request_log=where.get("request_log", str),
-        batch_api=where.get("batch_api", bool,
-                            default=provider in VENDOR_DEFAULTS
-                            and base_url == VENDOR_DEFAULTS[provider][0]),
+        batch_api=where.get("batch_api", bool, default=vendor),
     )
 
 
@@ -447,10 +473,10 @@ def _duration(where: _Where, key: str, default: float) -> float:
     return seconds
 
 
-def _positive(where: _Where, key: str, default: int) -> int:
+def _positive(where: _Where, key: str, default: Any) -> Any:
     value = where.get(key, int, default=default)
-    if value < 1:
-        raise where.fail("must be a positive integer", key)
+    if value is not None and value < 1:
+        raise where.fail(f"must be a positive integer, not {value!r}", key)
     return value
 
 
@@ -533,7 +559,7 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
     if parse not in ("text", "json"):
         raise where.fail("must be 'text' or 'json'", "parse")
     output = where.get("output", str, default=name)
-    params = {**defaults.params, **where.get("params", dict, default={})}
+    params = {**defaults.params, **where.get_json("params", {})}
     retries = where.get("retries", int, default=defaults.retries)
     if retries < 0:
         raise where.fail("must be 0 or more", "retries")

@@ -767,7 +767,8 @@ class Run:
                      for entry in self._stage_state(stage)["shards"].values())
         self.report.failed_total = failed
         pending = sum(stage.batches_pending for stage in self.report.stages.values())
-        self.report.exit_code = EXIT_LATER if pending else EXIT_FAILED if failed else EXIT_OK
+        self.report.exit_code = (EXIT_FAILED if self.report.errors else EXIT_LATER if pending
+                                 else EXIT_FAILED if failed else EXIT_OK)
         if pending:
             self.note(f"{pending} shard(s) wait for provider batches: run again later "
                       "(or use --wait)")

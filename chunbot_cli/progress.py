@@ -202,6 +202,7 @@ def _summary_footer(rows: list[dict[str, Any]], report: "RunReport") -> str:
     if full:
         lines.append(f"cost ${cost:,.4f}; without caches ${full:,.4f} "
                      f"(saved ${full - cost:,.4f})")
+    lines += [f"error: {error}" for error in report.errors]
     footer = f"{report.seconds:.1f}s, exit {report.exit_code}"
     if report.failed_total:
         footer += (f"; {report.failed_total:,} failed records in total, "

@@ -858,3 +858,62 @@ def test_stats_count_batches_apart_from_realtime_requests(sim_server):
     assert get(f"{url}/v1/files/{batch['output_file_id']}/content").status == 200
     assert get(f"{url}/v1/messages/batches/{message_batch['id']}",
                ANTHROPIC_HEADERS).json()["processing_status"] == "ended"
+
+
+def test_hang_rate_one_holds_every_request_until_the_client_gives_up(sim_server):
+    server = sim_server("--hang-rate", "1", "--seed", "5")
+    started = time.monotonic()
+    for url, body, headers in ((server.url + "/v1/chat/completions", chat_body(), {}),
+                               (server.url + "/v1/messages", messages_body(),
+                                ANTHROPIC_HEADERS)):
+        request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json",
+                                                  **headers})
+        try:
+            urllib.request.urlopen(request, timeout=1)
+            raise AssertionError("a hung request was answered")
+        except TimeoutError:
+            pass
+    assert time.monotonic() - started < 5
+    # the server answers everything else meanwhile, and notices the clients are gone
+    deadline = time.monotonic() + 5
+    while (stats := server.stats())["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (stats["requests"], stats["hung"], stats["in_flight"]) == (2, 2, 0)
+    assert stats["by_status"] == {} and stats["answered"] == 0
+
+
+def test_a_poisoned_prompt_always_gets_500_and_others_200(sim_server):
+    server = sim_server("--fail-prompt", "battery died")
+    url = server.url
+    for _ in range(2):
+        refused = post(url + "/v1/chat/completions", chat_body(PROMPT))  # it says "battery died"
+        assert refused.status == 500 and refused.json()["error"]["type"] == "server_error"
+    anthropic = post(url + "/v1/messages", messages_body(PROMPT), ANTHROPIC_HEADERS)
+    assert anthropic.status == 500 and anthropic.json()["error"]["type"] == "api_error"
+    # in the system prompt too
+    system = post(url + "/v1/messages", messages_body("Hi", system="My battery died."),
+                  ANTHROPIC_HEADERS)
+    assert system.status == 500
+    other = post(url + "/v1/chat/completions", chat_body("Write an apology for: a late parcel"))
+    assert other.status == 200 and other.json()["choices"][0]["message"]["content"]
+    stats = server.stats()
+    assert stats["poisoned"] == 4 and stats["by_status"] == {"200": 1, "500": 4}
+    assert stats["answered"] == 1 and stats["hung"] == 0
+
+
+def test_a_storm_answers_429_from_the_first_request_then_ends(sim_server):
+    server = sim_server("--storm-s", "1", "--storm-retry-after", "2")
+    url = server.url
+    time.sleep(1.2)  # the storm starts with the first request, not with the server
+    first = time.monotonic()
+    limited = post(url + "/v1/chat/completions", chat_body())
+    assert limited.status == 429 and limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert limited.headers["retry-after"] == "2" and limited.headers["retry-after-ms"] == "2000"
+    anthropic = post(url + "/v1/messages", messages_body(), ANTHROPIC_HEADERS)
+    assert anthropic.status == 429 and anthropic.json()["error"]["type"] == "rate_limit_error"
+    assert anthropic.headers["retry-after"] == "2"
+    time.sleep(max(0.0, first + 1.1 - time.monotonic()))
+    assert post(url + "/v1/chat/completions", chat_body()).status == 200
+    assert post(url + "/v1/messages", messages_body(), ANTHROPIC_HEADERS).status == 200
+    assert server.stats()["by_status"] == {"200": 2, "429": 2}

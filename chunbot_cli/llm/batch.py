@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from ..config import ModelSpec
+from ..config import ModelSpec, redact_url
 from . import anthropic, openai
 from .http import RETRYABLE_STATUS, api_key
 from .types import ProviderError, Reply, Request, excerpt
@@ -84,12 +84,14 @@ class Batches:
                     text = excerpt(data)
                     if self.key:
                         text = text.replace(self.key, "***")
-                    raise ProviderError(f"batch API: HTTP {response.status} from {url}: {text}",
+                    raise ProviderError(f"batch API: HTTP {response.status} from "
+                                        f"{redact_url(url)}: {text}",
                                         retryable=response.status in RETRYABLE_STATUS
                                         or response.status >= 500, status=response.status)
                 return data if raw else orjson.loads(data)
         except aiohttp.ClientError as e:
-            raise ProviderError(f"batch API: {url}: {e}", retryable=True) from None
+            raise ProviderError(f"batch API: {redact_url(url)}: {redact_url(str(e))}",
+                                retryable=True) from None
 
     async def submit(self, items: list[tuple[str, Request]], metadata: dict[str, str]) -> str:
         """Create one batch; returns its id."""

@@ -52,8 +52,7 @@ class KeyMaker:
         params = {k: v for k, v in params.items() if k not in STREAM_FLAGS}
         if spec.provider == "anthropic":
             params.setdefault("max_tokens", spec.max_tokens)  # sent either way: it shapes replies
-        identity = {"provider": spec.provider, "base_url": spec.base_url, "model": spec.model,
-                    "params": params, "namespace": namespace}
+        identity = {**spec.identity(), "params": params, "namespace": namespace}
         self.prefix = orjson.dumps(identity, option=orjson.OPT_SORT_KEYS) + b"\n"
 
     def __call__(self, request: Request) -> bytes:

@@ -6,9 +6,19 @@ for room at an endpoint (endpoints.py, whose limits adapt: scheduler.Limiter). I
 that room only while it is on the wire; the back-off before a retry happens outside it, so
 records waiting to retry never block fresh ones.
 Retries (tenacity) use exponential back-off with full jitter unless the server said when
-to come back. A failure that took its endpoint down is the endpoint's, not the record's:
-it does not use up the record's retries, and the record waits for an endpoint instead
-(endpoints.py). Every attempt is recorded for the trace.
+to come back. What a failure costs depends on what it says:
+  - a 429 is waiting, not failing: the whole model pauses for the announced time (its
+    budgets held too), the limiter eases in after it, and the record's retries are not
+    used — unless the model has answered nothing for `outage_timeout`;
+  - a failure that took its endpoint down is the endpoint's, not the record's: it does
+    not use up the record's retries, and the record waits for an endpoint instead
+    (endpoints.py);
+  - a server fault while the endpoint answers most requests is chance: the record tries
+    again soon (a short jittered pause), and gets as many tries as make a run of random
+    failures a one-in-a-million event (up to three times `retries`), so a flaky server
+    loses nothing; a request that keeps failing while others pass (a poisoned prompt)
+    fails after them, in seconds.
+Every attempt is recorded for the trace.
 """
 
 from __future__ import annotations
@@ -22,12 +32,15 @@ from typing import Any, Callable, Protocol
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from ..config import ModelSpec
-from .endpoints import EndpointPool
+from .endpoints import EndpointPool, runs_of_chance
 from .scheduler import Budget
 from .types import ProviderError, RateLimits, Reply, Request
 
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 60.0
+CHANCE_BACKOFF_BASE_S = 0.05  # after a server fault of an endpoint that mostly answers
+CHANCE_BACKOFF_CAP_S = 0.5
+RETRY_EXTENSION = 3  # random failures may use up to this many times a record's retries
 
 
 class Provider(Protocol):
@@ -59,19 +72,6 @@ def _retryable(error: BaseException) -> bool:
     return isinstance(error, ProviderError) and error.retryable
 
 
-def _backoff(error: BaseException | None, attempt_number: int) -> float:
-    """Exponential back-off with full jitter, unless the server said when to come back.
-
-    After an endpoint failure there is no back-off: the endpoint pool holds the request
-    until an endpoint is up again."""
-    if isinstance(error, ProviderError):
-        if error.retry_after is not None:
-            return error.retry_after
-        if error.endpoint_down:
-            return 0.0
-    return random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (attempt_number - 1)))
-
-
 class ModelClient:
     def __init__(self, spec: ModelSpec, provider: Provider | None = None,
                  note: Callable[[str], None] = lambda text: None):
@@ -84,6 +84,10 @@ class ModelClient:
         self.tokens_per_char = 0.25  # learned from the usage replies report
         self.requests = 0
         self.throttled = 0  # 429 answers
+        self.faults = 0  # server faults: 5xx, timeouts, lost connections
+        self.paused_until = 0.0  # after a 429, nobody sends before this (monotonic)
+        self._pauses = 0  # pauses in a row with no answer between them
+        self.last_answer = time.monotonic()  # of a reply that was no 429
         self.auth_error: str | None = None
         self._rate_mark = (time.monotonic(), 0, 0.0)  # when, requests then, rate then
 
@@ -119,16 +123,17 @@ class ModelClient:
             return Completion(reply, attempts, None, _ms_since(started), url)
         except ProviderError as e:
             # the common case above stays out of tenacity, which costs ~50 µs an attempt
-            if not e.retryable or _counted(attempts) > retries:
-                return Completion(None, attempts, str(e), _ms_since(started))
-            await asyncio.sleep(_backoff(e, 1))
+            if not e.retryable or self._spent(attempts, retries, outage_timeout):
+                return Completion(None, attempts, self._why(e, attempts, outage_timeout),
+                                  _ms_since(started))
+            await asyncio.sleep(self._backoff(e, 1))
 
         def out_of_retries(state: RetryCallState) -> bool:
-            return _counted(attempts) > retries
+            return self._spent(attempts, retries, outage_timeout)
 
         def wait(state: RetryCallState) -> float:
             error = state.outcome.exception() if state.outcome else None
-            return _backoff(error, state.attempt_number + 1)
+            return self._backoff(error, state.attempt_number + 1)
 
         retrying = AsyncRetrying(stop=out_of_retries, wait=wait,
                                  retry=retry_if_exception(_retryable), reraise=True)
@@ -137,11 +142,60 @@ class ModelClient:
                 with attempt:
                     reply, url = await self._send(request, attempts, outage_timeout)
         except ProviderError as e:
-            return Completion(None, attempts, str(e), _ms_since(started))
+            return Completion(None, attempts, self._why(e, attempts, outage_timeout),
+                              _ms_since(started))
         return Completion(reply, attempts, None, _ms_since(started), url)
+
+    def _spent(self, attempts: list[dict[str, Any]], retries: int,
+               outage_timeout: float) -> bool:
+        """Whether a record has used up its tries (see the module's docstring)."""
+        last = attempts[-1] if attempts else {}
+        if last.get("status") == 429:
+            return time.monotonic() - self.last_answer > outage_timeout
+        counted = sum(1 for a in attempts
+                      if not a.get("endpoint_down") and a.get("status") != 429)
+        chance = runs_of_chance(self.pool.fault_share) - 1
+        return counted > max(retries, min(RETRY_EXTENSION * retries, chance))
+
+    def _why(self, error: ProviderError, attempts: list[dict[str, Any]],
+             outage_timeout: float) -> str:
+        if error.status == 429 and error.retryable:
+            return (f"rate limited (HTTP 429) with no answer from the model for over "
+                    f"{outage_timeout:g}s (outage_timeout): {error}")
+        tries = len(attempts)
+        return f"{error} (after {tries} attempts)" if tries > 1 else str(error)
+
+    def _backoff(self, error: BaseException | None, attempt_number: int) -> float:
+        """Exponential back-off with full jitter, unless the server said when to come
+        back; short when the endpoint answers most requests. After a 429 or an endpoint
+        failure there is none: the model's pause or the endpoint pool is the wait."""
+        base, cap = BACKOFF_BASE_S, BACKOFF_CAP_S
+        if isinstance(error, ProviderError):
+            if error.status == 429 or error.endpoint_down:
+                return 0.0
+            if error.retry_after is not None:
+                return error.retry_after
+            if error.server_fault and self.pool.fault_share < 0.5:
+                base, cap = CHANCE_BACKOFF_BASE_S, CHANCE_BACKOFF_CAP_S
+        return random.uniform(0, min(cap, base * 2 ** (attempt_number - 1)))
+
+    def _pause(self, seconds: float | None) -> None:
+        """A 429: no request of this model starts for `seconds` (or, when the server did
+        not say, an exponential back-off over the pauses in a row)."""
+        now = time.monotonic()
+        if now >= self.paused_until:
+            self._pauses += 1
+        if seconds is None:
+            seconds = random.uniform(0.5, 1) * min(BACKOFF_CAP_S,
+                                                   BACKOFF_BASE_S * 2 ** self._pauses)
+        self.paused_until = max(self.paused_until, now + seconds)
+        self.request_budget.hold(seconds)
+        self.token_budget.hold(seconds)
 
     async def _send(self, request: Request, attempts: list[dict[str, Any]],
                     outage_timeout: float) -> tuple[Reply, str]:
+        while (pause := self.paused_until - time.monotonic()) > 0:
+            await asyncio.sleep(pause)
         endpoint = await self.pool.acquire(outage_timeout)
         try:
             # paced after taking room, so requests queued for room never burst out unpaced
@@ -161,28 +215,35 @@ class ModelClient:
         except ProviderError as e:
             latency = time.perf_counter() - sent
             self._learn(e.limits)
-            attempt = {"endpoint": endpoint.url, "status": e.status, "error": str(e),
+            attempt = {"endpoint": endpoint.name, "status": e.status, "error": str(e),
                        "latency_ms": round(latency * 1000, 2)}
-            if self.pool.release(endpoint, e, latency):
+            if self.pool.release(endpoint, e, latency, id(attempts)):
                 e.endpoint_down = True
                 attempt["endpoint_down"] = True
             attempts.append(attempt)
             if e.status == 429:
                 self.throttled += 1
-            elif e.status == 401:
-                self.auth_error = str(e)
+                self._pause(e.retry_after)
+            else:
+                self.last_answer = time.monotonic()
+                if e.server_fault:
+                    self.faults += 1
+                elif e.status == 401:
+                    self.auth_error = str(e)
             raise
         except BaseException:
             self.pool.release(endpoint, None, time.perf_counter() - sent)
             raise
         latency = time.perf_counter() - sent
-        self.pool.release(endpoint, None, latency)
+        self.pool.release(endpoint, None, latency, id(attempts))
+        self.last_answer = time.monotonic()
+        self._pauses = 0
         self._learn(reply.limits)
         if estimate:
             self._settle(request, estimate, reply)
-        attempts.append({"endpoint": endpoint.url, "status": 200, "error": None,
+        attempts.append({"endpoint": endpoint.name, "status": 200, "error": None,
                          "latency_ms": round(latency * 1000, 2)})
-        return reply, endpoint.url
+        return reply, endpoint.name
 
     async def _pace(self, request: Request) -> int:
         """Wait until the budgets allow this request; returns its token estimate (0 when no
@@ -221,11 +282,6 @@ class ModelClient:
 
     async def close(self) -> None:
         await self.provider.close()
-
-
-def _counted(attempts: list[dict[str, Any]]) -> int:
-    """Attempts that use up retries: not those whose failure took their endpoint down."""
-    return sum(1 for a in attempts if not a.get("endpoint_down"))
 
 
 def _ms_since(start: float) -> float:

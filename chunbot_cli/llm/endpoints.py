@@ -3,10 +3,14 @@
 Each endpoint has its own adaptive concurrency limit (scheduler.Limiter); a request goes
 to the endpoint with the fewest requests in flight among those below their limit (ties
 in turn), and waits in line when all are full. An
-endpoint is taken out when it cannot be reached at all, or after FAILURE_STREAK server
-faults in a row (5xx, timeouts, dropped connections); it stays out for a cool-down that
-doubles with each failed probe (1 s … 30 s), then a single request is let through as a
-probe, and its success puts the endpoint back.
+endpoint is taken out when it cannot be reached at all, or after a streak of server
+faults (5xx, timeouts, dropped connections) of different requests with no success
+between them: FAILURE_STREAK, or more when the endpoint fails a share of requests at
+random anyway (as many as make such a streak a one-in-a-million chance). One request
+failing again and again is that request's problem (a poisoned prompt), never the
+endpoint's. It stays out for a cool-down that doubles with each failed probe
+(1 s … 30 s), then a single request is let through as a probe, and its success puts the
+endpoint back.
 
 While every endpoint is down, requests wait instead of failing, so a restarted server or
 a short outage costs a pause, not records. The wait is bounded: once everything has been
@@ -17,26 +21,45 @@ errors.jsonl and `rerun --failed` sends them later).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..config import redact_url
 from .scheduler import Limiter
 from .types import ProviderError
 
 FAILURE_STREAK = 5
+STREAK_MAX = 30
+UNLIKELY = 1e-6  # a run of random failures this improbable is no longer chance
+FAULT_SHARE_WEIGHT = 0.02  # of each reply in the running share of server faults
 COOLDOWN_MIN_S = 1.0
 COOLDOWN_MAX_S = 30.0
+NOTE_EVERY_S = 30.0  # outage messages: one when it starts, one when it ends, reminders
+
+
+def runs_of_chance(share: float) -> int:
+    """How many failures in a row it takes before a run of them, at this share of random
+    failures, is a one-in-a-million chance."""
+    if share <= 0:
+        return 0
+    if share >= 1:
+        return STREAK_MAX
+    return math.ceil(math.log(UNLIKELY) / math.log(share))
 
 
 @dataclass
 class Endpoint:
     url: str
     limiter: Limiter = field(default_factory=Limiter)
+    name: str = ""  # the URL as traces and messages show it: without credentials
     in_flight: int = 0  # requests holding room here: on the wire or pacing to go
     on_wire: int = 0
-    streak: int = 0  # server faults in a row
+    streak: set[object] = field(default_factory=set)  # requests failing since the last success
+    streak_limit: int = FAILURE_STREAK  # as many as take the endpoint out
+    fault_share: float = 0.0  # of recent replies, server faults
     down: bool = False
     down_until: float = 0.0  # when the next probe may go
     cooldown: float = 0.0
@@ -49,13 +72,17 @@ class EndpointPool:
                  note: Callable[[str], None] = lambda text: None,
                  clock: Callable[[], float] = time.monotonic):
         self.alias = alias
-        self.endpoints = [Endpoint(url, Limiter(max_concurrency, clock)) for url in urls]
+        self.endpoints = [Endpoint(url, Limiter(max_concurrency, clock), redact_url(url))
+                          for url in urls]
         self.cap = max_concurrency  # pinned: for the whole alias, not each endpoint
         self.note = note
         self.clock = clock
         self.in_flight = 0
         self.on_wire = 0
         self.all_down_since: float | None = None
+        self.fault_share = 0.0  # of recent replies over all endpoints, server faults
+        self._noted: dict[str, float] = {}  # when each outage message was last given
+        self._told: set[str] = set()  # outages told whose end is not told yet
         self._turn = 0
         self._waiters: deque[asyncio.Future[Endpoint | None]] = deque()
 
@@ -129,7 +156,11 @@ class EndpointPool:
     async def _wait_out_outage(self, waiter: asyncio.Future[Endpoint | None],
                                outage_timeout: float) -> Endpoint | None:
         now = self.clock()
-        deadline = (self.all_down_since or now) + outage_timeout
+        since = self.all_down_since or now
+        deadline = since + outage_timeout
+        self._tell("down", f"model {self.alias!r}: every endpoint is still down after "
+                           f"{_seconds(now - since)}; records wait up to {_seconds(outage_timeout)}"
+                           " (outage_timeout)", remind=True)
         if now >= deadline:
             waiter.cancel()
             raise ProviderError(
@@ -146,36 +177,46 @@ class EndpointPool:
         return all(e.down for e in self.endpoints)
 
     def release(self, endpoint: Endpoint, error: ProviderError | None = None,
-                latency: float | None = None) -> bool:
-        """Record how a request ended (`latency` None: it was never sent); True when the
-        endpoint is down after it, i.e. the failure was the endpoint's and should not
-        count against the record's retries."""
+                latency: float | None = None, request: object = None) -> bool:
+        """Record how a request ended (`latency` None: it was never sent; `request`, the
+        same value for every attempt of one request); True when the endpoint is down
+        after it, i.e. the failure was the endpoint's and should not count against the
+        record's retries."""
         endpoint.in_flight -= 1
         self.in_flight -= 1
         if latency is not None:
             endpoint.on_wire -= 1
             self.on_wire -= 1
-            endpoint.limiter.finished(latency, error is not None and error.congestion)
+            endpoint.limiter.finished(latency, error is not None and error.overload,
+                                      error is not None and error.status == 429)
         try:
-            return self._judge(endpoint, error)
+            return self._judge(endpoint, error, request if request is not None else object())
         finally:
             self._hand_over()
 
-    def _judge(self, endpoint: Endpoint, error: ProviderError | None) -> bool:
+    def _judge(self, endpoint: Endpoint, error: ProviderError | None, request: object) -> bool:
         was_probe, endpoint.probing = endpoint.probing, False
-        if error is None or not error.server_fault:
-            endpoint.streak = 0
+        fault = error is not None and error.server_fault
+        if error is None or fault:  # 4xx and 429 say nothing of the endpoint's health
+            endpoint.fault_share += FAULT_SHARE_WEIGHT * (fault - endpoint.fault_share)
+            self.fault_share += FAULT_SHARE_WEIGHT * (fault - self.fault_share)
+        if not fault:
+            endpoint.streak.clear()
             if endpoint.down:
                 self._up(endpoint)
             return False
-        endpoint.streak += 1
+        assert error is not None
+        if not endpoint.streak:  # what chance explains is judged from before the streak
+            endpoint.streak_limit = max(FAILURE_STREAK,
+                                        min(STREAK_MAX, runs_of_chance(endpoint.fault_share)))
+        endpoint.streak.add(request)
         endpoint.last_error = str(error)
         if endpoint.down:
             if was_probe:
                 endpoint.cooldown = min(COOLDOWN_MAX_S, endpoint.cooldown * 2)
                 endpoint.down_until = self.clock() + endpoint.cooldown
             return True
-        if error.unreachable or endpoint.streak >= FAILURE_STREAK:
+        if error.unreachable or len(endpoint.streak) >= endpoint.streak_limit:
             self._down(endpoint)
             return True
         return False
@@ -187,17 +228,34 @@ class EndpointPool:
         if self._all_down():
             self.all_down_since = self.clock()
             self._rouse_all()  # from waiting for room to waiting out an outage
-            self.note(f"model {self.alias!r}: every endpoint is down ({endpoint.url}: "
-                      f"{endpoint.last_error}); records wait for one to come back")
+            self._tell("down", f"model {self.alias!r}: every endpoint is down "
+                               f"({endpoint.name}: {endpoint.last_error}); records wait for "
+                               "one to come back")
         else:
-            self.note(f"model {self.alias!r}: {endpoint.url} is down ({endpoint.last_error}); "
-                      "sending to the others, probing it again in a while")
+            self._tell(endpoint.url, f"model {self.alias!r}: {endpoint.name} is down "
+                                     f"({endpoint.last_error}); sending to the others, probing "
+                                     "it again in a while")
 
     def _up(self, endpoint: Endpoint) -> None:
         endpoint.down = False
         endpoint.cooldown = 0.0
         self.all_down_since = None
-        self.note(f"model {self.alias!r}: {endpoint.url} answers again")
+        for topic in ("down", endpoint.url):  # the end of an outage that was told
+            if topic in self._told:
+                self._told.discard(topic)
+                self.note(f"model {self.alias!r}: {endpoint.name} answers again")
+                break
+
+    def _tell(self, topic: str, text: str, remind: bool = False) -> None:
+        """Say that something is down, unless it was said in the last NOTE_EVERY_S (an
+        endpoint that flaps is one outage, not a message a second); `remind`: only as a
+        reminder, that long after the last message."""
+        now = self.clock()
+        last = self._noted.get(topic)
+        if (last is None and not remind) or (last is not None and now - last >= NOTE_EVERY_S):
+            self._noted[topic] = now
+            self._told.add(topic)
+            self.note(text)
 
     def _hand_over(self) -> None:
         """Give free room to the requests waiting in line, first come first served."""
@@ -218,7 +276,7 @@ class EndpointPool:
                 waiter.set_result(None)
 
     def _last_errors(self) -> str:
-        return "; ".join(f"{e.url}: {e.last_error}" for e in self.endpoints if e.last_error)
+        return "; ".join(f"{e.name}: {e.last_error}" for e in self.endpoints if e.last_error)
 
 
 def _seconds(value: float) -> str:

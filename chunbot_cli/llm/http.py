@@ -49,10 +49,20 @@ class HTTPProvider:
         self.protocol = PROTOCOLS[spec.provider]
         self.key = api_key(spec)
         self.headers = self.protocol.headers(spec, self.key)
+        # what no error text may show: the key, and credentials in the URLs' userinfo
+        self.secrets = [secret for secret in (self.key, *map(_userinfo, spec.urls)) if secret]
         self.timeout = aiohttp.ClientTimeout(total=spec.timeout,
                                              sock_connect=min(CONNECT_TIMEOUT_S, spec.timeout))
 
     async def complete(self, request: Request, url: str) -> Reply:
+        try:
+            return await self._exchange(request, url)
+        except ProviderError as e:
+            if self.secrets:
+                e.args = (self._mask(str(e)),)
+            raise
+
+    async def _exchange(self, request: Request, url: str) -> Reply:
         target = url + self.protocol.PATH
         payload = orjson.dumps(self.protocol.body(self.spec, request))
         streaming = bool(request.params.get("stream"))
@@ -126,7 +136,9 @@ class HTTPProvider:
                              status=status, retry_after=retry_after(response.headers))
 
     def _mask(self, text: str) -> str:
-        return text.replace(self.key, "***") if self.key else text
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
 
     async def close(self) -> None:
         pass  # the session belongs to the run
@@ -167,6 +179,13 @@ def retry_after(headers: Any) -> float | None:
         return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
     except (TypeError, ValueError):
         return None
+
+
+def _userinfo(url: str) -> str | None:
+    """The `user:token` part of `https://user:token@host/…`, if any."""
+    rest = url.partition("://")[2]
+    authority = rest.split("/", 1)[0]
+    return authority.rpartition("@")[0] or None
 
 
 def _reason(error: BaseException) -> str:

@@ -56,9 +56,10 @@ class ProviderError(Exception):
         self.endpoint_down = False  # set when this failure took its endpoint out
 
     @property
-    def congestion(self) -> bool:
-        """The endpoint is saying it has too much to do: rate limited, overloaded, or slow."""
-        return self.timed_out or self.status in (429, 503, 504, 529)
+    def overload(self) -> bool:
+        """The endpoint says it has too much to do, or did not answer in time; whether it
+        is really overloaded or fails at random is the limiter's to find out."""
+        return self.timed_out or self.status in (503, 504, 529)
 
     @property
     def server_fault(self) -> bool:

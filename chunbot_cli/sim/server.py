@@ -3,7 +3,8 @@
 This module owns the wire side of the simulator: the two protocols (JSON and SSE replies,
 the vendors' error bodies and rate-limit headers) and their batch APIs (OpenAI's Files and
 Batches, Anthropic's Message Batches), the faults a test can inject (latency,
-server errors, RPM/TPM limits, a required key, malformed replies) and the /stats counters
+server errors, RPM/TPM limits, a required key, malformed replies, requests left hanging,
+poisoned prompts that always fail, a storm of 429s at the start) and the /stats counters
 that tests read to check what a client sent, and a model of the vendors' prompt caching
 (automatic prefix caching on the OpenAI route, `cache_control` blocks on the Anthropic
 route) reported in the usage as each vendor does. The replies themselves come from `sim.model`,
@@ -51,6 +52,11 @@ HTML_BODY = b"<html><body>upstream error</body></html>"
 CACHE_BLOCK = 64
 CACHE_ENTRIES = 200_000
 
+# --hang-rate: a hung request is held this long at most (or until its client gives up),
+# checking every HANG_POLL_S whether the client is still there, then its connection is dropped
+HANG_S = 3600.0
+HANG_POLL_S = 1.0
+
 # The error kinds this server answers with, as each vendor spells them:
 # kind -> (OpenAI error type, OpenAI error code, Anthropic error type)
 ERROR_TYPES = {
@@ -79,6 +85,10 @@ class Options:
     batch_delay_s: float = 2.0  # from creation to the end of a batch
     batch_error_rate: float = 0.0  # share of batch items that come back errored
     batch_expire_rate: float = 0.0  # share of batch items that expire
+    hang_rate: float = 0.0  # share of requests accepted and never answered
+    fail_prompt: str | None = None  # requests whose messages contain it always get 500
+    storm_s: float = 0.0  # from the first chat/messages request, this long every one gets 429
+    storm_retry_after: int = 1  # the retry-after (seconds) of the storm's 429s
 
 
 class BadRequest(Exception):
@@ -137,6 +147,8 @@ class Stats:
     streamed: int = 0
     cached_tokens: int = 0  # OpenAI cached_tokens + Anthropic cache reads
     cache_creation_tokens: int = 0
+    hung: int = 0  # --hang-rate: requests held without an answer
+    poisoned: int = 0  # --fail-prompt: requests answered 500 for containing the text
     # the batch APIs; their items count here, not in answered / unique / tokens_*
     batches_created: int = 0  # both vendors
     batch_items: int = 0  # items submitted
@@ -157,6 +169,7 @@ class Stats:
                 "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
                 "streamed": self.streamed, "cached_tokens": self.cached_tokens,
                 "cache_creation_tokens": self.cache_creation_tokens,
+                "hung": self.hung, "poisoned": self.poisoned,
                 "batches_created": self.batches_created, "batch_items": self.batch_items,
                 "files_uploaded": self.files_uploaded, "batch_answered": self.batch_answered,
                 "batch_errored": self.batch_errored, "batch_expired": self.batch_expired,
@@ -1229,6 +1242,7 @@ class SimServer:
         # ids are unique across restarts too: a client may compare them
         self.boot = f"{random.getrandbits(32):08x}"
         self.batch_api = BatchAPI(self)
+        self.storm_end: float | None = None  # --storm-s: set by the first model request
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
@@ -1258,24 +1272,40 @@ class SimServer:
         finally:
             # self.stats again: /stats/reset may have replaced it meanwhile
             self.stats.in_flight -= 1
+        if response is None:  # hung: its connection is closed, there is no answer to count
+            return web.Response(status=504)  # what aiohttp wants; it cannot be sent
         self.stats.by_status[response.status] += 1
         return response
 
-    async def answer(self, request: web.Request, dialect: Dialect) -> web.Response:
+    async def answer(self, request: web.Request, dialect: Dialect) -> web.Response | None:
+        """The response to a model request; None when it hung and its connection is gone."""
         try:
             self.authorize(request, dialect)
             call = dialect.parse(_body(await request.read()))
         except BadRequest as e:
             return self.error(dialect, e.status, e.kind, e.message)
+        options = self.options
+        if options.storm_s:
+            stormed = self.storm(dialect)
+            if stormed is not None:
+                return stormed
         limited = self.requests is not None or self.tokens is not None
         if limited:
             refused = self.admit(call, dialect)
             if refused is not None:
                 return refused
-        options = self.options
+        poisoned = options.fail_prompt is not None and self.poisoned(call)
+        if options.hang_rate and not poisoned and self.rng.random() < options.hang_rate:
+            await self.hang(request)
+            return None
         if options.latency_ms or options.jitter_ms:
             delay = options.latency_ms + self.rng.uniform(-options.jitter_ms, options.jitter_ms)
             await asyncio.sleep(max(0.0, delay) / 1000)
+        if poisoned:
+            self.stats.poisoned += 1
+            return self.error(dialect, 500, "server", "The server had an error while "
+                              "processing your request (a poisoned prompt, injected by "
+                              "chunbot sim).")
         if options.error_rate and self.rng.random() < options.error_rate:
             if self.rng.random() < 0.5:
                 return self.error(dialect, 500, "server", "The server had an error while "
@@ -1305,6 +1335,40 @@ class SimServer:
         if limited:
             headers.update(self.limit_headers(dialect))
         return web.Response(body=body, headers=headers)
+
+    def storm(self, dialect: Dialect) -> web.Response | None:
+        """--storm-s: a 429 for every model request during the storm, which starts with the
+        first one; None once it is over."""
+        now = time.monotonic()
+        if self.storm_end is None:
+            self.storm_end = now + self.options.storm_s
+        if now >= self.storm_end:
+            return None
+        after = self.options.storm_retry_after
+        return self.error(dialect, 429, "rate_limit_requests", "Rate limit reached for "
+                          f"requests (a storm injected by chunbot sim). Please try again in "
+                          f"{after}s.", {"retry-after": str(after),
+                                         "retry-after-ms": str(after * 1000)})
+
+    def poisoned(self, call: Call) -> bool:
+        """--fail-prompt: whether any message of the request contains the text."""
+        text = self.options.fail_prompt
+        return any(text in _as_string(m.get("content")) for m in call.messages)
+
+    async def hang(self, request: web.Request) -> None:
+        """--hang-rate: hold the request without an answer until its client goes away, or
+        for HANG_S at most, then drop the connection."""
+        self.stats.hung += 1
+        deadline = time.monotonic() + HANG_S
+        while True:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                transport.abort()  # dropped: no status line, the client sees the reset
+                return
+            await asyncio.sleep(min(HANG_POLL_S, left))
 
     def model_reply(self, dialect: Dialect,
                     call: Call) -> tuple[sim_model.SimReply, CacheUse, str]:
