@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+from typing import Callable
 
 import pytest
 
@@ -41,21 +43,63 @@ def test_a_window_that_never_fills_the_limit_leaves_it_alone():
     assert limiter.limit == INITIAL_LIMIT
 
 
-def test_congestion_cuts_once_per_window_and_ends_slow_start():
+def test_429s_cut_once_per_window_and_end_slow_start():
     limiter = Limiter()
     window(limiter)
     window(limiter)  # 64
     for _ in range(3):
-        limiter.finished(0.3, congested=True)
-    assert limiter.limit == 64  # 3 of a 64-reply window: the odd error, not overload
+        limiter.finished(0.3, throttled=True)
+    assert limiter.limit == 64  # 3 of a 64-reply window: the odd 429, not overload
     for _ in range(10):
-        limiter.finished(0.3, congested=True)  # the 4th cuts; the same window: no second cut
+        limiter.finished(0.3, throttled=True)  # the 4th cuts; the same window: no second cut
     assert limiter.limit == pytest.approx(64 * 0.7) and not limiter.slow_start
     window(limiter)  # a window at the new limit, still marked congested: no growth in it
     assert limiter.limit == pytest.approx(64 * 0.7)
     before = limiter.limit
     window(limiter)  # a clean full window: additive growth by √limit
     assert limiter.limit == pytest.approx(before + before ** 0.5)
+
+
+def load(limiter: Limiter, windows: int, share_at: "Callable[[int], float]",
+         throttled: bool = False, seed: int = 1) -> list[int]:
+    """Full windows in which each reply is a congestion sign with the share `share_at`
+    gives for the limit; returns the limit after each window."""
+    rng, seen = random.Random(seed), []
+    for _ in range(windows):
+        n = int(limiter.limit)
+        for _ in range(n):
+            limiter.started(n)
+            sign = rng.random() < share_at(n)
+            limiter.finished(0.05, congested=sign and not throttled,
+                             throttled=sign and throttled)
+        seen.append(int(limiter.limit))
+    return seen
+
+
+@pytest.mark.parametrize("share", [0.05, 0.15, 0.3])
+def test_random_overload_answers_are_learned_as_noise_and_do_not_hold_the_limit(share):
+    limiter = Limiter()
+    seen = load(limiter, 30, lambda n: share)
+    assert seen[-1] == MAX_LIMIT  # as with no errors at all, a few windows later
+    assert limiter.noise == pytest.approx(share, abs=0.05)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.1, 0.3])
+def test_overload_answers_that_grow_with_load_keep_the_limit_near_capacity(noise):
+    limiter = Limiter()
+    seen = load(limiter, 80, lambda n: min(1.0, noise + max(0, n - 200) / n))
+    assert max(seen[40:]) < 400 and min(seen[40:]) >= 100
+
+
+def test_a_429_storm_drops_to_the_floor_then_slow_start_returns_to_the_last_limit():
+    limiter = Limiter()
+    load(limiter, 10, lambda n: 0.0)
+    assert limiter.limit == MAX_LIMIT
+    load(limiter, 20, lambda n: 1.0, throttled=True)
+    assert limiter.limit == MIN_LIMIT
+    back = load(limiter, 14, lambda n: 0.0)
+    assert back[-1] >= MAX_LIMIT * 0.7  # doubling per window back up, then on from there
+    assert back[:4] == sorted(back[:4]) and back[0] < 16
 
 
 def test_latency_inflation_backs_off_and_the_floor_holds():

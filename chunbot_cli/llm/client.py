@@ -194,8 +194,6 @@ class ModelClient:
 
     async def _send(self, request: Request, attempts: list[dict[str, Any]],
                     outage_timeout: float) -> tuple[Reply, str]:
-        while (pause := self.paused_until - time.monotonic()) > 0:
-            await asyncio.sleep(pause)
         endpoint = await self.pool.acquire(outage_timeout)
         try:
             # paced after taking room, so requests queued for room never burst out unpaced
@@ -246,8 +244,11 @@ class ModelClient:
         return reply, endpoint.name
 
     async def _pace(self, request: Request) -> int:
-        """Wait until the budgets allow this request; returns its token estimate (0 when no
-        token budget is known)."""
+        """Wait until the budgets allow this request, and any pause a 429 asked for is
+        over (holding room meanwhile, so that no more than the limit go out when it ends);
+        returns its token estimate (0 when no token budget is known)."""
+        while (pause := self.paused_until - time.monotonic()) > 0:
+            await asyncio.sleep(pause)
         wait = self.request_budget.reserve(1)
         estimate = 0
         if self.token_budget.rate is not None:

@@ -43,7 +43,8 @@ MIN_LIMIT = 4
 MAX_LIMIT = 2048
 DECREASE = 0.7
 CONGESTION_SHARE = 0.05  # of a window's replies, and at least 2, before a cut
-NOISE_CLEARED = 0.6  # a cut that leaves this much of the share it was made for: noise
+TRIAL_DECREASE = 0.5  # a cut for overload answers halves the limit, to see if they go
+SAMPLE = 100  # overload answers are judged over at least this many replies
 NOISE_MAX = 0.5  # the largest share of errors believed to be chance
 INFLATION = 2.0
 INFLATION_DECREASE = 0.9
@@ -66,9 +67,12 @@ class Limiter:
     _full: bool = False
     _congested: bool = False  # cut in this window
     _cut_before: bool = False  # cut in the window before
-    _signs: int = 0  # congestion answers in this window
-    _overloads: int = 0  # of them, overload answers (not 429s)
-    _probation: tuple[float, bool, float] | None = None  # limit, slow start, share before a cut
+    _throttled: int = 0  # 429s in this window
+    _replies: int = 0  # in this sample of replies, and of them overload answers:
+    _overloads: int = 0  # judged once a sample has SAMPLE replies, at a window's end
+    _trial: tuple[float, bool, float, float] | None = None  # what a cut for overload
+    # answers changed, and their share it was made for; judged by the sample after next
+    _trial_samples: int = 0
 
     def __post_init__(self) -> None:
         if self.pinned is not None:
@@ -90,60 +94,72 @@ class Limiter:
         was overloaded or did not answer in time, `throttled` when it rate limited (429)."""
         if self.pinned is not None:
             return
-        if congested or throttled:
-            self._signs += 1
-            self._overloads += not throttled
-            if not self._congested and self._signs >= self._cut_at():
-                self._cut()
+        self._replies += 1
+        if throttled:
+            self._throttled += 1
+            if not self._congested and self._throttled >= max(2, CONGESTION_SHARE * self._window):
+                self._cut(DECREASE)
                 return
+        elif congested:
+            self._overloads += 1
         else:
             self._count += 1
             self._latency_sum += latency
             if self.slow_start and self._full and self.limit < self.threshold:
                 self.limit = min(MAX_LIMIT, self.limit + 1)
-        if self._count + self._signs >= self._window:
+        if self._count + self._throttled + self._overloads >= self._window:
             self._close_window()
 
-    def _cut_at(self) -> float:
-        """Congestion answers in this window that mean overload: more than chance gives
-        at the share of noise known, counting 429s always."""
-        window, noise = self._window, self.noise
-        throttled = self._signs - self._overloads
-        expected = window * noise + 3 * math.sqrt(window * noise * (1 - noise)) + 1 \
-            if noise else 0.0
-        if throttled and self._overloads <= expected:
-            return max(2, CONGESTION_SHARE * window)  # the 429s decide
-        return max(2, CONGESTION_SHARE * window, expected + throttled)
-
-    def _cut(self) -> None:
-        replies = self._count + self._signs
-        if self._overloads == self._signs and self._probation is None:
-            self._probation = (self.limit, self.slow_start, self._signs / max(1, replies))
+    def _cut(self, decrease: float) -> None:
         if not self._cut_before:
             self.threshold = max(MIN_LIMIT, self.limit * DECREASE)
         self.slow_start = False  # cut, and judge the new limit over a new window
-        self.limit = max(MIN_LIMIT, self.limit * DECREASE)
+        self.limit = max(MIN_LIMIT, self.limit * decrease)
         self._count, self._latency_sum, self._window = 0, 0.0, self.limit
-        self._full, self._congested, self._signs, self._overloads = False, True, 0, 0
+        self._full, self._congested, self._throttled = False, True, 0
+
+    def _judge_overloads(self) -> None:
+        """Once a sample of SAMPLE replies or more is in: were its overload answers more
+        than chance at the known noise? A cut for them is a trial: the limit is halved,
+        and the sample after next (all of it sent at the new limit) says whether they
+        went with it (overload: the cut stays) or not (noise: it is undone)."""
+        replies, overloads = self._replies, self._overloads
+        if replies < SAMPLE:
+            return
+        self._replies = self._overloads = 0
+        share = overloads / replies
+        if self._trial is not None:
+            self._trial_samples -= 1
+            if self._trial_samples:
+                return  # the first sample after the cut answers requests sent before it
+            limit, slow_start, threshold, before = self._trial
+            self._trial = None
+            if overloads >= max(1, replies * before - 2 * math.sqrt(replies * before
+                                                                 * (1 - before))):
+                # as many as before at half the load: they do not come with load
+                self.noise = min(NOISE_MAX, max(self.noise, share))
+                self.limit, self.slow_start, self.threshold = limit, slow_start, threshold
+            return
+        noise = self.noise
+        expected = replies * noise + 3 * math.sqrt(replies * noise * (1 - noise)) + 1
+        if overloads >= max(2, CONGESTION_SHARE * replies, expected if noise else 0):
+            self._trial = (self.limit, self.slow_start, self.threshold, share)
+            self._trial_samples = 2
+            self._cut(TRIAL_DECREASE)
+        elif noise:
+            self.noise = min(NOISE_MAX, noise + 0.2 * (share - noise))
+            if self.noise < 0.001:  # the errors have faded
+                self.noise = 0.0
 
     def _close_window(self) -> None:
-        share = self._overloads / (self._count + self._signs)
-        if self._probation is not None and not self._congested:
-            limit, slow_start, before = self._probation
-            self._probation = None
-            if self._count and share >= NOISE_CLEARED * before:  # the cut did not clear them
-                self.noise = min(NOISE_MAX, max(self.noise, share))
-                self.limit, self.slow_start = limit, slow_start
-        elif share < self.noise:
-            self.noise += 0.2 * (share - self.noise)  # the errors fade: expect fewer
-            if self.noise < 0.001:
-                self.noise = 0.0
         mean = self._latency_sum / self._count if self._count else None
+        congested = self._congested
+        self._judge_overloads()
         if mean is None:  # not one answer in a whole window: a storm, or an outage
             self.slow_start = False
             self.limit = MIN_LIMIT  # start again from little, up to `threshold`
-        elif self._congested:
-            pass  # already cut in this window
+        elif congested or self._congested:
+            pass  # cut in this window
         elif self.baseline is not None and mean > INFLATION * self.baseline:
             self.slow_start = False
             self.limit = max(MIN_LIMIT, self.limit * INFLATION_DECREASE)
@@ -160,10 +176,10 @@ class Limiter:
             self.baseline = mean
         else:
             self.baseline += 0.05 * (mean - self.baseline)
-        self._cut_before = self._congested
+        self._cut_before = congested or self._congested or mean is None
         self._count, self._latency_sum, self._window = 0, 0.0, self.limit
         self._full = self._congested = False
-        self._signs = self._overloads = 0
+        self._throttled = 0
 
 
 @dataclass
