@@ -237,6 +237,10 @@ def validate(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."
         loaded = config.load(pipeline)
     except config.ConfigError as e:
         raise _fail(str(e), engine.EXIT_USAGE) from None
+    from .check import field_warnings
+
+    for warning in field_warnings(loaded):
+        print(warning, file=sys.stderr)
     chain = " → ".join(f"{s.name} ({s.kind})" for s in loaded.stages)
     print(f"{pipeline}: ok: {chain}")
 

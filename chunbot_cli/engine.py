@@ -68,6 +68,8 @@ class RunOptions:
 @dataclass
 class StageReport:
     counts: Counters = field(default_factory=Counters)
+    known: int = 0  # records handed to the stage in this run so far (done or not)
+    fresh_records: int = 0  # records of the shards that were up to date: done before
     shards_run: int = 0
     shards_skipped: int = 0
     batches_pending: int = 0
@@ -92,6 +94,19 @@ class RunReport:
     cache_misses: int = 0
     notes: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # what stopped work beyond one record
+    failures: list["StageFailures"] = field(default_factory=list)  # why records failed
+
+
+@dataclass
+class StageFailures:
+    """Why a stage's records failed, for the summary: the most common reasons."""
+
+    stage: str
+    failed: int  # records of the stage in errors.jsonl (this run or before)
+    errors_file: str
+    reasons: list[tuple[str, int]]  # the most common, with their counts
+    scanned: int  # lines of errors.jsonl the reasons were counted over
+    rerun: str  # the command that sends them again
 
 
 class Progress(Protocol):
@@ -210,6 +225,7 @@ class Run:
         self.files = resolve(pipeline.input)
         self.input_bytes = _input_size(self.files)
         self.bytes_read = 0
+        self.read_through = False  # the whole input has been read
         self.started = time.monotonic()
         self.clients: dict[str, Any] = {}
         self.session: Any = None  # the run's one aiohttp session, when a model speaks HTTP
@@ -468,7 +484,10 @@ class Run:
                     todo, source = self._plan(shard)
                     for stage in self.selected:
                         if stage not in todo:
-                            self.report.stages[stage.name].shards_skipped += 1
+                            report = self.report.stages[stage.name]
+                            report.shards_skipped += 1
+                            report.fresh_records += self._stage_state(stage)["shards"][
+                                str(shard.index)].get("in", 0)
                     if not todo:
                         continue
                     await window.acquire()
@@ -477,7 +496,7 @@ class Run:
                     job.add_done_callback(finished)
                     await asyncio.sleep(0)  # let running jobs see their replies between shards
                 else:
-                    read_through = not self.stopping
+                    read_through = self.read_through = not self.stopping
             except InputError as e:  # a file that breaks off after some shards were read
                 if count == 0:
                     raise
@@ -538,6 +557,7 @@ class Run:
             if report.first_start is None:
                 report.first_start = time.monotonic()
             runner = runners[stage.name]
+            report.known += len(records) + len(input_errors)
             if isinstance(runner, LLMStage):
                 output = await self._run_llm(runner, stage, shard.index, source, records)
                 if output is None:  # its batch is pending: downstream waits for the next run
@@ -762,9 +782,13 @@ class Run:
 
     def _finish(self) -> None:
         self.report.seconds = time.monotonic() - self.started
-        failed = sum(entry.get("failed", 0)
-                     for stage in self.selected
-                     for entry in self._stage_state(stage)["shards"].values())
+        failed = 0
+        for stage in self.selected:
+            count = sum(entry.get("failed", 0)
+                        for entry in self._stage_state(stage)["shards"].values())
+            if count:
+                self.report.failures.append(self._failures(stage, count))
+            failed += count
         self.report.failed_total = failed
         pending = sum(stage.batches_pending for stage in self.report.stages.values())
         self.report.exit_code = (EXIT_FAILED if self.report.errors else EXIT_LATER if pending
@@ -774,6 +798,14 @@ class Run:
                       "(or use --wait)")
         self.state["last_run"].update(ended=_now(), exit_code=self.report.exit_code)
         self.workdir.save_state(self.state)
+
+    def _failures(self, stage: StageSpec, count: int) -> StageFailures:
+        reasons, scanned = self.workdir.failure_reasons(stage.name)
+        rerun = (f"chunbot rerun {self.pipeline.path} --stage {stage.name} --failed"
+                 if stage.kind == "llm" else f"chunbot rerun {self.pipeline.path} "
+                 f"--stage {stage.name}")
+        return StageFailures(stage.name, count, str(self.workdir.errors_path(stage.name)),
+                             reasons.most_common(3), scanned, rerun)
 
     # progress
     def note(self, text: str) -> None:

@@ -7,6 +7,7 @@ Both end with a summary of records, failures, tokens and seconds per stage.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from rich.live import Live
     from rich.text import Text
 
-    from .engine import Run, RunReport
+    from .engine import Run, RunReport, StageFailures
 
 
 def make_progress(quiet: bool = False, log_format: str = "text",
@@ -35,40 +36,108 @@ def make_progress(quiet: bool = False, log_format: str = "text",
     return RichProgress(Console(file=stream))
 
 
+def input_total(run: "Run") -> int | None:
+    """Input lines in all: exact once read through, else estimated from the share of the
+    input's bytes read so far (plain files); None when that cannot be known (stdin, .zst)."""
+    lines = run.report.lines_read
+    if run.read_through:
+        return lines
+    if not run.input_bytes or not run.bytes_read:
+        return None
+    return max(lines, round(lines * run.input_bytes / run.bytes_read))
+
+
 def stage_rows(run: "Run") -> list[dict[str, Any]]:
-    """One dict per selected stage: its counters in this run, rate and model load."""
+    """One dict per selected stage: records done of those known (and of the estimated
+    total), rate, ETA, failures, tokens and cost — in this run, plus the shards that were
+    already done."""
     elapsed = max(time.monotonic() - run.started, 1e-9)
+    total_lines = input_total(run)
     rows = []
     for stage in run.selected:
         report = run.report.stages[stage.name]
         counts = report.counts
+        done = counts.records_in + report.fresh_records
+        known = max(done, report.known + report.fresh_records)
         row: dict[str, Any] = {
-            "stage": stage.name, "records": counts.records_in, "out": counts.records_out,
+            "stage": stage.name, "done": done, "known": known,
+            "records": counts.records_in, "out": counts.records_out,
             "failed": counts.failed, "filtered": counts.filtered,
             "tokens_in": counts.tokens_in, "tokens_out": counts.tokens_out,
             "rate": round(counts.records_in / elapsed, 1),
             "shards_done": report.shards_run, "shards_skipped": report.shards_skipped,
             "cache_hits": counts.cache_hits, "tokens_cached": counts.tokens_cached,
             "cost": round(counts.cost, 6), "cost_full": round(counts.cost_full, 6),
+            "total": None, "pct": None, "eta_s": None,
         }
-        if stage.kind == "llm":
-            clients = [run.clients[a] for a in stage.models if a in run.clients]
-            requests = sum(c.requests for c in clients)
-            row["in_flight"] = sum(c.in_flight for c in clients)
-            row["limit"] = sum(c.limit for c in clients)
-            row["requests"] = requests
-            row["req_s"] = round(sum(c.request_rate() for c in clients), 1)
-            row["throttled_pct"] = round(100 * sum(c.throttled for c in clients)
-                                         / max(requests, 1), 2)
+        lines = run.report.lines_read
+        if total_lines and lines:
+            # what reached this stage per input line so far, over the whole input
+            total = max(known, round(known / lines * total_lines)) if lines else known
+            row["total"] = total
+            row["pct"] = round(100 * done / total, 1) if total else 100.0
+            if counts.records_in and total > done:
+                row["eta_s"] = round((total - done) / (counts.records_in / elapsed), 1)
+            elif total <= done:
+                row["eta_s"] = 0.0
         rows.append(row)
     return rows
 
 
+def model_rows(run: "Run") -> list[dict[str, Any]]:
+    """One dict per model alias in use: request rate, in flight against the limit, and
+    the shares of 429s and server faults (a slow-down shows its cause)."""
+    rows = []
+    for alias, client in run.clients.items():
+        sent = max(client.requests, 1)
+        rows.append({"model": alias, "requests": client.requests,
+                     "req_s": round(client.request_rate(), 1), "in_flight": client.in_flight,
+                     "limit": client.limit, "throttled_pct": round(100 * client.throttled / sent, 2),
+                     "faults_pct": round(100 * client.faults / sent, 2)})
+    return rows
+
+
 def input_line(run: "Run") -> str:
-    read = f"{run.report.lines_read:,} lines read"
-    if run.input_bytes:
-        read = f"{min(100.0, 100 * run.bytes_read / run.input_bytes):.0f}% of input, " + read
-    return f"{read}, {time.monotonic() - run.started:.1f}s"
+    total, lines = input_total(run), run.report.lines_read
+    if run.read_through:
+        read = f"input {lines:,} lines, all read"
+    elif total:
+        read = f"input {lines:,} of ~{total:,} lines read"
+    else:
+        read = f"input {lines:,} lines read so far"
+    eta = [row["eta_s"] for row in stage_rows(run)]
+    text = f"{read} · {time.monotonic() - run.started:.1f}s"
+    if eta and all(e is not None for e in eta):
+        text += f" · ETA {_duration(max(eta))}"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m"
+
+
+def stage_text(row: dict[str, Any]) -> str:
+    text = f"{row['stage']}: {row['done']:,}/{row['known']:,}"
+    if row["pct"] is not None:
+        text += f" ({row['pct']:.0f}% of ~{row['total']:,})"
+    text += f", {row['rate']:,.0f} rec/s"
+    if row["eta_s"] is not None:
+        text += f", ETA {_duration(row['eta_s'])}"
+    text += f", {row['failed']:,} failed"
+    if row["cost_full"]:
+        text += f", ${row['cost']:,.4f}"
+    return text
+
+
+def model_text(row: dict[str, Any]) -> str:
+    return (f"model {row['model']}: {row['req_s']:,.0f} req/s, {row['in_flight']}/"
+            f"{row['limit']} in flight, 429s {row['throttled_pct']:g}%, "
+            f"5xx {row['faults_pct']:g}%")
 
 
 class LogProgress:
@@ -93,15 +162,13 @@ class LogProgress:
                    f"run {run.pipeline.name}: stages {', '.join(s.name for s in run.selected)}")
 
     def update(self, run: "Run") -> None:
+        self._emit("input", {"lines_read": run.report.lines_read, "lines_total":
+                             input_total(run), "read_through": run.read_through},
+                   input_line(run))
         for row in stage_rows(run):
-            text = (f"{row['stage']}: {row['records']:,} records ({row['rate']:,.0f}/s), "
-                    f"{row['out']:,} out, {row['failed']:,} failed, "
-                    f"{row['tokens_in'] + row['tokens_out']:,} tokens")
-            if "limit" in row:
-                text += (f", {row['req_s']:,.0f} req/s, {row['in_flight']} in flight "
-                         f"(limit {row['limit']}), {row['throttled_pct']:g}% 429s")
-            self._emit("progress", row, text)
-        self._emit("input", {"lines_read": run.report.lines_read}, input_line(run))
+            self._emit("progress", row, stage_text(row))
+        for row in model_rows(run):
+            self._emit("model", row, model_text(row))
 
     def message(self, text: str) -> None:
         self._emit("note", {"message": text}, text)
@@ -109,8 +176,11 @@ class LogProgress:
     def finish(self, run: "Run", report: "RunReport") -> None:
         rows = stage_rows(run)
         if self.as_json:
-            self._emit("summary", {"stages": rows, "seconds": round(report.seconds, 3),
+            self._emit("summary", {"stages": rows, "models": model_rows(run),
+                                   "seconds": round(report.seconds, 3),
                                    "failed_total": report.failed_total,
+                                   "failures": [dataclasses.asdict(f) for f in report.failures],
+                                   "errors": report.errors,
                                    "cache_hits": report.cache_hits,
                                    "cache_misses": report.cache_misses,
                                    "exit_code": report.exit_code}, "")
@@ -132,19 +202,19 @@ class RichProgress:
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(box=None, header_style="bold")
-        for column in ("stage", "records", "rec/s", "out", "failed", "tokens", "req/s",
-                       "in flight/limit", "429s"):
-            table.add_column(column, justify="left" if column == "stage" else "right")
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for column in ("stage", "done/known", "%", "rec/s", "ETA", "failed", "cost"):
+            table.add_column(column, justify="left" if column == "stage" else "right",
+                             no_wrap=True, max_width=18 if column == "stage" else None)
         for row in stage_rows(run):
-            llm = "limit" in row
-            table.add_row(row["stage"], f"{row['records']:,}", f"{row['rate']:,.0f}",
-                          f"{row['out']:,}", _red(row["failed"]),
-                          f"{row['tokens_in'] + row['tokens_out']:,}",
-                          f"{row['req_s']:,.0f}" if llm else "",
-                          f"{row['in_flight']}/{row['limit']}" if llm else "",
-                          f"{row['throttled_pct']:g}%" if llm else "")
-        return Group(Text(input_line(run), style="dim"), table)
+            table.add_row(row["stage"], f"{row['done']:,}/{row['known']:,}",
+                          f"{row['pct']:.0f}%" if row["pct"] is not None else "",
+                          f"{row['rate']:,.0f}",
+                          _duration(row["eta_s"]) if row["eta_s"] is not None else "",
+                          _red(row["failed"]),
+                          f"${row['cost']:,.4f}" if row["cost_full"] else "")
+        models = [Text(model_text(row), style="dim") for row in model_rows(run)]
+        return Group(Text(input_line(run), style="dim"), table, *models)
 
     def start(self, run: "Run") -> None:
         from rich.live import Live
@@ -202,12 +272,24 @@ def _summary_footer(rows: list[dict[str, Any]], report: "RunReport") -> str:
     if full:
         lines.append(f"cost ${cost:,.4f}; without caches ${full:,.4f} "
                      f"(saved ${full - cost:,.4f})")
+    for failures in report.failures:
+        lines += failure_lines(failures)
     lines += [f"error: {error}" for error in report.errors]
     footer = f"{report.seconds:.1f}s, exit {report.exit_code}"
     if report.failed_total:
-        footer += (f"; {report.failed_total:,} failed records in total, "
-                   "see each stage's errors.jsonl")
+        footer += f"; {report.failed_total:,} failed records in total"
     return "\n".join(lines + [footer])
+
+
+def failure_lines(failures: "StageFailures") -> list[str]:
+    """Why a stage's records failed, where they are, and what to do next."""
+    lines = [f"{failures.stage}: {failures.failed:,} failed, in {failures.errors_file}"
+             + (f" (reasons from its first {failures.scanned:,} lines)"
+                if failures.scanned < failures.failed else "")]
+    width = max((len(f"{count:,}") for _, count in failures.reasons), default=0)
+    lines += [f"  {count:>{width},}  {reason}" for reason, count in failures.reasons]
+    lines.append(f"  next: {failures.rerun}")
+    return lines
 
 
 def summary_table(rows: list[dict[str, Any]], report: "RunReport") -> Group:

@@ -13,11 +13,14 @@ the retry of the shard sends no request twice.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
+import re
 import shutil
 import zlib
 from array import array
 from bisect import bisect_left
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -307,6 +310,26 @@ class Workdir:
             os.close(fd)
         return committed + len(lines)
 
+    def failure_reasons(self, stage: str, scan: int = 100_000) -> tuple[Counter[str], int]:
+        """Why the records in the stage's errors.jsonl failed: a count per reason (record
+        details such as a file's line number left out, so alike failures add up) over
+        its first `scan` lines, and how many lines were read."""
+        reasons: Counter[str] = Counter()
+        read = 0
+        try:
+            with open(self.errors_path(stage), "rb") as f:
+                for line in itertools.islice(f, scan):
+                    read += 1
+                    try:
+                        error = orjson.loads(line)
+                    except orjson.JSONDecodeError:
+                        continue
+                    if isinstance(error, dict):
+                        reasons[reason_of(error)] += 1
+        except FileNotFoundError:
+            pass
+        return reasons, read
+
     def drop_errors(self, stage: str, shards: set[int]) -> int:
         """Rewrite errors.jsonl without the lines of `shards` (being redone); returns its length."""
         path = self.errors_path(stage)
@@ -321,6 +344,18 @@ class Workdir:
 
 def id_crc(record_id: Any) -> int:
     return zlib.crc32(str(record_id).encode())
+
+
+def reason_of(error: dict[str, Any]) -> str:
+    """An error line's reason, without what is particular to its record."""
+    reason = str(error.get("error", "?"))
+    if error.get("file") and error.get("line"):
+        reason = reason.removeprefix(f"{error['file']}:{error['line']}: ")
+    reason = _ATTEMPTS.sub("", reason)
+    return reason if len(reason) <= 160 else reason[:159] + "…"
+
+
+_ATTEMPTS = re.compile(r" \(after \d+ attempts\)")
 
 
 def _shard_of(line: bytes) -> int | None:

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 from jinja2 import StrictUndefined, Template, TemplateError, UndefinedError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["TemplateError", "compile_template", "compile_expression"]
+__all__ = ["TemplateError", "compile_template", "compile_expression", "fields_used"]
 
 _env = ImmutableSandboxedEnvironment(
     undefined=StrictUndefined, autoescape=False, keep_trailing_newline=True
@@ -75,3 +75,11 @@ def static_prefix(source: str) -> str:
     if source[first + 2: first + 3] == "-":  # `{{-` strips the whitespace before it
         prefix = prefix.rstrip()
     return prefix
+
+
+def fields_used(source: str, expression: bool = False) -> set[str]:
+    """The record fields a template (or a filter expression) reads."""
+    from jinja2 import meta
+
+    text = "{{ " + source + " }}" if expression else source
+    return meta.find_undeclared_variables(_env.parse(text)) - _JINJA_NAMES

@@ -150,7 +150,10 @@ def test_bad_lines_exit_1_and_empty_input_exit_0(project):
                                     "  - name: s\n    prompt: 'sentiment: {{ text }}'\n")
     result = chunbot("run", "p.yaml", "-q", cwd=project)
     assert result.returncode == 1
-    assert "see each stage's errors.jsonl" in result.stderr.decode()
+    err = result.stderr.decode()
+    assert f"s: 1 failed, in {Path('runs/t/s/errors.jsonl')}" in err
+    assert "  1  not valid JSON" in err  # the reason, counted, without its line number
+    assert "next: chunbot rerun p.yaml --stage s --failed" in err
     (project / "d.jsonl").write_text("")
     result = chunbot("run", "p.yaml", "-q", cwd=project)
     assert result.returncode == 0
@@ -174,8 +177,9 @@ def test_plain_log_lines_come_periodically(project):
     pipeline = slow_project(project, n=60, latency=30)
     result = chunbot("run", str(pipeline), "--quiet", cwd=project)
     lines = result.stderr.decode().splitlines()
-    assert any("sentiment:" in line and "records" in line and "in flight" in line
+    assert any("sentiment:" in line and "rec/s" in line and "failed" in line
                for line in lines)
+    assert any("model " in line and "in flight" in line and "429s" in line for line in lines)
     assert any(line.startswith("stage") and "records" in line for line in lines[-7:])
 
 

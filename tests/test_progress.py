@@ -39,6 +39,7 @@ def test_text_summary_is_a_table(project):
     assert header.split()[:5] == ["stage", "records", "out", "failed", "filtered"]
     assert lines[-1].startswith("0.") or "exit 1" in lines[-1]
     assert "1 failed records in total" in lines[-1]
+    assert any("next: chunbot rerun" in line for line in lines)
 
 
 def test_without_a_terminal_progress_is_log_lines():

@@ -18,7 +18,8 @@ _COUNTS = ("in", "out", "failed", "filtered", "tokens_in", "tokens_out", "tokens
 
 
 def status(pipeline: Pipeline) -> dict[str, Any]:
-    state = Workdir(pipeline.workdir, pipeline.compress).load_state()
+    workdir = Workdir(pipeline.workdir, pipeline.compress)
+    state = workdir.load_state()
     total = state.get("input_shards")
     stages = []
     upstream: dict[str, Any] | None = None
@@ -38,9 +39,16 @@ def status(pipeline: Pipeline) -> dict[str, Any]:
             row[name] = sum(entry.get(name, 0) for entry in shards.values())
         row["cost"], row["cost_full"] = round(row["cost"], 6), round(row["cost_full"], 6)
         why = _why_stale(stage, saved, upstream, upstream_stale)
+        missing = sum(1 for k in shards if not workdir.part_path(stage.name, int(k)).exists())
+        if why is None and missing:
+            why = f"the output files of {missing} shards are missing (the next run redoes them)"
         if why is None and total is not None and len(shards) < total:
             why = f"{total - len(shards)} of {total} shards not done"
-        row.update(state="stale" if why else "fresh", why=why or "")
+        if why is None and total is None:
+            row.update(state="incomplete", why=f"{len(shards)} shards done; the input has "
+                       "not been read through yet (run again to go on)")
+        else:
+            row.update(state="stale" if why else "fresh", why=why or "")
         stages.append(row)
         upstream, upstream_stale = saved, why is not None
     return {"pipeline": pipeline.name, "workdir": str(pipeline.workdir), "stages": stages,

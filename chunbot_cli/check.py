@@ -1,0 +1,67 @@
+"""What `validate` checks beyond the YAML itself: that the first input records have the
+fields the stages' templates and filters use.
+
+A field a record lacks fails that record at run time (it lands in errors.jsonl), so a typo
+in a template fails every record; this finds it before any request. Fields that earlier
+LLM stages add count as present; after a python stage, which may add anything, nothing
+further is checked.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import orjson
+
+from . import templates
+from .config import Pipeline
+from .source import InputError, read_shards, resolve
+
+SAMPLE = 100
+
+
+def field_warnings(pipeline: Pipeline, sample: int = SAMPLE) -> list[str]:
+    """One warning per stage and field that some of the first `sample` input records lack."""
+    if pipeline.input == "-":
+        return []  # reading stdin here would eat the run's input
+    try:
+        records = [r for r in _first_records(resolve(pipeline.input), sample)
+                   if isinstance(r, dict)]
+    except InputError:
+        return []  # `run` says what is wrong with the input
+    if not records:
+        return []
+    added = {"_id"}
+    warnings = []
+    for stage in pipeline.stages:
+        if stage.kind == "python":
+            break
+        if stage.kind == "filter":
+            used = {"filter": templates.fields_used(stage.filter or "", expression=True)}
+        else:
+            used = {key: templates.fields_used(source)
+                    for key, source in (("system", stage.system), ("prompt", stage.prompt))
+                    if source}
+        for key, fields in used.items():
+            for name in sorted(fields - added):
+                lacking = sum(1 for r in records if name not in r)
+                if lacking:
+                    warnings.append(
+                        f"{pipeline.path}:{stage.line}: stage {stage.name!r}: warning: {key} "
+                        f"uses {name!r}, which {lacking} of the first {len(records)} input "
+                        f"records lack (they would fail); fields seen: "
+                        f"{', '.join(sorted(set().union(*records))[:12])}")
+        if stage.kind == "llm":
+            added.add(stage.output or stage.name)
+    return warnings
+
+
+def _first_records(files: list[str], sample: int) -> list[object]:
+    found = []
+    for shard in itertools.islice(read_shards(files, sample, sample), 1):
+        for line in shard.lines:
+            try:
+                found.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                continue
+    return found
