@@ -28,7 +28,7 @@ import orjson
 
 from .config import ConfigError, Pipeline, StageSpec, check_api_keys
 from .source import InputError, Shard, parse_line, read_shards, resolve
-from .stages import Counters, FilterStage, LLMStage, PythonStage, StageOutput, failure
+from .stages import Counters, FilterStage, LLMStage, PythonStage, StageOutput
 from .store import (Journal, Locked, StoreError, Workdir, describe, dumps_lines, encode_lines,
                     printable)
 
@@ -268,7 +268,11 @@ class Run:
                 if self.session is not None:
                     await self.session.close()
                 if self.cache is not None:
-                    await self.cache.close()
+                    try:
+                        await self.cache.close()  # its last buffered writes
+                    except Exception as e:  # a full disk, a Redis gone away
+                        self.report.errors.append(f"the response cache could not store the "
+                                                  f"last replies: {type(e).__name__}: {e}")
                     self.report.cache_hits, self.report.cache_misses = (self.cache.hits,
                                                                         self.cache.misses)
             self._finish()
@@ -724,8 +728,9 @@ class Run:
             counts = (output.counts, self.report.stages[stage.name].counts)
             for i, why in reversed(bad):
                 record = output.records.pop(i)
-                output.errors.append(failure(stage.name, printable(record),
-                                             f"the record cannot be written as JSON: {why}"))
+                output.errors.append({"_id": printable(record.get("_id")), "stage": stage.name,
+                                      "error": f"the record cannot be written as JSON: {why}",
+                                      "record": printable(record)})
             for c in counts:
                 c.records_out -= len(bad)
                 c.failed += len(bad)

@@ -123,7 +123,14 @@ def read_shards(files: list[str], shard_size: int, limit: int | None = None) -> 
         consumed, first, tail = 0, 1, b""
         try:
             while limit is None or position < limit:
-                block = next(blocks, b"")
+                try:
+                    block = next(blocks, b"")
+                except InputError:  # the file breaks off: what came before it still counts
+                    if consumed >= first:
+                        shard.origins.append((name, first, consumed - first + 1))
+                    if shard.lines:
+                        yield _sealed(shard)
+                    raise
                 if block:
                     lines = (tail + block).split(b"\n")
                     tail = lines.pop()

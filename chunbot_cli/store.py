@@ -95,8 +95,10 @@ def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)  # a full disk must not keep what it could not finish
+        if isinstance(e, OSError) and e.filename is None:
+            e.filename = str(path)  # a failed write(2) names no file: say which
         raise
 
 
@@ -134,10 +136,18 @@ class Workdir:
 
     def load_batches(self, stage: str) -> dict[str, Any]:
         """<stage>/batches.json: per shard, the provider batches it waits for."""
+        path = self.stage_dir(stage) / "batches.json"
         try:
-            return orjson.loads((self.stage_dir(stage) / "batches.json").read_bytes())
+            ledgers = orjson.loads(path.read_bytes())
         except FileNotFoundError:
             return {}
+        except (OSError, orjson.JSONDecodeError) as e:
+            raise StoreError(f"{path}: cannot read it ({e}); the batches it names can be "
+                             "found in the provider's console") from None
+        if not isinstance(ledgers, dict) or not all(isinstance(v, dict)
+                                                    for v in ledgers.values()):
+            raise StoreError(f"{path}: not a chunbot batches file")
+        return ledgers
 
     def save_batches(self, stage: str, ledgers: dict[str, Any]) -> None:
         self.stage_dir(stage).mkdir(parents=True, exist_ok=True)
@@ -159,9 +169,9 @@ class Workdir:
             raise StoreError(f"{path}: not a state file chunbot can read ({e}); move it "
                              "away to start this workdir afresh (the cache keeps the "
                              "replies)") from None
-        if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
-            raise StoreError(f"{path}: not a chunbot state file (no 'stages'); move it away "
-                             "to start this workdir afresh")
+        if not _is_state(state):
+            raise StoreError(f"{path}: not a chunbot state file; move it away to start this "
+                             "workdir afresh (the cache keeps the replies)")
         if state.get("version") != STATE_VERSION:
             raise StoreError(f"{path}: unknown state version {state.get('version')!r}")
         return state
@@ -306,6 +316,9 @@ class Workdir:
             if lines:
                 os.pwrite(fd, lines, committed)
                 os.fsync(fd)
+        except OSError as e:
+            e.filename = str(path)
+            raise
         finally:
             os.close(fd)
         return committed + len(lines)
@@ -416,12 +429,27 @@ class Journal:
             line = orjson.dumps(entry, option=_DUMP)
         except TypeError:
             return  # not journalled: after a crash this record is simply asked again
-        os.write(self._fd, line)
+        try:
+            os.write(self._fd, line)
+        except OSError as e:
+            e.filename = str(self.path)
+            raise
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _is_state(state: Any) -> bool:
+    """Whether state.json holds what `save_state` writes: stages with their fingerprint
+    and their shards."""
+    if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
+        return False
+    return all(isinstance(stage, dict) and isinstance(stage.get("fingerprint"), str)
+               and isinstance(stage.get("shards"), dict)
+               and all(isinstance(entry, dict) for entry in stage["shards"].values())
+               for stage in state["stages"].values())
 
 
 def _is_entry(entry: Any) -> bool:

@@ -236,6 +236,7 @@ class Cache:
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache")
         self._pending: list[tuple[bytes, bytes]] = []
         self._flushes: list[asyncio.Future[None]] = []
+        self._failed: BaseException | None = None  # the first write that failed
 
     async def get_many(self, keys: list[bytes]) -> dict[bytes, Reply]:
         if not self.read or not keys:
@@ -255,20 +256,32 @@ class Cache:
 
     def _flush(self) -> None:
         items, self._pending = self._pending, []
+        for flush in self._flushes:
+            if flush.done() and flush.exception() is not None:
+                self._failed = self._failed or flush.exception()
         self._flushes = [f for f in self._flushes if not f.done()]
         self._flushes.append(asyncio.get_running_loop().run_in_executor(
             self._io, self.store.put_many, items))
 
     async def close(self) -> None:
-        """Write what is buffered, note this run's hits and misses, let go of the store."""
+        """Write what is buffered, note this run's hits and misses, let go of the store;
+        raises the first write that failed (the replies are in the run's output all the
+        same: only later runs miss them)."""
         if self._pending:
             self._flush()
-        await asyncio.gather(*self._flushes)
-        last_run = orjson.dumps({"hits": self.hits, "misses": self.misses, "ended": time.time()})
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._io, self.store.set_meta, "last_run", last_run)
-        await loop.run_in_executor(self._io, self.store.close)
-        self._io.shutdown()
+        try:
+            for outcome in await asyncio.gather(*self._flushes, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    self._failed = self._failed or outcome
+            last_run = orjson.dumps({"hits": self.hits, "misses": self.misses,
+                                     "ended": time.time()})
+            await loop.run_in_executor(self._io, self.store.set_meta, "last_run", last_run)
+        finally:
+            await loop.run_in_executor(self._io, self.store.close)
+            self._io.shutdown()
+        if self._failed is not None:
+            raise self._failed
 
 
 def stats(spec: CacheSpec) -> CacheStats:

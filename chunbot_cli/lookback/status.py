@@ -41,7 +41,8 @@ def status(pipeline: Pipeline) -> dict[str, Any]:
         why = _why_stale(stage, saved, upstream, upstream_stale)
         missing = sum(1 for k in shards if not workdir.part_path(stage.name, int(k)).exists())
         if why is None and missing:
-            why = f"the output files of {missing} shards are missing (the next run redoes them)"
+            why = (f"the output files of {missing} shard{'s' if missing > 1 else ''} are "
+                   "missing (the next run redoes them)")
         if why is None and total is not None and len(shards) < total:
             why = f"{total - len(shards)} of {total} shards not done"
         if why is None and total is None:
