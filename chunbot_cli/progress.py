@@ -207,12 +207,12 @@ class RichProgress:
             table.add_column(column, justify="left" if column == "stage" else "right",
                              no_wrap=True, max_width=18 if column == "stage" else None)
         for row in stage_rows(run):
-            table.add_row(row["stage"], f"{row['done']:,}/{row['known']:,}",
+            table.add_row(row["stage"], f"{_compact(row['done'])}/{_compact(row['known'])}",
                           f"{row['pct']:.0f}%" if row["pct"] is not None else "",
                           f"{row['rate']:,.0f}",
                           _duration(row["eta_s"]) if row["eta_s"] is not None else "",
                           _red(row["failed"]),
-                          f"${row['cost']:,.4f}" if row["cost_full"] else "")
+                          _money(row["cost"]) if row["cost_full"] else "")
         models = [Text(model_text(row), style="dim") for row in model_rows(run)]
         return Group(Text(input_line(run), style="dim"), table, *models)
 
@@ -236,10 +236,23 @@ class RichProgress:
         self.console.print(summary_table(stage_rows(run), report))
 
 
+def _compact(count: int) -> str:
+    """A count that fits a narrow column: 123,456, then 1.23M, 4.56G."""
+    if count < 1_000_000:
+        return f"{count:,}"
+    if count < 1_000_000_000:
+        return f"{count / 1e6:.2f}M"
+    return f"{count / 1e9:.2f}G"
+
+
+def _money(usd: float) -> str:
+    return f"${usd:,.4f}" if usd < 100 else f"${usd:,.0f}"
+
+
 def _red(count: int) -> Text:
     from rich.text import Text
 
-    return Text(f"{count:,}", style="red" if count else "")
+    return Text(_compact(count), style="red" if count else "")
 
 
 def _summary_cells(rows: list[dict[str, Any]], report: "RunReport") -> list[list[str]]:

@@ -128,14 +128,6 @@ def test_a_poisoned_record_fails_alone_and_quickly(project, sim_server):
     assert "every endpoint is down" not in stderr
 
 
-@pytest.mark.xfail(strict=False, reason="bug, intermittent (the endpoint is taken out in about "
-                   "6 runs of 10): the ~10 requests that hang in the first burst time out "
-                   "within milliseconds of each other, after every other request was "
-                   "answered, and EndpointPool counts them as a streak of different requests "
-                   "with no success between them (FAILURE_STREAK = 5); see test_endpoints.py::"
-                   "test_requests_that_hung_while_later_ones_were_answered_are_no_streak_when_"
-                   "they_time_out. Not strict because it passes when a retry's answer lands "
-                   "before the fifth timeout")
 def test_requests_that_hang_time_out_and_are_sent_again(project, sim_server):
     server = sim_server("--hang-rate", "0.05", "--seed", "2")
     records = reviews(200)

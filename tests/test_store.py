@@ -22,7 +22,7 @@ def test_write_atomic_replaces_whole_files(tmp_path):
 def test_state_round_trip(tmp_path):
     workdir = Workdir(tmp_path / "run")
     assert workdir.load_state() == {"version": 1, "stages": {}}
-    workdir.save_state({"version": 1, "stages": {"s": {"shards": {"0": {"out": 3}}}}})
+    workdir.save_state({"version": 1, "stages": {"s": {"fingerprint": "f", "shards": {"0": {"out": 3}}}}})
     assert workdir.load_state()["stages"]["s"]["shards"]["0"]["out"] == 3
 
 

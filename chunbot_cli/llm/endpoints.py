@@ -4,8 +4,8 @@ Each endpoint has its own adaptive concurrency limit (scheduler.Limiter); a requ
 to the endpoint with the fewest requests in flight among those below their limit (ties
 in turn), and waits in line when all are full. An
 endpoint is taken out when it cannot be reached at all, or after a streak of server
-faults (5xx, timeouts, dropped connections) of different requests with no success
-between them: FAILURE_STREAK, or more when the endpoint fails a share of requests at
+faults (5xx, timeouts, dropped connections) of different requests, each sent after
+the last request that was answered: FAILURE_STREAK, or more when the endpoint fails a share of requests at
 random anyway (as many as make such a streak a one-in-a-million chance). One request
 failing again and again is that request's problem (a poisoned prompt), never the
 endpoint's. It stays out for a cool-down that doubles with each failed probe
@@ -60,6 +60,7 @@ class Endpoint:
     streak: set[object] = field(default_factory=set)  # requests failing since the last success
     streak_limit: int = FAILURE_STREAK  # as many as take the endpoint out
     fault_share: float = 0.0  # of recent replies, server faults
+    answered_sent: float = float("-inf")  # when the latest answered request was sent
     down: bool = False
     down_until: float = 0.0  # when the next probe may go
     cooldown: float = 0.0
@@ -190,11 +191,14 @@ class EndpointPool:
             endpoint.limiter.finished(latency, error is not None and error.overload,
                                       error is not None and error.status == 429)
         try:
-            return self._judge(endpoint, error, request if request is not None else object())
+            sent = self.clock() - (latency or 0.0)
+            return self._judge(endpoint, error, request if request is not None else object(),
+                               sent)
         finally:
             self._hand_over()
 
-    def _judge(self, endpoint: Endpoint, error: ProviderError | None, request: object) -> bool:
+    def _judge(self, endpoint: Endpoint, error: ProviderError | None, request: object,
+               sent: float) -> bool:
         was_probe, endpoint.probing = endpoint.probing, False
         fault = error is not None and error.server_fault
         if error is None or fault:  # 4xx and 429 say nothing of the endpoint's health
@@ -202,15 +206,18 @@ class EndpointPool:
             self.fault_share += FAULT_SHARE_WEIGHT * (fault - self.fault_share)
         if not fault:
             endpoint.streak.clear()
+            endpoint.answered_sent = max(endpoint.answered_sent, sent)
             if endpoint.down:
                 self._up(endpoint)
             return False
         assert error is not None
+        endpoint.last_error = str(error)
+        if sent < endpoint.answered_sent and not endpoint.down:
+            return False  # a request sent after it was answered: it failed alone (it hung)
         if not endpoint.streak:  # what chance explains is judged from before the streak
             endpoint.streak_limit = max(FAILURE_STREAK,
                                         min(STREAK_MAX, runs_of_chance(endpoint.fault_share)))
         endpoint.streak.add(request)
-        endpoint.last_error = str(error)
         if endpoint.down:
             if was_probe:
                 endpoint.cooldown = min(COOLDOWN_MAX_S, endpoint.cooldown * 2)
