@@ -4,7 +4,7 @@ A is N records of about 500 bytes in part files of 100,000 (ids in random order,
 pipeline's output keyed by record id would be); B holds the same records in another
 random order, with ~5% of them changed (a categorical `label`, a free-text `reply`, or
 both), 100 records left out (only in A) and 100 new ones (only in B). The diff runs in its
-own process (`chunbot_cli.lookback.diff.main`, table output); we measure its wall time
+own process (`chunbot_cli.cli.show_diff`, table output); we measure its wall time
 and peak RSS (its own and that of the child it forks to read B, added up, as if both peaks
 were at the same moment) and check the counts it reports.
 
@@ -33,11 +33,11 @@ LABELS = ["positive", "negative", "neutral", "mixed"]
 RSS_LIMIT_MB = 300
 CHILD = """
 import resource, sys
+from chunbot_cli.cli import show_diff
 from chunbot_cli.lookback import diff
-from chunbot_cli.lookback.diff import main
 diff.PARALLEL = sys.argv[4] == "parallel"
 with open(sys.argv[3], "w") as out:
-    code = main(sys.argv[1], sys.argv[2], out=out)
+    code = show_diff(sys.argv[1], sys.argv[2], out=out)
 peaks = [resource.getrusage(who).ru_maxrss for who in
          (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
 print(*peaks, file=sys.stderr)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TextIO
 
 import typer
 
@@ -225,9 +226,75 @@ def diff(a: Path = typer.Argument(..., help="A JSONL file, shard or stage folder
                                                               "differing record."),
          limit: Optional[int] = typer.Option(None, help="At most N jsonl lines.")) -> None:
     """Compare two outputs joined on a key; exit 0 equal, 1 different, 2 error."""
+    raise typer.Exit(show_diff(a, b, key, fields, format, limit))
+
+
+def show_diff(a: str | Path, b: str | Path, key: str = "_id",
+              fields: list[str] | str | None = None, format: str = "table",
+              limit: int | None = None, out: TextIO | None = None) -> int:
+    """Print the diff of A and B to `out`; return the exit code (0 equal, 1 different,
+    2 error, with `chunbot: diff: <message>` on stderr).
+
+    `fields`: names or "a,b"; `format`: "table" or "jsonl" (one line per differing record,
+    at most `limit` lines; the counts and the exit code still cover every record).
+    """
     from .lookback import diff as lookback
 
-    raise typer.Exit(lookback.main(a, b, key, fields, format, limit))
+    def error(message: str) -> int:
+        print(f"chunbot: diff: {message}", file=sys.stderr)
+        return engine.EXIT_USAGE
+
+    out = out if out is not None else sys.stdout
+    if isinstance(fields, str):
+        fields = [f.strip() for f in fields.split(",") if f.strip()]
+        if not fields:
+            return error("--fields: give field names separated by commas")
+    if format not in ("table", "jsonl"):
+        return error(f"--format {format!r}: use table or jsonl")
+    if limit is not None and limit < 0:
+        return error(f"--limit {limit}: must be 0 or more")
+    broken = False
+    result = None
+
+    def write(difference: "lookback.Difference") -> None:
+        nonlocal broken
+        if broken:
+            return
+        try:
+            out.write(difference.to_json().decode() + "\n")
+        except BrokenPipeError:
+            broken = True
+            if out is sys.stdout:
+                _silence_stdout()
+
+    try:
+        if format == "jsonl":
+            result = lookback.diff(a, b, key, fields, limit=limit, on_difference=write)
+            if not broken:
+                out.flush()
+            if limit is not None and result.differing > limit:
+                print(f"chunbot: diff: {limit:,} of {result.differing:,} differing records "
+                      "printed (--limit)", file=sys.stderr)
+        else:
+            result = lookback.diff(a, b, key, fields, limit=0)
+            out.write(lookback.render_table(result))
+            out.flush()
+    except lookback.DiffError as e:
+        return error(str(e))
+    except BrokenPipeError:
+        if out is sys.stdout:
+            _silence_stdout()
+        return result.exit_code if result is not None else 1
+    return result.exit_code
+
+
+def _silence_stdout() -> None:
+    """After a broken pipe (`| head`), send the rest to /dev/null so exit is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 @app.command()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from chunbot_cli.cli import show_diff
 from chunbot_cli.lookback import diff as d
 
 from conftest import chunbot, read_stage, write_jsonl
@@ -24,10 +25,10 @@ def records(n: int) -> list[dict]:
 
 
 def run(a, b, *options: str, **kwargs) -> tuple[int, str, str]:
-    """main() as the command calls it: (exit code, stdout, stderr)."""
+    """`chunbot diff` as the command prints it: (exit code, stdout, stderr)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err):
-        code = d.main(str(a), str(b), out=out, **kwargs)
+        code = show_diff(str(a), str(b), out=out, **kwargs)
     return code, out.getvalue(), err.getvalue()
 
 

@@ -20,12 +20,11 @@ This module owns what A and B may be, the join and the report:
   as JSON (1 and 1.0, or 1 and true, differ). Per field: counts, a few examples and, for
   categorical fields (short strings, null or booleans, at most `MAX_CATEGORIES` distinct
   values), the agreement rate and the top confusions.
-- Output: `render_table` (a plain-text report) or JSON lines, one per differing record
-  (`main(format="jsonl")`), streamed as found. Exit codes are diff(1)'s: 0 equal,
-  1 different, 2 error (`DiffError`: a missing path, a folder without part files, a line
-  that is not a JSON object or lacks the key, named by file and line).
-
-`main` is what the `chunbot diff` command calls.
+- Output: `render_table` (a plain-text report) or `Difference.to_json` lines, one per
+  differing record, handed to `diff(on_difference=…)` as found. Exit codes are diff(1)'s:
+  0 equal, 1 different, 2 error (`DiffError`: a missing path, a folder without part files,
+  a line that is not a JSON object or lacks the key, named by file and line). Printing
+  them is the `chunbot diff` command's job (cli.py).
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import textwrap
 from collections import Counter
@@ -810,86 +808,5 @@ def render_table(result: DiffResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _silence_stdout() -> None:
-    """After a broken pipe (`| head`), send the rest to /dev/null so exit is quiet."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-
-
-def main(a: str | Path, b: str | Path, key: str = "_id",
-         fields: list[str] | str | None = None, format: str = "table",
-         limit: int | None = None, out: IO[str] | None = None) -> int:
-    """Print the diff of A and B to `out`; return the exit code (0 equal, 1 different,
-    2 error, with `chunbot: diff: <message>` on stderr).
-
-    `fields`: names or "a,b"; `format`: "table" or "jsonl" (one line per differing record,
-    at most `limit` lines; the counts and the exit code still cover every record).
-    """
-    out = out if out is not None else sys.stdout
-    if isinstance(fields, str):
-        fields = [f.strip() for f in fields.split(",") if f.strip()]
-        if not fields:
-            return _error("--fields: give field names separated by commas")
-    if format not in ("table", "jsonl"):
-        return _error(f"--format {format!r}: use table or jsonl")
-    if limit is not None and limit < 0:
-        return _error(f"--limit {limit}: must be 0 or more")
-    broken = False
-    result: DiffResult | None = None
-
-    def write(difference: Difference) -> None:
-        nonlocal broken
-        if broken:
-            return
-        try:
-            out.write(difference.to_json().decode() + "\n")
-        except BrokenPipeError:
-            broken = True
-            if out is sys.stdout:
-                _silence_stdout()
-
-    try:
-        if format == "jsonl":
-            result = diff(a, b, key, fields, limit=limit, on_difference=write)
-            if not broken:
-                out.flush()
-            if limit is not None and result.differing > limit:
-                print(f"chunbot: diff: {limit:,} of {result.differing:,} differing records "
-                      "printed (--limit)", file=sys.stderr)
-        else:
-            result = diff(a, b, key, fields, limit=0)
-            out.write(render_table(result))
-            out.flush()
-    except DiffError as e:
-        return _error(str(e))
-    except BrokenPipeError:
-        if out is sys.stdout:
-            _silence_stdout()
-        return result.exit_code if result is not None else 1
-    return result.exit_code
-
-
-def _error(message: str) -> int:
-    print(f"chunbot: diff: {message}", file=sys.stderr)
-    return 2
-
-
-__all__ = ["DiffError", "DiffResult", "Difference", "FieldStats", "Side", "diff", "main",
+__all__ = ["DiffError", "DiffResult", "Difference", "FieldStats", "Side", "diff",
            "render_table", "resolve", "MISSING"]
-
-if __name__ == "__main__":  # python -m chunbot_cli.lookback.diff A B [--format jsonl] …
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="chunbot diff")
-    parser.add_argument("a")
-    parser.add_argument("b")
-    parser.add_argument("--key", default="_id")
-    parser.add_argument("--fields")
-    parser.add_argument("--format", default="table", choices=["table", "jsonl"])
-    parser.add_argument("--limit", type=int)
-    options = parser.parse_args()
-    sys.exit(main(options.a, options.b, options.key, options.fields, options.format,
-                  options.limit))
