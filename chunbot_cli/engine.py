@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from . import batchmode
 from .config import ConfigError, Pipeline, StageSpec, check_api_keys
 from .source import InputError, Shard, parse_line, read_shards, resolve
 from .stages import Counters, FilterStage, LLMStage, PythonStage, StageOutput
@@ -151,8 +152,8 @@ def pending_batches(pipeline: Pipeline, stage: str | None = None,
     workdir = Workdir(pipeline.workdir, pipeline.compress)
     chosen = [pipeline.stage(stage)] if stage else [s for s in pipeline.stages
                                                     if s.kind == "llm"]
-    ledgers = {s.name: workdir.load_batches(s.name) for s in chosen}
-    stages = [s for s in chosen if ledgers[s.name]]
+    ledgers = {s.name: batchmode.Ledgers(workdir, s.name) for s in chosen}
+    stages = [s for s in chosen if ledgers[s.name].shards]
     keyless: dict[str, str] = {}
     for spec in stages:
         try:
@@ -171,9 +172,9 @@ def pending_batches(pipeline: Pipeline, stage: str | None = None,
         async with open_session(8) as session:
             for spec in stages:
                 api = None
-                for shard, ledger in ledgers[spec.name].items():
-                    for batch_id in ledger.get("batches", []):
-                        row = {"stage": spec.name, "shard": int(shard), "batch": batch_id}
+                for shard, ledger in ledgers[spec.name].shards.items():
+                    for batch_id in ledger.batches:
+                        row = {"stage": spec.name, "shard": shard, "batch": batch_id}
                         found.append(row)
                         if spec.name in keyless:
                             row.update(status="unknown", error=keyless[spec.name])
@@ -230,7 +231,7 @@ class Run:
         self.clients: dict[str, Any] = {}
         self.session: Any = None  # the run's one aiohttp session, when a model speaks HTTP
         self.cache: Any = None  # the response cache, when an LLM stage uses it
-        self.batch_ledgers: dict[str, dict[str, Any]] = {}  # batches.json per stage
+        self.batch_ledgers: dict[str, batchmode.Ledgers] = {}  # batches.json per stage
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self.state: dict[str, Any] = {}
         self.stopped_by: int | None = None  # the signal that interrupted the run
@@ -648,10 +649,7 @@ class Run:
         """Whether an earlier batch-mode run left batches at the provider for this shard
         (as it is now). A realtime run collects them rather than pay for the same
         requests twice, and sends only what they do not answer."""
-        ledger = self._ledgers(stage).get(str(shard))
-        pending = bool(ledger and (ledger.get("batches") or ledger.get("intent"))
-                       and ledger.get("src") == source
-                       and ledger.get("fingerprint") == stage.fingerprint)
+        pending = self._ledgers(stage).pending(shard, source, stage.fingerprint)
         if pending and stage.name not in self.collecting:
             self.collecting.add(stage.name)
             self.note(f"stage {stage.name!r}: provider batches of an earlier batch-mode run "
@@ -666,17 +664,7 @@ class Run:
         from .llm.batch import Batches
 
         ledgers = self._ledgers(stage)
-        ledger = ledgers.setdefault(str(shard), {})
-        if ledger.get("src") not in (None, source) or \
-                ledger.get("fingerprint") not in (None, stage.fingerprint):
-            ledger.clear()  # batches made for other input or another definition
-        ledger.update(src=source, fingerprint=stage.fingerprint)
-
-        def save() -> None:
-            if not ledger:
-                ledgers.pop(str(shard), None)
-            self.workdir.save_batches(stage.name, ledgers)
-
+        ledgers.open(shard, source, stage.fingerprint)
         api = Batches(self.pipeline.models[stage.models[0]], self.session)
         metadata = {"chunbot_pipeline": self.pipeline.name, "chunbot_stage": stage.name,
                     "chunbot_shard": str(shard)}
@@ -687,15 +675,15 @@ class Run:
             on_done(entry)
 
         while True:
-            output = await runner.run_batch(records, finished, remember, ledger, save, api,
-                                            metadata, realtime_rest)
+            output = await batchmode.run_shard(runner, records, finished, remember, ledgers,
+                                               shard, api, metadata, realtime_rest)
             if output is not None or not self.options.wait:
                 return output
             await asyncio.sleep(BATCH_POLL_S)
 
-    def _ledgers(self, stage: StageSpec) -> dict[str, Any]:
+    def _ledgers(self, stage: StageSpec) -> batchmode.Ledgers:
         if stage.name not in self.batch_ledgers:
-            self.batch_ledgers[stage.name] = self.workdir.load_batches(stage.name)
+            self.batch_ledgers[stage.name] = batchmode.Ledgers(self.workdir, stage.name)
         return self.batch_ledgers[stage.name]
 
     def _commit(self, stage: StageSpec, shard: int, source: str, output: StageOutput,

@@ -10,8 +10,6 @@ finished record to a callback (the journal) as soon as it is done.
 from __future__ import annotations
 
 import asyncio
-import os
-import time
 import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
@@ -22,7 +20,6 @@ from .config import StageSpec, import_callable
 from .llm.types import Reply, Request
 
 if TYPE_CHECKING:
-    from .llm.batch import Batches
     from .llm.cache import Cache
     from .llm.client import ModelClient
 
@@ -177,12 +174,12 @@ class LLMStage:
                   on_done: Callable[[dict[str, Any]], None]) -> StageOutput:
         """`done` holds entries finished by an earlier attempt (from the journal); `on_done`
         gets each new entry as soon as its record is finished."""
-        entries, finish, requests = await self._open(records, done, on_done)
-        await self._realtime(records, requests, finish)
+        entries, finish, requests = await self.prepare(records, done, on_done)
+        await self.send(records, requests, finish)
         return self.assemble(records, entries)
 
-    async def _open(self, records: list[dict[str, Any]], done: dict[int, dict[str, Any]],
-                    on_done: Callable[[dict[str, Any]], None]) -> tuple[
+    async def prepare(self, records: list[dict[str, Any]], done: dict[int, dict[str, Any]],
+                      on_done: Callable[[dict[str, Any]], None]) -> tuple[
             list[dict[str, Any] | None], Callable[[dict[str, Any]], None], dict[int, Request]]:
         """The shard's entries so far, how to finish one, and the requests still to send
         (rendered; those the cache answers are finished here)."""
@@ -213,8 +210,9 @@ class LLMStage:
                     finish(entry)
         return entries, finish, requests
 
-    async def _realtime(self, records: list[dict[str, Any]], requests: dict[int, Request],
-                        finish: Callable[[dict[str, Any]], None]) -> None:
+    async def send(self, records: list[dict[str, Any]], requests: dict[int, Request],
+                   finish: Callable[[dict[str, Any]], None]) -> None:
+        """Send the requests, as many at once as the stage's models allow."""
         queue = iter(list(requests.items()))
 
         async def worker() -> None:
@@ -222,89 +220,6 @@ class LLMStage:
                 finish(await self.process(i, records[i], request))
 
         await asyncio.gather(*(worker() for _ in range(min(len(requests), self.concurrency))))
-
-    async def run_batch(self, records: list[dict[str, Any]], done: dict[int, dict[str, Any]],
-                        on_done: Callable[[dict[str, Any]], None], ledger: dict[str, Any],
-                        save_ledger: Callable[[], None], api: "Batches",
-                        metadata: dict[str, str], realtime_rest: bool = False
-                        ) -> StageOutput | None:
-        """The shard through the provider's batch API: None while its batch is pending.
-
-        `ledger` is this shard's record in batches.json. The intent is saved before a
-        batch is created and each id right after, so a crash in between is reconciled with
-        the provider's list of batches (by the intent in their metadata) rather than
-        creating a second batch. With `realtime_rest` (a realtime run finding batches an
-        earlier run left) it creates none: it collects them, and sends the rest in realtime."""
-        from .llm.batch import split
-
-        entries, finish, requests = await self._open(records, done, on_done)
-        client = self.clients[0]
-        if requests and not ledger.get("batches"):
-            if ledger.get("intent"):
-                found = [b.id for b in await api.recent() if _made_for(b, ledger)]
-                if found:
-                    ledger["batches"] = found
-                    save_ledger()
-                    return None
-            if realtime_rest:
-                await self._realtime(records, requests, finish)
-                ledger.clear()
-                save_ledger()
-                return self.assemble(records, entries)
-            ledger.update(intent=os.urandom(6).hex(), intent_at=time.time(), batches=[],
-                          items=len(requests))
-            save_ledger()
-            items = [(_custom_id(i, ledger), request) for i, request in requests.items()]
-            for part in split(items, client.spec):
-                batch_id = await api.submit(part, {**metadata, "intent": ledger["intent"]})
-                if os.environ.get("CHUNBOT_FAILPOINT") == "batch-created":
-                    os.kill(os.getpid(), 9)  # tests: die where a crash costs the most
-                ledger["batches"].append(batch_id)
-                save_ledger()
-            return None
-        if requests:
-            states = [await api.state(batch_id) for batch_id in ledger["batches"]]
-            if not all(state.done for state in states):
-                deadline = self.spec.batch_deadline
-                if deadline and time.time() - ledger.get("intent_at", 0) > deadline \
-                        and not ledger.get("past_deadline"):
-                    ledger["past_deadline"] = True  # what is not done goes realtime
-                    save_ledger()
-                    for state in states:
-                        if not state.done:
-                            await api.cancel(state.id)
-                return None
-            results: dict[str, Any] = {}
-            for batch_id in ledger["batches"]:
-                results.update(await api.results(batch_id))
-            retry: dict[int, Request] = {}
-            for i, request in requests.items():
-                result = results.get(_custom_id(i, ledger), "not in the batch's results")
-                entry = (self.answered(i, records[i], request, client, result, "batch")
-                         if isinstance(result, Reply) else None)
-                if entry is not None:
-                    finish(entry)
-                else:
-                    retry[i] = request
-                    ledger.setdefault("errors", {})[str(i)] = str(result)
-            rounds = ledger.get("rounds", 0) + 1
-            if retry and (self.spec.batch_fallback or ledger.get("past_deadline")
-                          or realtime_rest):
-                await self._realtime(records, retry, finish)
-            elif retry and rounds <= self.spec.retries:
-                ledger.update(rounds=rounds, batches=[], intent=None)  # a new batch for them
-                finished = {i: e for i, e in enumerate(entries) if e is not None}
-                return await self.run_batch(records, finished, on_done, ledger, save_ledger,
-                                            api, metadata, realtime_rest)
-            else:
-                for i in retry:
-                    error = f"model {client.spec.alias!r}: {ledger['errors'][str(i)]}"
-                    trace = self._trace(records[i], requests[i])
-                    trace["error"] = error
-                    finish({"i": i, "error": error, "trace": trace})
-        ledger.clear()
-        save_ledger()
-        return self.assemble(records, entries)
 
     def request(self, record: dict[str, Any]) -> Request:
         messages = []
@@ -317,7 +232,7 @@ class LLMStage:
     def cache_key(self, client: "ModelClient", request: Request) -> bytes:
         return self.key_makers[client.spec.alias](request)
 
-    def _trace(self, record: dict[str, Any], request: Request) -> dict[str, Any]:
+    def trace_of(self, record: dict[str, Any], request: Request) -> dict[str, Any]:
         return {"_id": record.get("_id"), "stage": self.spec.name,
                 "request": {"messages": request.messages, "params": request.params},
                 "attempts": [], "cache_hit": False}
@@ -334,7 +249,7 @@ class LLMStage:
         prices = client.spec.price
         cost = 0.0 if source == "cache" else (price(client.spec.provider, prices, reply)
                                               * (1 - prices.get("batch_discount", 0.5)))
-        trace = self._trace(record, request)
+        trace = self.trace_of(record, request)
         trace.update(model=client.spec.alias, model_name=reply.model, response=reply.text,
                      output=value, error=None, tokens=_tokens(reply), cost=round(cost, 8),
                      cost_full=round(full_price(prices, reply), 8))
@@ -346,7 +261,7 @@ class LLMStage:
     async def process(self, index: int, record: dict[str, Any],
                       request: Request) -> dict[str, Any]:
         """One record → a journal entry: {i, out | error, trace}."""
-        trace = self._trace(record, request)
+        trace = self.trace_of(record, request)
         tokens = dict.fromkeys(("in", "out", "cached", "cache_write"), 0)
         cost = cost_full = 0.0
         error = "no model answered"
@@ -420,23 +335,6 @@ class LLMStage:
 def _tokens(reply: Reply) -> dict[str, int]:
     return {"in": reply.input_tokens, "out": reply.output_tokens,
             "cached": reply.cached_tokens, "cache_write": reply.cache_write_tokens}
-
-
-def _made_for(batch: Any, ledger: dict[str, Any]) -> bool:
-    """Whether a batch found at the provider is the one this shard's intent created: by
-    the intent in its metadata (OpenAI), or — Anthropic batches carry none — by being
-    created just after the intent with as many items."""
-    if batch.metadata:
-        return batch.metadata.get("intent") == ledger["intent"]
-    return (batch.items == ledger.get("items")
-            and ledger.get("intent_at", 0) - 5 <= batch.created <= ledger.get("intent_at", 0) + 600)
-
-
-def _custom_id(index: int, ledger: dict[str, Any]) -> str:
-    """A batch item's id: the intent that sent it, and its place in the shard. A batch
-    adopted by mistake after a crash (Anthropic's are matched by time and size) has none of
-    this intent's ids, so its items are simply sent again, never taken for ours."""
-    return f"{ledger['intent']}-{index}"
 
 
 def price(provider: str, prices: dict[str, float], reply: Reply) -> float:
