@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable
 
 from .llm.types import Reply, Request
+from .store import Entry
 
 if TYPE_CHECKING:
     from .llm.batch import Batches, BatchState
@@ -101,7 +102,7 @@ class Ledgers:
 
 
 async def run_shard(stage: "LLMStage", records: list[dict[str, Any]],
-                    done: dict[int, dict[str, Any]], on_done: Callable[[dict[str, Any]], None],
+                    done: dict[int, Entry], on_done: Callable[[Entry], None],
                     ledgers: Ledgers, shard: int, api: "Batches", metadata: dict[str, str],
                     realtime_rest: bool = False) -> "StageOutput | None":
     """The shard through the provider's batch API: its output, or None while its batches
@@ -171,6 +172,6 @@ async def run_shard(stage: "LLMStage", records: list[dict[str, Any]],
                 error = f"model {client.spec.alias!r}: {ledger.errors[str(i)]}"
                 trace = stage.trace_of(records[i], requests[i])
                 trace["error"] = error
-                finish({"i": i, "error": error, "trace": trace})
+                finish(Entry(i, trace, error=error))
     ledgers.close(shard)
     return stage.assemble(records, entries)

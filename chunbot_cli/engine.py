@@ -30,8 +30,8 @@ from . import batchmode
 from .config import ConfigError, Pipeline, StageSpec, check_api_keys
 from .source import InputError, Shard, parse_line, read_shards, resolve
 from .stages import Counters, FilterStage, LLMStage, PythonStage, StageOutput
-from .store import (Journal, Locked, StoreError, Workdir, describe, dumps_lines, encode_lines,
-                    printable)
+from .store import (Entry, Journal, Locked, StoreError, Workdir, describe, dumps_lines,
+                    encode_lines, printable)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LATER = 0, 1, 2, 75
 BATCH_POLL_S = float(os.environ.get("CHUNBOT_BATCH_POLL_S", "30"))
@@ -360,16 +360,14 @@ class Run:
             return trace.get("error") is not None
         return str(trace.get("_id")) in (self.options.rerun_ids or ())
 
-    def _reusable(self, stage: StageSpec, shard: int) -> dict[int, dict[str, Any]]:
+    def _reusable(self, stage: StageSpec, shard: int) -> dict[int, Entry]:
         """For a partial rerun: the shard's finished records that stay as they are."""
         if stage.name != self.options.rerun or not self._partial_rerun:
             return {}
         kept = {}
         for i, trace in enumerate(self.workdir.read_trace(stage.name, shard)):
             if not self._redoes(trace):
-                kept[i] = ({"i": i, "out": trace.get("output"), "trace": trace}
-                           if trace.get("error") is None
-                           else {"i": i, "error": trace["error"], "trace": trace})
+                kept[i] = Entry(i, trace, out=trace.get("output"), error=trace.get("error"))
         return kept
 
     def _make_runners(self) -> dict[str, Any]:
@@ -627,8 +625,8 @@ class Run:
         done = {**self._reusable(stage, shard), **restored}
         journal.open(done)
 
-        def on_done(entry: dict[str, Any]) -> None:
-            if not entry["trace"].get("cache_hit"):  # on a resume the cache answers again
+        def on_done(entry: Entry) -> None:
+            if not entry.trace.get("cache_hit"):  # on a resume the cache answers again
                 journal.append(entry)
             counts.count(entry)
 
@@ -659,7 +657,7 @@ class Run:
         return pending
 
     async def _run_batch(self, runner: LLMStage, stage: StageSpec, shard: int, source: str,
-                         records: list[dict[str, Any]], done: dict[int, dict[str, Any]],
+                         records: list[dict[str, Any]], done: dict[int, Entry],
                          on_done: Any, realtime_rest: bool = False) -> StageOutput | None:
         from .llm.batch import Batches
 
@@ -670,8 +668,8 @@ class Run:
                     "chunbot_shard": str(shard)}
         finished = dict(done)
 
-        def remember(entry: dict[str, Any]) -> None:
-            finished[entry["i"]] = entry
+        def remember(entry: Entry) -> None:
+            finished[entry.i] = entry
             on_done(entry)
 
         while True:

@@ -18,6 +18,7 @@ import orjson
 
 from .config import StageSpec, import_callable
 from .llm.types import Reply, Request
+from .store import Entry
 
 if TYPE_CHECKING:
     from .llm.cache import Cache
@@ -43,11 +44,11 @@ class Counters:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
-    def count(self, entry: dict[str, Any]) -> None:
-        """One finished record of an LLM stage (a journal entry)."""
-        trace = entry["trace"]
+    def count(self, entry: Entry) -> None:
+        """One finished record of an LLM stage."""
+        trace = entry.trace
         self.records_in += 1
-        if "error" in entry:
+        if entry.failed:
             self.failed += 1
         else:
             self.records_out += 1
@@ -170,23 +171,23 @@ class LLMStage:
         below that)."""
         return max(client.ceiling for client in self.clients)
 
-    async def run(self, records: list[dict[str, Any]], done: dict[int, dict[str, Any]],
-                  on_done: Callable[[dict[str, Any]], None]) -> StageOutput:
+    async def run(self, records: list[dict[str, Any]], done: dict[int, Entry],
+                  on_done: Callable[[Entry], None]) -> StageOutput:
         """`done` holds entries finished by an earlier attempt (from the journal); `on_done`
         gets each new entry as soon as its record is finished."""
         entries, finish, requests = await self.prepare(records, done, on_done)
         await self.send(records, requests, finish)
         return self.assemble(records, entries)
 
-    async def prepare(self, records: list[dict[str, Any]], done: dict[int, dict[str, Any]],
-                      on_done: Callable[[dict[str, Any]], None]) -> tuple[
-            list[dict[str, Any] | None], Callable[[dict[str, Any]], None], dict[int, Request]]:
+    async def prepare(self, records: list[dict[str, Any]], done: dict[int, Entry],
+                      on_done: Callable[[Entry], None]) -> tuple[
+            list[Entry | None], Callable[[Entry], None], dict[int, Request]]:
         """The shard's entries so far, how to finish one, and the requests still to send
         (rendered; those the cache answers are finished here)."""
-        entries: list[dict[str, Any] | None] = [done.get(i) for i in range(len(records))]
+        entries: list[Entry | None] = [done.get(i) for i in range(len(records))]
 
-        def finish(entry: dict[str, Any]) -> None:
-            entries[entry["i"]] = entry
+        def finish(entry: Entry) -> None:
+            entries[entry.i] = entry
             on_done(entry)
 
         requests: dict[int, Request] = {}
@@ -196,8 +197,8 @@ class LLMStage:
                     requests[i] = self.request(records[i])
                 except Exception as e:  # a template error is this record's failure
                     error = f"template: {_describe(e)}"
-                    finish({"i": i, "error": error, "trace": {
-                        "_id": records[i].get("_id"), "stage": self.spec.name, "error": error}})
+                    finish(Entry(i, {"_id": records[i].get("_id"), "stage": self.spec.name,
+                                     "error": error}, error=error))
         if self.cache is not None and self.cache_read and requests:
             first = self.clients[0]
             keys = {i: self.cache_key(first, request) for i, request in requests.items()}
@@ -211,7 +212,7 @@ class LLMStage:
         return entries, finish, requests
 
     async def send(self, records: list[dict[str, Any]], requests: dict[int, Request],
-                   finish: Callable[[dict[str, Any]], None]) -> None:
+                   finish: Callable[[Entry], None]) -> None:
         """Send the requests, as many at once as the stage's models allow."""
         queue = iter(list(requests.items()))
 
@@ -238,7 +239,7 @@ class LLMStage:
                 "attempts": [], "cache_hit": False}
 
     def answered(self, index: int, record: dict[str, Any], request: Request,
-                 client: "ModelClient", reply: Reply, source: str) -> dict[str, Any] | None:
+                 client: "ModelClient", reply: Reply, source: str) -> Entry | None:
         """A journal entry for a reply that came from the local cache (`source` "cache":
         no cost) or from a provider batch ("batch": at the batch discount, and cached);
         None when it does not parse, so the request is sent again."""
@@ -256,11 +257,11 @@ class LLMStage:
         trace["cache_hit" if source == "cache" else "batch"] = True
         if source == "batch" and self.cache is not None:
             self.cache.put(self.cache_key(client, request), reply)
-        return {"i": index, "out": value, "trace": trace}
+        return Entry(index, trace, out=value)
 
     async def process(self, index: int, record: dict[str, Any],
-                      request: Request) -> dict[str, Any]:
-        """One record → a journal entry: {i, out | error, trace}."""
+                      request: Request) -> Entry:
+        """One record → its entry: output or error, and trace."""
         trace = self.trace_of(record, request)
         tokens = dict.fromkeys(("in", "out", "cached", "cache_write"), 0)
         cost = cost_full = 0.0
@@ -274,7 +275,7 @@ class LLMStage:
                     entry = key in found and self.answered(index, record, request, client,
                                                            found[key], "cache")
                     if entry:
-                        entry["trace"]["attempts"] = trace["attempts"]
+                        entry.trace["attempts"] = trace["attempts"]
                         return entry
             result = await client.complete(request, self.spec.retries, self.spec.outage_timeout)
             for attempt in result.attempts:
@@ -301,9 +302,9 @@ class LLMStage:
                 self.cache.put(key, reply)
             trace["output"] = value
             trace["error"] = None
-            return {"i": index, "out": value, "trace": trace}
+            return Entry(index, trace, out=value)
         trace.update(error=error, tokens=tokens, cost=round(cost, 8), cost_full=round(cost_full, 8))
-        return {"i": index, "error": error, "trace": trace}
+        return Entry(index, trace, error=error)
 
     def parse(self, text: str) -> Any:
         if self.spec.parse == "text":
@@ -317,17 +318,17 @@ class LLMStage:
             raise ValueError(f"reply is not valid JSON ({e}): {text[:200]!r}") from None
 
     def assemble(self, records: list[dict[str, Any]],
-                 entries: list[dict[str, Any] | None]) -> StageOutput:
+                 entries: list[Entry | None]) -> StageOutput:
         out = StageOutput(records=[], trace=[])
         field_name = self.spec.output or self.spec.name
         for record, entry in zip(records, entries):
             assert entry is not None
-            out.trace.append(entry["trace"])
+            out.trace.append(entry.trace)
             out.counts.count(entry)
-            if "error" in entry:
-                out.errors.append(failure(self.spec.name, record, entry["error"]))
+            if entry.error is not None:
+                out.errors.append(failure(self.spec.name, record, entry.error))
             else:
-                record[field_name] = entry["out"]
+                record[field_name] = entry.out
                 out.records.append(record)
         return out
 

@@ -22,6 +22,7 @@ from array import array
 from bisect import bisect_left
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -378,6 +379,38 @@ def _shard_of(line: bytes) -> int | None:
         return None
 
 
+@dataclass
+class Entry:
+    """A finished record of an LLM stage: its output, or why it failed, and its trace
+    (what `chunbot trace` shows); one line of the journal."""
+
+    i: int  # its place in the shard
+    trace: dict[str, Any]
+    out: Any = None
+    error: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def to_json(self) -> dict[str, Any]:
+        if self.error is not None:
+            return {"i": self.i, "error": self.error, "trace": self.trace}
+        return {"i": self.i, "out": self.out, "trace": self.trace}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Entry | None":
+        """The entry a journal line holds; None for a line chunbot did not write."""
+        if not (isinstance(data, dict) and type(data.get("i")) is int and data["i"] >= 0
+                and isinstance(data.get("trace"), dict)):
+            return None
+        if isinstance(data.get("error"), str):
+            return cls(data["i"], data["trace"], error=data["error"])
+        if "out" in data:
+            return cls(data["i"], data["trace"], out=data["out"])
+        return None
+
+
 class Journal:
     """Append-only log of finished records of one LLM stage shard, for exactly-once resume.
 
@@ -392,7 +425,7 @@ class Journal:
         self.header = header
         self._fd: int | None = None
 
-    def load(self) -> dict[int, dict[str, Any]]:
+    def load(self) -> dict[int, Entry]:
         """Entries by index in the shard from an earlier, interrupted attempt."""
         try:
             data = self.path.read_bytes()
@@ -407,26 +440,26 @@ class Journal:
         entries = {}
         for line in lines[1:]:
             try:
-                entry = orjson.loads(line)
+                entry = Entry.from_json(orjson.loads(line))
             except orjson.JSONDecodeError:
                 continue  # a torn last line or the empty tail
-            if _is_entry(entry):  # anything else was not written by chunbot: ignore it
-                entries[entry["i"]] = entry
+            if entry is not None:  # anything else was not written by chunbot: ignore it
+                entries[entry.i] = entry
         return entries
 
-    def open(self, keep: dict[int, dict[str, Any]]) -> None:
+    def open(self, keep: dict[int, Entry]) -> None:
         """Start appending, after rewriting the file as the header plus `keep`.
 
         The rewrite drops a torn last line and entries of a journal written for other inputs.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        entries = (keep[i] for i in sorted(keep))
+        entries = (keep[i].to_json() for i in sorted(keep))
         write_atomic(self.path, orjson.dumps(self.header, option=_DUMP) + dumps_lines(entries))
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
-    def append(self, entry: dict[str, Any]) -> None:
+    def append(self, entry: Entry) -> None:
         try:
-            line = orjson.dumps(entry, option=_DUMP)
+            line = orjson.dumps(entry.to_json(), option=_DUMP)
         except TypeError:
             return  # not journalled: after a crash this record is simply asked again
         try:
@@ -450,9 +483,3 @@ def _is_state(state: Any) -> bool:
                and isinstance(stage.get("shards"), dict)
                and all(isinstance(entry, dict) for entry in stage["shards"].values())
                for stage in state["stages"].values())
-
-
-def _is_entry(entry: Any) -> bool:
-    """Whether a journal line is a finished record as `Journal.append` writes them."""
-    return (isinstance(entry, dict) and type(entry.get("i")) is int and entry["i"] >= 0
-            and isinstance(entry.get("trace"), dict) and ("out" in entry or "error" in entry))

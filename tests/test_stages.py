@@ -8,6 +8,7 @@ from chunbot_cli.config import ModelSpec, StageSpec
 from chunbot_cli.llm.client import ModelClient
 from chunbot_cli.llm.types import ProviderError, Reply
 from chunbot_cli.stages import FilterStage, LLMStage, PythonStage
+from chunbot_cli.store import Entry
 
 
 def records(*texts: str) -> list[dict]:
@@ -59,7 +60,7 @@ def test_llm_stage_labels_in_input_order_and_traces_each_record():
     out = asyncio.run(stage.run(records("great, love it", "terrible, broke", "okay"), {},
                                 seen.append))
     assert [r["label"] for r in out.records] == ["positive", "negative", "neutral"]
-    assert sorted(e["i"] for e in seen) == [0, 1, 2]
+    assert sorted(e.i for e in seen) == [0, 1, 2]
     trace = out.trace[1]
     assert trace["request"]["messages"] == [{"role": "user",
                                              "content": "Label the sentiment: terrible, broke"}]
@@ -69,11 +70,11 @@ def test_llm_stage_labels_in_input_order_and_traces_each_record():
 
 def test_llm_stage_does_not_resend_journaled_records():
     stage = llm_stage()
-    done = {0: {"i": 0, "out": "from the journal", "trace": {"_id": 0}}}
+    done = {0: Entry(0, {"_id": 0}, out="from the journal")}
     seen = []
     out = asyncio.run(stage.run(records("great", "awful"), done, seen.append))
     assert [r["label"] for r in out.records] == ["from the journal", "negative"]
-    assert [e["i"] for e in seen] == [1]
+    assert [e.i for e in seen] == [1]
     assert stage.clients[0].requests == 1
 
 

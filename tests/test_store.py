@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from chunbot_cli.store import Journal, Locked, Workdir, dumps_lines, write_atomic
+from chunbot_cli.store import Entry, Journal, Locked, Workdir, dumps_lines, write_atomic
 
 
 def test_write_atomic_replaces_whole_files(tmp_path):
@@ -64,8 +64,8 @@ def test_journal_keeps_finished_entries_and_ignores_a_torn_line(tmp_path):
     path = tmp_path / "s/part-00000.journal"
     journal = Journal(path, {"stage": "s", "fingerprint": "f1", "src": "a"})
     journal.open({})
-    journal.append({"i": 0, "out": "x", "trace": {}})
-    journal.append({"i": 2, "out": "y", "trace": {}})
+    journal.append(Entry(0, {}, out="x"))
+    journal.append(Entry(2, {}, out="y"))
     journal.close()
     with open(path, "ab") as f:
         f.write(b'{"i": 3, "ou')  # killed mid-write
@@ -73,7 +73,7 @@ def test_journal_keeps_finished_entries_and_ignores_a_torn_line(tmp_path):
     done = again.load()
     assert sorted(done) == [0, 2]
     again.open(done)
-    again.append({"i": 3, "out": "z", "trace": {}})
+    again.append(Entry(3, {}, out="z"))
     again.close()
     assert sorted(again.load()) == [0, 2, 3]
 
@@ -82,7 +82,7 @@ def test_a_journal_for_other_inputs_is_discarded(tmp_path):
     path = tmp_path / "part-00000.journal"
     journal = Journal(path, {"fingerprint": "f1", "src": "a"})
     journal.open({})
-    journal.append({"i": 0, "out": "x", "trace": {}})
+    journal.append(Entry(0, {}, out="x"))
     journal.close()
     assert Journal(path, {"fingerprint": "f2", "src": "a"}).load() == {}
 
