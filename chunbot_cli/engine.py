@@ -16,6 +16,7 @@ out), which is what a distributed executor needs to ship it elsewhere.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -29,7 +30,8 @@ import orjson
 from . import batchmode
 from .config import ConfigError, Pipeline, StageSpec, check_api_keys
 from .source import InputError, Shard, parse_line, read_shards, resolve
-from .stages import Counters, FilterStage, LLMStage, PythonStage, StageOutput
+from .stages import FilterStage, LLMStage, PythonStage, StageOutput
+from .state import Counters, ShardEntry, StageState, State
 from .store import (Entry, Journal, Locked, StoreError, Workdir, describe, dumps_lines,
                     encode_lines, printable)
 
@@ -233,7 +235,7 @@ class Run:
         self.cache: Any = None  # the response cache, when an LLM stage uses it
         self.batch_ledgers: dict[str, batchmode.Ledgers] = {}  # batches.json per stage
         self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
-        self.state: dict[str, Any] = {}
+        self.state = State()
         self.stopped_by: int | None = None  # the signal that interrupted the run
         self.stopping = False  # a fault of the workdir: read no more input
         self.missing_parts: set[str] = set()  # stages whose part files were found gone
@@ -246,7 +248,7 @@ class Run:
                           "which is no longer running")
             self.workdir.remove_temp_files()
             self.state = self.workdir.load_state()
-            self.state["last_run"] = {"started": _now(), "pid": os.getpid()}
+            self.state.last_run = {"started": _now(), "pid": os.getpid()}
             self._reset_changed_stages()
             ticker = None
             self._on_signals(asyncio.current_task())
@@ -301,16 +303,16 @@ class Run:
         assert self.stopped_by is not None
         self.report.seconds = time.monotonic() - self.started
         self.report.exit_code = 128 + self.stopped_by
-        self.state["last_run"].update(ended=_now(), exit_code=self.report.exit_code,
-                                      interrupted=signal.Signals(self.stopped_by).name)
+        self.state.last_run.update(ended=_now(), exit_code=self.report.exit_code,
+                                   interrupted=signal.Signals(self.stopped_by).name)
         self.committer.shutdown(wait=True)  # the commits under way belong in the state
         self.workdir.save_state(self.state)
         if self.progress:
             self.progress.finish(self, self.report)
 
     # planning
-    def _stage_state(self, stage: StageSpec) -> dict[str, Any]:
-        return self.state["stages"][stage.name]
+    def _stage_state(self, stage: StageSpec) -> StageState:
+        return self.state.stages[stage.name]
 
     def _upstream_not_fresh(self, upstream: StageSpec, shard: int | None = None) -> ConfigError:
         where = "" if shard is None else f" for shard {shard}"
@@ -322,36 +324,34 @@ class Run:
         position = self.pipeline.stages.index(self.selected[0])
         if (self.options.stage or self.options.rerun) and position > 0:
             upstream = self.pipeline.stages[position - 1]
-            saved = self.state["stages"].get(upstream.name)
-            if saved is None or saved["fingerprint"] != upstream.fingerprint:
+            saved = self.state.stages.get(upstream.name)
+            if saved is None or saved.fingerprint != upstream.fingerprint:
                 raise self._upstream_not_fresh(upstream)
         for stage in self.selected:
-            saved = self.state["stages"].get(stage.name)
+            saved = self.state.stages.get(stage.name)
             redo = stage.name == self.options.rerun
             if saved is not None and redo and self._partial_rerun:
                 self.workdir.snapshot_stage(stage.name)  # before and after, for `chunbot diff`
-            elif saved is None or saved["fingerprint"] != stage.fingerprint or redo:
+            elif saved is None or saved.fingerprint != stage.fingerprint or redo:
                 if redo:
                     self.note(f"rerunning stage {stage.name!r}; its previous output is in "
                               f"{self.workdir.stage_dir(stage.name)}.prev")
                 elif saved is not None:
                     self.note(f"stage {stage.name!r} changed: recomputing it")
                 self.workdir.reset_stage(stage.name)
-                self.state["stages"][stage.name] = {"fingerprint": stage.fingerprint,
-                                                    "definition": stage.definition,
-                                                    "errors_bytes": 0, "shards": {}}
+                self.state.stages[stage.name] = StageState(stage.fingerprint, stage.definition)
         self.workdir.save_state(self.state)
 
     @property
     def _partial_rerun(self) -> bool:
         return self.options.rerun_failed or self.options.rerun_ids is not None
 
-    def _redo(self, stage: StageSpec, shard: int, entry: dict[str, Any]) -> bool:
+    def _redo(self, stage: StageSpec, shard: int, entry: ShardEntry) -> bool:
         """Whether `rerun --failed` / `--ids` has records to redo in this fresh shard."""
         if stage.name != self.options.rerun or not self._partial_rerun:
             return False
         if self.options.rerun_failed:
-            return bool(entry.get("failed"))  # state.json says so: no need to read the trace
+            return bool(entry.counts.failed)  # state.json says so: no need to read the trace
         return any(map(self._redoes, self.workdir.read_trace(stage.name, shard)))
 
     def _redoes(self, trace: dict[str, Any]) -> bool:
@@ -431,15 +431,16 @@ class Run:
         stages = self.pipeline.stages[: self.last + 1]
         sources = [shard.digest]
         for position, stage in enumerate(stages):
-            entry = self.state["stages"].get(stage.name, {}).get("shards", {}).get(str(shard.index))
-            fresh = (entry is not None and entry["src"] == sources[-1]
-                     and self.state["stages"][stage.name]["fingerprint"] == stage.fingerprint
+            saved = self.state.stages.get(stage.name)
+            entry = saved.shards.get(shard.index) if saved is not None else None
+            fresh = (entry is not None and saved is not None and entry.src == sources[-1]
+                     and saved.fingerprint == stage.fingerprint
                      and not self._redo(stage, shard.index, entry))
             if fresh and stage in self.selected and not self._has_part(stage, shard.index):
                 fresh = False
             if not fresh:
                 break
-            sources.append(entry["token"])
+            sources.append(entry.token)
         else:
             return [], sources[-1]
         while position > 0 and not self._has_part(stages[position - 1], shard.index):
@@ -474,7 +475,7 @@ class Run:
         count = 0
         read_through = False
         if self.options.limit is None:
-            self.state.pop("input_shards", None)  # known again once the input is read through
+            self.state.input_shards = None  # known again once the input is read through
         try:
             try:
                 for shard in read_shards(self.files, self.pipeline.shard_size,
@@ -489,8 +490,8 @@ class Run:
                         if stage not in todo:
                             report = self.report.stages[stage.name]
                             report.shards_skipped += 1
-                            report.fresh_records += self._stage_state(stage)["shards"][
-                                str(shard.index)].get("in", 0)
+                            report.fresh_records += self._stage_state(stage).shards[
+                                shard.index].counts.records_in
                     if not todo:
                         continue
                     await window.acquire()
@@ -518,7 +519,7 @@ class Run:
             self.note("every selected stage is up to date: nothing to do")
         if self.options.limit is None and read_through:
             self._forget_shards_from(count)
-            self.state["input_shards"] = count
+            self.state.input_shards = count
 
     def _job_failed(self, shard: int, error: BaseException) -> None:
         """A shard job that raised: its shard stays undone (the next run redoes it) and the
@@ -693,13 +694,7 @@ class Run:
         """
         token = os.urandom(8).hex()
         records, trace, errors = self._encode(stage, shard, output)
-        counts = output.counts
-        entry = {"src": source, "token": token, "in": counts.records_in,
-                 "out": counts.records_out, "failed": counts.failed,
-                 "filtered": counts.filtered, "tokens_in": counts.tokens_in,
-                 "tokens_out": counts.tokens_out, "tokens_cached": counts.tokens_cached,
-                 "cache_hits": counts.cache_hits, "cost": round(counts.cost, 8),
-                 "cost_full": round(counts.cost_full, 8)}
+        entry = ShardEntry(source, token, dataclasses.replace(output.counts))
         future = asyncio.get_running_loop().run_in_executor(
             self.committer, self._persist, stage, shard, entry, records, trace, errors, ids)
         return token, future
@@ -737,20 +732,19 @@ class Run:
             errors = dumps_lines(lines)
         return records, trace, errors
 
-    def _persist(self, stage: StageSpec, shard: int, entry: dict[str, Any], records: bytes,
+    def _persist(self, stage: StageSpec, shard: int, entry: ShardEntry, records: bytes,
                  trace: bytes | None, errors: bytes, ids: list[Any] | None) -> None:
         """The commit itself, in the order store.py explains."""
         stage_state = self._stage_state(stage)
-        key = str(shard)
-        previous = stage_state["shards"].pop(key, None)
-        if previous and previous.get("failed"):
-            stage_state["errors_bytes"] = self.workdir.drop_errors(stage.name, {shard})
+        previous = stage_state.shards.pop(shard, None)
+        if previous is not None and previous.counts.failed:
+            stage_state.errors_bytes = self.workdir.drop_errors(stage.name, {shard})
         if ids is not None:
             self.workdir.write_id_index(stage.name, shard, ids)
         self.workdir.write_shard(stage.name, shard, records, trace)
-        stage_state["errors_bytes"] = self.workdir.append_errors(
-            stage.name, stage_state["errors_bytes"], errors)
-        stage_state["shards"][key] = entry
+        stage_state.errors_bytes = self.workdir.append_errors(
+            stage.name, stage_state.errors_bytes, errors)
+        stage_state.shards[shard] = entry
         self.workdir.save_state(self.state)
         self.workdir.journal_path(stage.name, shard).unlink(missing_ok=True)
 
@@ -759,13 +753,13 @@ class Run:
         changed = False
         for stage in self.selected:
             stage_state = self._stage_state(stage)
-            gone = {int(k) for k in stage_state["shards"] if int(k) >= count}
+            gone = {k for k in stage_state.shards if k >= count}
             if not gone:
                 continue
-            if any(stage_state["shards"][str(k)].get("failed") for k in gone):
-                stage_state["errors_bytes"] = self.workdir.drop_errors(stage.name, gone)
+            if any(stage_state.shards[k].counts.failed for k in gone):
+                stage_state.errors_bytes = self.workdir.drop_errors(stage.name, gone)
             for k in gone:
-                del stage_state["shards"][str(k)]
+                del stage_state.shards[k]
                 self.workdir.remove_shard(stage.name, k)
             changed = True
         if changed:
@@ -775,8 +769,7 @@ class Run:
         self.report.seconds = time.monotonic() - self.started
         failed = 0
         for stage in self.selected:
-            count = sum(entry.get("failed", 0)
-                        for entry in self._stage_state(stage)["shards"].values())
+            count = self._stage_state(stage).failed()
             if count:
                 self.report.failures.append(self._failures(stage, count))
             failed += count
@@ -787,7 +780,7 @@ class Run:
         if pending:
             self.note(f"{pending} shard(s) wait for provider batches: run again later "
                       "(or use --wait)")
-        self.state["last_run"].update(ended=_now(), exit_code=self.report.exit_code)
+        self.state.last_run.update(ended=_now(), exit_code=self.report.exit_code)
         self.workdir.save_state(self.state)
 
     def _failures(self, stage: StageSpec, count: int) -> StageFailures:

@@ -18,49 +18,12 @@ import orjson
 
 from .config import StageSpec, import_callable
 from .llm.types import Reply, Request
+from .state import Counters
 from .store import Entry
 
 if TYPE_CHECKING:
     from .llm.cache import Cache
     from .llm.client import ModelClient
-
-
-@dataclass
-class Counters:
-    """Live per-stage totals for progress lines and the run summary."""
-
-    records_in: int = 0
-    records_out: int = 0
-    failed: int = 0
-    filtered: int = 0
-    tokens_in: int = 0
-    tokens_out: int = 0
-    tokens_cached: int = 0  # of tokens_in, read from the provider's prompt cache
-    cache_hits: int = 0  # records answered from the local cache: no request, no tokens
-    cost: float = 0.0  # USD, when the models have prices
-    cost_full: float = 0.0  # what it would have cost without any cache
-
-    def add(self, other: "Counters") -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
-    def count(self, entry: Entry) -> None:
-        """One finished record of an LLM stage."""
-        trace = entry.trace
-        self.records_in += 1
-        if entry.failed:
-            self.failed += 1
-        else:
-            self.records_out += 1
-        if trace.get("cache_hit"):
-            self.cache_hits += 1
-        else:
-            tokens = trace.get("tokens") or {}
-            self.tokens_in += tokens.get("in", 0)
-            self.tokens_out += tokens.get("out", 0)
-            self.tokens_cached += tokens.get("cached", 0)
-        self.cost += trace.get("cost", 0.0)
-        self.cost_full += trace.get("cost_full", 0.0)
 
 
 @dataclass

@@ -28,7 +28,8 @@ from typing import Any, Iterable, Iterator
 
 import orjson
 
-STATE_VERSION = 1
+from .state import STATE_VERSION, State
+
 _DUMP = orjson.OPT_APPEND_NEWLINE
 
 
@@ -158,28 +159,29 @@ class Workdir:
         return self.path / stage / "errors.jsonl"
 
     # state
-    def load_state(self) -> dict[str, Any]:
+    def load_state(self) -> State:
         path = self.path / "state.json"
         try:
-            state = orjson.loads(path.read_bytes())
+            data = orjson.loads(path.read_bytes())
         except FileNotFoundError:
-            return {"version": STATE_VERSION, "stages": {}}
+            return State()
         except OSError as e:
             raise StoreError(f"cannot read {describe(e)}") from None
         except orjson.JSONDecodeError as e:
             raise StoreError(f"{path}: not a state file chunbot can read ({e}); move it "
                              "away to start this workdir afresh (the cache keeps the "
                              "replies)") from None
-        if not _is_state(state):
+        state = State.from_json(data)
+        if state is None:
             raise StoreError(f"{path}: not a chunbot state file; move it away to start this "
                              "workdir afresh (the cache keeps the replies)")
-        if state.get("version") != STATE_VERSION:
-            raise StoreError(f"{path}: unknown state version {state.get('version')!r}")
+        if data.get("version") != STATE_VERSION:
+            raise StoreError(f"{path}: unknown state version {data.get('version')!r}")
         return state
 
-    def save_state(self, state: dict[str, Any]) -> None:
+    def save_state(self, state: State) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path / "state.json", orjson.dumps(state))
+        write_atomic(self.path / "state.json", orjson.dumps(state.to_json()))
 
     def remove_temp_files(self) -> int:
         """Remove what writes killed half-way left behind; only the lock holder writes
@@ -472,14 +474,3 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-def _is_state(state: Any) -> bool:
-    """Whether state.json holds what `save_state` writes: stages with their fingerprint
-    and their shards."""
-    if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
-        return False
-    return all(isinstance(stage, dict) and isinstance(stage.get("fingerprint"), str)
-               and isinstance(stage.get("shards"), dict)
-               and all(isinstance(entry, dict) for entry in stage["shards"].values())
-               for stage in state["stages"].values())

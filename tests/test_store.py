@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
 
 import pytest
 
+from chunbot_cli.state import Counters, ShardEntry, StageState, State
 from chunbot_cli.store import Entry, Journal, Locked, Workdir, dumps_lines, write_atomic
 
 
@@ -21,9 +23,13 @@ def test_write_atomic_replaces_whole_files(tmp_path):
 
 def test_state_round_trip(tmp_path):
     workdir = Workdir(tmp_path / "run")
-    assert workdir.load_state() == {"version": 1, "stages": {}}
-    workdir.save_state({"version": 1, "stages": {"s": {"fingerprint": "f", "shards": {"0": {"out": 3}}}}})
-    assert workdir.load_state()["stages"]["s"]["shards"]["0"]["out"] == 3
+    assert workdir.load_state() == State()
+    state = State(stages={"s": StageState("f", shards={0: ShardEntry("d", "t", Counters(
+        records_out=3, cost=0.25))})})
+    workdir.save_state(state)
+    assert workdir.load_state() == state
+    saved = json.loads((tmp_path / "run/state.json").read_text())  # the format of old
+    assert saved["version"] == 1 and saved["stages"]["s"]["shards"]["0"]["out"] == 3
 
 
 @pytest.mark.parametrize("compress", [None, "zstd"])

@@ -11,21 +11,19 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import Pipeline, StageSpec
+from ..state import Counters, StageState
 from ..store import Workdir
-
-_COUNTS = ("in", "out", "failed", "filtered", "tokens_in", "tokens_out", "tokens_cached",
-           "cache_hits", "cost", "cost_full")
 
 
 def status(pipeline: Pipeline) -> dict[str, Any]:
     workdir = Workdir(pipeline.workdir, pipeline.compress)
     state = workdir.load_state()
-    total = state.get("input_shards")
+    total = state.input_shards
     stages = []
-    upstream: dict[str, Any] | None = None
+    upstream: StageState | None = None
     upstream_stale = False
     for stage in pipeline.stages:
-        saved = state["stages"].get(stage.name)
+        saved = state.stages.get(stage.name)
         row: dict[str, Any] = {"stage": stage.name, "kind": stage.kind,
                                "shards_total": total}
         if saved is None:
@@ -33,13 +31,15 @@ def status(pipeline: Pipeline) -> dict[str, Any]:
             stages.append(row)
             upstream, upstream_stale = None, True
             continue
-        shards = saved["shards"]
+        shards = saved.shards
         row["shards_done"] = len(shards)
-        for name in _COUNTS:
-            row[name] = sum(entry.get(name, 0) for entry in shards.values())
+        counts = Counters()
+        for entry in shards.values():
+            counts.add(entry.counts)
+        row.update(counts.to_json())
         row["cost"], row["cost_full"] = round(row["cost"], 6), round(row["cost_full"], 6)
         why = _why_stale(stage, saved, upstream, upstream_stale)
-        missing = sum(1 for k in shards if not workdir.part_path(stage.name, int(k)).exists())
+        missing = sum(1 for k in shards if not workdir.part_path(stage.name, k).exists())
         if why is None and missing:
             why = (f"the output files of {missing} shard{'s' if missing > 1 else ''} are "
                    "missing (the next run redoes them)")
@@ -53,21 +53,21 @@ def status(pipeline: Pipeline) -> dict[str, Any]:
         stages.append(row)
         upstream, upstream_stale = saved, why is not None
     return {"pipeline": pipeline.name, "workdir": str(pipeline.workdir), "stages": stages,
-            "last_run": state.get("last_run")}
+            "last_run": state.last_run or None}
 
 
-def _why_stale(stage: StageSpec, saved: dict[str, Any], upstream: dict[str, Any] | None,
+def _why_stale(stage: StageSpec, saved: StageState, upstream: StageState | None,
                upstream_stale: bool) -> str | None:
-    if saved["fingerprint"] != stage.fingerprint:
-        before = saved.get("definition") or {}
+    if saved.fingerprint != stage.fingerprint:
+        before = saved.definition
         changed = sorted(k for k in set(before) | set(stage.definition)
                          if k != "up" and before.get(k) != stage.definition.get(k))
         if changed and before:
             return "changed: " + ", ".join(changed)
         return "an upstream stage changed" if before else "its definition changed"
     if upstream is not None:
-        tokens = {entry["token"] for entry in upstream["shards"].values()}
-        behind = sum(1 for entry in saved["shards"].values() if entry["src"] not in tokens)
+        tokens = {entry.token for entry in upstream.shards.values()}
+        behind = sum(1 for entry in saved.shards.values() if entry.src not in tokens)
         if behind:
             return f"{behind} shards are behind their recomputed upstream"
     if upstream_stale:
