@@ -76,6 +76,8 @@ def stage_rows(run: "Run") -> list[dict[str, Any]]:
             total = max(known, round(known / lines * total_lines)) if lines else known
             row["total"] = total
             row["pct"] = round(100 * done / total, 1) if total else 100.0
+            if not run.read_through or done < known:  # an estimate: not done before it is
+                row["pct"] = min(row["pct"], 99.9)
             if counts.records_in and total > done:
                 row["eta_s"] = round((total - done) / (counts.records_in / elapsed), 1)
             elif total <= done:

@@ -128,7 +128,18 @@ class Workdir:
         return self.path / stage / f"part-{shard:05d}{self.suffix}"
 
     def trace_path(self, stage: str, shard: int) -> Path:
-        return self.path / stage / f"part-{shard:05d}.trace{self.suffix}"
+        """Where a shard's trace is written: `trace-NNNNN`, so that `part-*.jsonl` is
+        the records and nothing else."""
+        return self.path / stage / f"trace-{shard:05d}{self.suffix}"
+
+    def _old_trace_path(self, stage: str, shard: int) -> Path:
+        return self.path / stage / f"part-{shard:05d}.trace{self.suffix}"  # before 2026-12
+
+    def find_trace(self, stage: str, shard: int) -> Path:
+        """The shard's trace file, under today's name or the one older workdirs have."""
+        path = self.trace_path(stage, shard)
+        old = self._old_trace_path(stage, shard)
+        return old if not path.exists() and old.exists() else path
 
     def index_path(self, stage: str, shard: int) -> Path:
         return self.path / stage / f"part-{shard:05d}.ids"
@@ -240,7 +251,7 @@ class Workdir:
         for path in folder.iterdir():
             if path.name == "errors.jsonl":
                 shutil.copy2(path, previous / path.name)
-            elif path.name.startswith("part-") and not path.name.endswith(".journal"):
+            elif path.name.startswith(("part-", "trace-")) and not path.name.endswith(".journal"):
                 os.link(path, previous / path.name)
 
     def write_id_index(self, stage: str, shard: int, ids: list[Any]) -> None:
@@ -265,12 +276,13 @@ class Workdir:
 
     def read_trace(self, stage: str, shard: int) -> list[dict[str, Any]]:
         try:
-            return self._read_lines(self.trace_path(stage, shard))
+            return self._read_lines(self.find_trace(stage, shard))
         except FileNotFoundError:
             return []
 
     def remove_shard(self, stage: str, shard: int) -> None:
         for path in (self.part_path(stage, shard), self.trace_path(stage, shard),
+                     self._old_trace_path(stage, shard),
                      self.journal_path(stage, shard), self.index_path(stage, shard)):
             path.unlink(missing_ok=True)
 
@@ -281,6 +293,7 @@ class Workdir:
         write_atomic(self.part_path(stage, shard), self._encode(records))
         if trace is not None:
             write_atomic(self.trace_path(stage, shard), self._encode(trace))
+            self._old_trace_path(stage, shard).unlink(missing_ok=True)  # now out of date
         _fsync_dir(folder)
 
     def read_shard(self, stage: str, shard: int) -> list[dict[str, Any]]:

@@ -106,7 +106,7 @@ def test_a_rerun_after_deleting_outputs_sends_nothing_and_refresh_sends_everythi
     assert result.returncode == 0
     assert server.stats()["answered"] == 200, "the cache should have answered every request"
     assert "local cache: 200 of 200 requests answered" in result.stderr.decode()
-    traces = read_jsonl(project / "runs/t/sentiment/part-00000.trace.jsonl")
+    traces = read_jsonl(project / "runs/t/sentiment/trace-00000.jsonl")
     assert all(t["cache_hit"] for t in traces)
     assert len(read_stage(project / "runs/t", "sentiment")) == 200
     stats = chunbot("cache", "stats", cwd=project).stdout.decode()

@@ -66,10 +66,10 @@ def logged_keys(project: Path) -> list[str]:
 def recorded_keys(workdir: Path) -> set[str]:
     """Requests whose replies chunbot had made durable: journals and committed traces."""
     keys = set()
-    for path in workdir.glob("*/part-*"):
+    for path in workdir.glob("*/*"):
         if path.name.endswith(".journal"):
             entries = [e["trace"] for e in read_jsonl(path)[1:]]
-        elif path.name.endswith(".trace.jsonl"):
+        elif path.name.startswith("trace-"):
             entries = read_jsonl(path)
         else:
             continue

@@ -69,7 +69,7 @@ def test_run_writes_every_stage_in_input_order(project):
     assert all(r["reply"] and r["text"] and r["sentiment"] == "negative" for r in replies)
     assert report.stages["negatives"].counts.filtered == 20
     assert requests_sent(project) == 40
-    traces = read_jsonl(project / "runs/t/sentiment/part-00000.trace.jsonl")
+    traces = read_jsonl(project / "runs/t/sentiment/trace-00000.jsonl")
     assert traces[0]["request"]["messages"][-1]["content"].startswith("Label the sentiment")
     assert traces[0]["response"] == "positive" and traces[0]["tokens"]["in"] > 0
 

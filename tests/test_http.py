@@ -63,7 +63,7 @@ def outputs(project: Path) -> list[dict]:
 
 
 def traces(project: Path, stage: str) -> list[dict]:
-    return [t for path in sorted((project / "runs/t" / stage).glob("part-*.trace.jsonl"))
+    return [t for path in sorted((project / "runs/t" / stage).glob("trace-*.jsonl"))
             for t in read_jsonl(path)]
 
 

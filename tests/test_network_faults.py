@@ -64,7 +64,7 @@ def output_ids(project: Path) -> list[str]:
 
 
 def attempts(project: Path) -> list[dict]:
-    return [attempt for path in sorted((project / "runs/t/sentiment").glob("part-*.trace.jsonl"))
+    return [attempt for path in sorted((project / "runs/t/sentiment").glob("trace-*.jsonl"))
             for trace in read_jsonl(path) for attempt in trace["attempts"]]
 
 
@@ -213,7 +213,7 @@ def test_credentials_in_a_url_are_never_written_or_printed(project, sim_server):
         assert b"http://***@127.0.0.1" in printed  # the dead endpoint was said to be down
         written = {p: p.read_bytes() for p in (project / "runs").rglob("*") if p.is_file()}
         assert {p.name for p in written} >= {"state.json", "part-00000.jsonl",
-                                            "part-00000.trace.jsonl"}
+                                            "trace-00000.jsonl"}
         assert [p for p, data in written.items() if b"s3cretTOKEN" in data] == []
         refused = [a for a in attempts(project) if "cannot connect" in (a["error"] or "")]
         assert refused, "the dead endpoint was never tried"

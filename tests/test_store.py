@@ -40,7 +40,7 @@ def test_shards_round_trip(tmp_path, compress):
     assert workdir.read_shard("s", 3) == records
     suffix = ".jsonl.zst" if compress else ".jsonl"
     assert (tmp_path / f"s/part-00003{suffix}").exists()
-    assert (tmp_path / f"s/part-00003.trace{suffix}").exists()
+    assert (tmp_path / f"s/trace-00003{suffix}").exists()
 
 
 def test_errors_are_cut_back_to_the_committed_length(tmp_path):

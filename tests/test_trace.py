@@ -66,3 +66,21 @@ def test_the_command_prints_json_and_exits_1_for_an_unknown_id(project):
     assert json.loads(result.stdout)["stages"][0]["output"] == "negative"
     missing = chunbot("trace", "p.yaml", "r999", cwd=project)
     assert missing.returncode == 1 and "no record with _id 'r999'" in missing.stderr.decode()
+
+
+def test_traces_are_apart_from_part_files_and_old_workdirs_still_read(project):
+    pipeline = finished_run(project)
+    reply = project / "runs/t/reply"
+    assert sorted(p.name for p in reply.glob("part-*.jsonl")) == [
+        f"part-{i:05d}.jsonl" for i in range(5)]  # records only: `cat part-*.jsonl` is the output
+    assert (reply / "trace-00000.jsonl").exists()
+    for stage in ("sentiment", "reply"):  # a workdir written before traces were renamed
+        for path in (project / "runs/t" / stage).glob("trace-*.jsonl"):
+            path.rename(path.with_name(f"part-{path.name[6:11]}.trace.jsonl"))
+    found = trace.find(pipeline, "r031")
+    assert found["stages"][2]["trace"]["response"]
+    report = engine.run(pipeline, engine.RunOptions(rerun="reply", rerun_failed=True))
+    assert report.exit_code == 1  # r007 still lacks its product
+    redone = reply / "trace-00000.jsonl"  # r007's shard, redone: today's name, and only that
+    assert redone.exists() and not (reply / "part-00000.trace.jsonl").exists()
+    assert trace.find(pipeline, "r007")["stages"][2]["status"] == "failed"

@@ -50,7 +50,7 @@ def _follow(pipeline: Pipeline, workdir: Workdir, shard: int,
             step["status"] = "not reached"
             continue
         record = _find_line(workdir.part_path(stage.name, shard), record_id, workdir)
-        trace = (_find_line(workdir.trace_path(stage.name, shard), record_id, workdir)
+        trace = (_find_line(workdir.find_trace(stage.name, shard), record_id, workdir)
                  if stage.kind == "llm" else None)
         error = _find_error(workdir, stage.name, shard, record_id)
         if trace is not None:
