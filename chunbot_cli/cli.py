@@ -7,6 +7,7 @@ It maps outcomes to the exit codes of DESIGN.md: 0 done, 1 some records failed,
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import gc
 import os
 import sys
@@ -100,6 +101,10 @@ def run(
                                                    "whatever the YAML says."),
     wait: bool = typer.Option(False, "--wait", help="Batch mode: poll until every batch is "
                                                     "done instead of exiting 75."),
+    input: Optional[str] = typer.Option(None, "--input", help="Read this file, glob, folder "
+                                        "or - (stdin) instead of the pipeline's input."),
+    workdir: Optional[Path] = typer.Option(None, help="Keep the run here instead of the "
+                                           "pipeline's workdir."),
 ) -> None:
     """Run the pipeline, or resume it: only stale stages and unfinished shards are computed."""
     if no_cache and refresh_cache:
@@ -107,17 +112,21 @@ def run(
     _execute(pipeline, engine.RunOptions(stage=stage, until=until, limit=limit,
                                          cache="off" if no_cache else "refresh" if refresh_cache
                                          else "use", mode=mode.value if mode else None,
-                                         wait=wait), quiet, log_format)
+                                         wait=wait), quiet, log_format, input, workdir)
 
 
 def _execute(pipeline: Path, options: engine.RunOptions, quiet: bool,
-             log_format: LogFormat) -> None:
+             log_format: LogFormat, input: str | None = None,
+             workdir: Path | None = None) -> None:
     """Run or rerun, and leave with the exit code DESIGN.md gives."""
     _keep_freed_memory()
     _collect_garbage_rarely()
     try:
-        report = engine.run(config.load(pipeline), options,
-                            make_progress(quiet, log_format.value))
+        loaded = config.load(pipeline)
+        if input is not None or workdir is not None:  # paths given here are the shell's
+            loaded = dataclasses.replace(loaded, input=loaded.input if input is None else input,
+                                         workdir=loaded.workdir if workdir is None else workdir)
+        report = engine.run(loaded, options, make_progress(quiet, log_format.value))
     except (config.ConfigError, engine.InputError, engine.StoreError) as e:
         raise _fail(str(e), engine.EXIT_USAGE) from None
     except engine.Locked as e:

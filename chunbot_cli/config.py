@@ -39,8 +39,8 @@ DEFAULT_ANTHROPIC_MAX_TOKENS = 4096
 STAGE_KINDS = ("prompt", "filter", "python")
 BUILTIN_MODELS = {"sim": {"provider": "sim", "model": "sim-small"}}
 
-_PIPELINE_KEYS = {"name", "input", "workdir", "id_field", "shard_size", "compress", "cache", "models",
-                  "defaults", "stages"}
+_PIPELINE_KEYS = {"name", "input", "output", "workdir", "id_field", "shard_size", "compress",
+                  "cache", "models", "defaults", "stages"}
 _MODEL_KEYS = {"provider", "model", "base_url", "api_key_env", "endpoints", "max_concurrency",
                "rpm", "tpm", "price", "headers", "timeout", "max_tokens", "batch_api", "latency_ms",
                "jitter_ms", "error_rate", "request_log"}
@@ -144,6 +144,7 @@ class Pipeline:
     models: dict[str, ModelSpec]
     stages: list[StageSpec]
     cache: CacheSpec = field(default_factory=CacheSpec)
+    output: Path | None = None  # the last stage's records, in input order, after a run
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:
@@ -193,6 +194,31 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _Mapping:
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _construct_string(loader: _Loader, node: yaml.ScalarNode) -> str:
+    """A string value with `${VAR}` and `${VAR:-default}` taken from the environment
+    (`$$` is a plain `$`); a variable that is not set and has no default is an error."""
+    value = loader.construct_scalar(node)
+
+    def variable(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        found = os.environ.get(name)
+        if found is None or (found == "" and default is not None):
+            if default is None:
+                raise ConfigError(f"{loader.name}:{node.start_mark.line + 1}: ${{{name}}}: "
+                                  f"environment variable {name} is not set (give a default "
+                                  f"with ${{{name}:-…}})")
+            return default
+        return found
+
+    return _VARIABLE.sub(variable, value) if "$" in value else value
+
+
+_VARIABLE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_Loader.add_constructor("tag:yaml.org,2002:str", _construct_string)
 
 
 class _Where:
@@ -282,9 +308,19 @@ def _pipeline(path: Path, data: _Mapping) -> Pipeline:
     name = top.get("name", str, required=True)
     if not _STAGE_NAME.match(name):
         raise top.fail("must be letters, digits, '_', '.' or '-'", "name")
+    here = path.parent  # relative paths in the file are the file's, as in docker-compose
     input_spec = top.get("input", str, required=True)
-    workdir = Path(top.get("workdir", str, default=f"runs/{name}"))
-    id_field = top.get("id_field", str)
+    if input_spec != "-":
+        input_spec = _beside(here, input_spec)
+    workdir = Path(_beside(here, top.get("workdir", str, default=f"runs/{name}")))
+    output = top.get("output", str)
+    if output is not None:
+        output = Path(_beside(here, output))
+        if not output.name.endswith((".jsonl", ".jsonl.zst")):
+            raise top.fail("must name a .jsonl or .jsonl.zst file", "output")
+    # records that have an `id` use it; `id_field: null` numbers every record by position
+    id_field = (None if data.get("id_field", "id") is None
+                else top.get("id_field", str, default="id"))
     shard_size = top.get("shard_size", int, default=10_000)
     if shard_size < 1:
         raise top.fail("must be at least 1", "shard_size")
@@ -333,7 +369,7 @@ def _pipeline(path: Path, data: _Mapping) -> Pipeline:
         upstream = stage.fingerprint
     return Pipeline(path=path, name=name, input=input_spec, workdir=workdir, id_field=id_field,
                     shard_size=shard_size, compress=compress, models=models, stages=stages,
-                    cache=_cache(top))
+                    cache=_cache(top), output=output)
 
 
 @dataclass(frozen=True)
@@ -364,8 +400,9 @@ def _cache(top: _Where) -> CacheSpec:
         except ImportError:
             raise where.fail("needs redis-py: pip install 'chunbot[redis]'", "backend") from None
     ttl = _duration(where, "ttl", 0.0) or None
-    return CacheSpec(backend=backend, path=where.get("path", str), url=where.get("url", str),
-                     ttl=ttl)
+    cache_path = where.get("path", str)
+    return CacheSpec(backend=backend, path=cache_path and _beside(top.path.parent, cache_path),
+                     url=where.get("url", str), ttl=ttl)
 
 
 def _stage_cache(where: _Where, default: tuple[bool, str | None]) -> tuple[bool, str | None]:
@@ -444,9 +481,21 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
         latency_ms=float(where.get("latency_ms", (int, float), default=0)),
         jitter_ms=float(where.get("jitter_ms", (int, float), default=0)),
         error_rate=float(error_rate),
-        request_log=where.get("request_log", str),
+        request_log=(where.get("request_log", str) and
+                     _beside(path.parent, where.get("request_log", str))),
         batch_api=where.get("batch_api", bool, default=vendor),
     )
+
+
+def _beside(folder: Path, value: str) -> str:
+    """A path from the pipeline file, relative to the file's folder unless absolute (and
+    so relative to the current directory as the file's own path is: `chunbot run
+    jobs/p.yaml` shows `jobs/runs/x`; a pipeline loaded by its absolute path has absolute
+    paths, which a notebook may chdir away from)."""
+    value = os.path.expanduser(value)
+    if os.path.isabs(value):
+        return value
+    return os.path.normpath(os.path.join(folder, value))
 
 
 def parse_duration(value: Any) -> float | None:

@@ -780,8 +780,30 @@ class Run:
         if pending:
             self.note(f"{pending} shard(s) wait for provider batches: run again later "
                       "(or use --wait)")
+        if not pending and not self.report.errors:
+            self._export()
         self.state.last_run.update(ended=_now(), exit_code=self.report.exit_code)
         self.workdir.save_state(self.state)
+
+    def _export(self) -> None:
+        """`output:` gets the last stage's records once every shard of it is done (with
+        the whole input read, not `--limit`), and again whenever a shard changed."""
+        output, last = self.pipeline.output, self.pipeline.stages[-1]
+        if output is None or self.selected[-1] is not last or not self.read_through \
+                or self.options.limit is not None:
+            return
+        shards = self._stage_state(last).shards
+        if len(shards) != self.state.input_shards:
+            return
+        if self.report.stages[last.name].shards_run == 0 and output.exists():
+            return  # nothing new since it was written
+        try:
+            count = self.workdir.export(last.name, sorted(shards), output)
+        except OSError as e:
+            self.report.errors.append(f"cannot write the output: {describe(e)}")
+            self.report.exit_code = EXIT_FAILED
+            return
+        self.note(f"output: {count:,} records of stage {last.name!r} in {output}")
 
     def _failures(self, stage: StageSpec, count: int) -> StageFailures:
         reasons, scanned = self.workdir.failure_reasons(stage.name)

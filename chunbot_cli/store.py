@@ -296,6 +296,34 @@ class Workdir:
             self._old_trace_path(stage, shard).unlink(missing_ok=True)  # now out of date
         _fsync_dir(folder)
 
+    def export(self, stage: str, shards: Iterable[int], path: Path) -> int:
+        """Write the stage's records of `shards`, in order, to one JSONL file (zstd when it
+        ends in .zst), atomically; returns how many records it holds."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+        count = 0
+        try:
+            with open(tmp, "wb") as raw:
+                sink: Any = raw
+                if path.name.endswith(".zst"):
+                    import zstandard
+                    sink = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
+                for shard in shards:
+                    data = self.read_bytes(self.part_path(stage, shard))
+                    count += data.count(b"\n")
+                    sink.write(data)
+                if sink is not raw:
+                    sink.close()
+                raw.flush()
+                os.fsync(raw.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError) and e.filename is None:
+                e.filename = str(path)
+            raise
+        return count
+
     def read_shard(self, stage: str, shard: int) -> list[dict[str, Any]]:
         return self._read_lines(self.part_path(stage, shard))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -203,14 +204,19 @@ def test_unknown_option_is_exit_2(project):
 def test_demo_pipeline_runs_offline(project):
     repo = Path(__file__).resolve().parents[1]
     os.symlink(repo / "datasets", project / "datasets")
-    result = chunbot("run", str(repo / "configs/demo.yaml"), "-q", cwd=project, timeout=120)
+    (project / "configs").mkdir()
+    shutil.copy(repo / "configs/demo.yaml", project / "configs/demo.yaml")
+    (project / "elsewhere").mkdir()  # cron's current directory is rarely the checkout
+    result = chunbot("run", "../configs/demo.yaml", "-q", cwd=project / "elsewhere",
+                     timeout=120)
     assert result.returncode == 0, result.stderr.decode()
+    assert not (project / "elsewhere/runs").exists()  # paths are the pipeline file's
     labelled = read_stage(project / "runs/demo", "sentiment")
     assert len(labelled) >= 2000
     assert {r["sentiment"] for r in labelled} == {"positive", "negative", "neutral"}
     replies = read_stage(project / "runs/demo", "reply")
     assert replies and all(r["sentiment"] == "negative" and r["reply"] for r in replies)
-    demo = str(repo / "configs/demo.yaml")
+    demo = str(project / "configs/demo.yaml")
     status = json.loads(chunbot("status", demo, "--json", cwd=project).stdout)
     assert [s["state"] for s in status["stages"]] == ["fresh"] * 3
     assert status["stages"][2]["out"] == len(replies)
@@ -220,3 +226,15 @@ def test_demo_pipeline_runs_offline(project):
     assert traced["stages"][2]["trace"]["response"] == replies[0]["reply"]
     traced = json.loads(chunbot("trace", demo, dropped, "--json", cwd=project).stdout)
     assert [s["status"] for s in traced["stages"]] == ["ok", "filtered out", "not reached"]
+
+
+def test_input_and_workdir_given_on_the_command_line_win(project):
+    (project / "jobs").mkdir()
+    (project / "jobs/p.yaml").write_text("name: t\ninput: missing.jsonl\nstages:\n"
+                                         "  - name: s\n    prompt: 'sentiment: {{ text }}'\n")
+    write_jsonl(project / "today.jsonl", [{"id": "a", "text": "great"}, {"text": "awful"}])
+    result = chunbot("run", "jobs/p.yaml", "--input", "today.jsonl", "--workdir", "w", "-q",
+                     cwd=project)
+    assert result.returncode == 0, result.stderr.decode()
+    assert [r["_id"] for r in read_stage(project / "w", "s")] == ["a", 1]  # `id`, else position
+    assert not (project / "jobs/runs").exists()

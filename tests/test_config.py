@@ -45,7 +45,7 @@ def refused(project: Path, text: str) -> str:
 
 def test_a_good_pipeline_is_typed(project):
     pipeline = load(write(project, GOOD))
-    assert pipeline.name == "reviews" and pipeline.workdir == Path("runs/reviews")
+    assert pipeline.name == "reviews" and pipeline.workdir == project / "runs/reviews"
     assert [s.kind for s in pipeline.stages] == ["llm", "filter", "llm"]
     label, keep, draft = pipeline.stages
     assert label.output == "label"  # defaults to the stage name
@@ -199,3 +199,41 @@ def test_every_shipped_example_pipeline_is_valid():
     assert len(examples) >= 6
     for example in examples:
         assert load(example).stages
+
+
+def test_relative_paths_are_the_pipeline_files_wherever_chunbot_runs(project, monkeypatch):
+    (project / "jobs").mkdir()
+    (project / "jobs/p.yaml").write_text(
+        "name: t\ninput: data/*.jsonl\noutput: out/results.jsonl.zst\n"
+        "cache: {path: cache.sqlite3}\nstages: [{name: s, prompt: '{{ text }}'}]\n")
+    (project / "elsewhere").mkdir()
+    monkeypatch.chdir(project / "elsewhere")
+    pipeline = load("../jobs/p.yaml")
+    folder = (project / "jobs").resolve()
+    assert Path(pipeline.input).resolve() == folder / "data/*.jsonl"
+    assert pipeline.workdir.resolve() == folder / "runs/t"
+    assert pipeline.output.resolve() == folder / "out/results.jsonl.zst"
+    assert Path(pipeline.cache.path).resolve() == folder / "cache.sqlite3"
+    monkeypatch.chdir(project)
+    assert load("jobs/p.yaml").workdir == Path("jobs/runs/t")  # as the file's path is given
+
+
+def test_environment_variables_in_values(project, monkeypatch):
+    monkeypatch.setenv("DATA", "reviews.jsonl")
+    monkeypatch.delenv("WORK", raising=False)
+    pipeline = load(write(project, "name: t\ninput: ${DATA}\nworkdir: ${WORK:-runs/x}\n"
+                                   "stages: [{name: s, prompt: 'costs $$5: {{ text }}'}]\n"))
+    assert pipeline.input == str(project / "reviews.jsonl")
+    assert pipeline.workdir == project / "runs/x"
+    assert pipeline.stages[0].prompt == "costs $5: {{ text }}"
+    message = refused(project, "name: t\ninput: data.jsonl\nworkdir: ${WORK}\n"
+                               "stages: [{name: s, prompt: '{{ text }}'}]\n")
+    assert message.endswith("p.yaml:3: ${WORK}: environment variable WORK is not set "
+                            "(give a default with ${WORK:-…})")
+
+
+def test_id_field_is_id_unless_turned_off(project):
+    text = "name: t\ninput: d.jsonl\nstages: [{name: s, prompt: '{{ text }}'}]\n"
+    assert load(write(project, text)).id_field == "id"
+    assert load(write(project, "id_field: null\n" + text)).id_field is None
+    assert "must name a .jsonl" in refused(project, "output: out.csv\n" + text)

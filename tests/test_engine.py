@@ -146,8 +146,8 @@ def test_bad_lines_go_to_the_first_stage_errors_and_the_rest_goes_on(project):
     report = engine.run(make(project))
     assert report.exit_code == 1
     errors = read_jsonl(project / "runs/t/sentiment/errors.jsonl")
-    assert [(e["line"], e["file"]) for e in errors] == [(2, "data.jsonl"), (4, "data.jsonl"),
-                                                         (6, "data.jsonl")]
+    data = str(project / "data.jsonl")  # the pipeline's input, beside it
+    assert [(e["line"], e["file"]) for e in errors] == [(2, data), (4, data), (6, data)]
     assert "not valid JSON" in errors[0]["error"] and "not valid UTF-8" in errors[2]["error"]
     assert len(read_stage(project / "runs/t", "sentiment")) == 3
     # failures stay counted on a later run with nothing to do
@@ -225,3 +225,26 @@ def test_glob_and_zst_input(project):
     engine.run(config.load(project / "p.yaml"))
     assert [r["_id"] for r in read_stage(project / "runs/t", "s")] == \
         [f"r{i:04d}" for i in range(6)]
+
+
+def test_output_gets_the_last_stage_in_input_order_once_every_shard_is_done(project):
+    pipeline = make(project, 30, output="out/replies.jsonl")
+    report = engine.run(pipeline, RunOptions(limit=15))
+    assert report.exit_code == 0 and not (project / "out/replies.jsonl").exists()  # --limit
+    engine.run(pipeline)
+    written = read_jsonl(project / "out/replies.jsonl")
+    assert written == read_stage(project / "runs/t", "reply")
+    assert [r["_id"] for r in written] == [f"r{i:04d}" for i in range(1, 30, 3)]
+    assert not list((project / "out").glob(".*"))  # written whole, then renamed
+
+
+def test_output_can_be_compressed_and_comes_from_the_pipelines_folder(project, monkeypatch):
+    import zstandard
+
+    pipeline = make(project, 30, output="replies.jsonl.zst")
+    (project / "elsewhere").mkdir()
+    monkeypatch.chdir(project / "elsewhere")
+    assert engine.run(pipeline).exit_code == 0
+    data = zstandard.ZstdDecompressor().stream_reader(
+        open(project / "replies.jsonl.zst", "rb")).read()
+    assert len(data.splitlines()) == 10

@@ -320,7 +320,7 @@ def test_an_empty_input_folder_is_exit_2_like_a_missing_input(project):
     result = chunbot("run", str(zst_project(project)), "-q", cwd=project)
     assert result.returncode == 2
     err = no_traceback(result)
-    assert "'in'" in err and err.strip().count("\n") == 0
+    assert f"{project / 'in'}'" in err and err.strip().count("\n") == 0
 
 
 # 5. a deleted part file is recomputed

@@ -278,7 +278,7 @@ def test_json_summary_lists_the_failure_reasons_too(project, sim_server):
     assert summary["event"] == "summary" and summary["failed_total"] == 40
     [failures] = summary["failures"]
     assert failures["stage"] == "sentiment" and failures["failed"] == 40
-    assert failures["errors_file"] == "runs/t/sentiment/errors.jsonl"
+    assert failures["errors_file"] == str(project / "runs/t/sentiment/errors.jsonl")
     [(reason, count)] = failures["reasons"]
     assert count == 40 and "authentication failed" in reason
     assert failures["rerun"] == f"chunbot rerun {pipeline} --stage sentiment --failed"
