@@ -29,6 +29,7 @@ import orjson
 
 from . import batchmode
 from .config import ConfigError, Pipeline, StageSpec, check_api_keys
+from .plan import NotFresh, plan_shard
 from .source import InputError, Shard, parse_line, read_shards, resolve
 from .stages import FilterStage, LLMStage, PythonStage, StageOutput
 from .state import Counters, ShardEntry, StageState, State
@@ -423,31 +424,16 @@ class Run:
                    for a in aliases if self.pipeline.models[a].provider != "sim")
 
     def _plan(self, shard: Shard) -> tuple[list[StageSpec], str]:
-        """The stages to compute for this shard and the source token the first one reads.
-
-        state.json is trusted only as far as the files it vouches for exist: a selected
-        stage's shard whose part file is gone is recomputed, and so is an upstream one
-        whose part a recomputed stage must read."""
+        """The stages to compute for this shard and the source token the first one reads."""
         stages = self.pipeline.stages[: self.last + 1]
-        sources = [shard.digest]
-        for position, stage in enumerate(stages):
-            saved = self.state.stages.get(stage.name)
-            entry = saved.shards.get(shard.index) if saved is not None else None
-            fresh = (entry is not None and saved is not None and entry.src == sources[-1]
-                     and saved.fingerprint == stage.fingerprint
-                     and not self._redo(stage, shard.index, entry))
-            if fresh and stage in self.selected and not self._has_part(stage, shard.index):
-                fresh = False
-            if not fresh:
-                break
-            sources.append(entry.token)
-        else:
-            return [], sources[-1]
-        while position > 0 and not self._has_part(stages[position - 1], shard.index):
-            position -= 1  # what the stale stage reads is gone too: make it again
-        if stages[position] not in self.selected:
-            raise self._upstream_not_fresh(stages[position], shard.index)
-        return stages[position:], sources[position]
+        try:
+            planned = plan_shard(stages, self.selected, self.state.stages, shard.index,
+                                 shard.digest, self._has_part, self._redo)
+        except NotFresh as e:
+            raise self._upstream_not_fresh(e.stage, e.shard) from None
+        if planned.start is None:
+            return [], planned.source
+        return stages[planned.start:], planned.source
 
     def _has_part(self, stage: StageSpec, shard: int) -> bool:
         if self.workdir.part_path(stage.name, shard).exists():

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import Pipeline, StageSpec
+from ..config import Pipeline
+from ..plan import why_stale
 from ..state import Counters, StageState
 from ..store import Workdir
 
@@ -38,11 +39,8 @@ def status(pipeline: Pipeline) -> dict[str, Any]:
             counts.add(entry.counts)
         row.update(counts.to_json())
         row["cost"], row["cost_full"] = round(row["cost"], 6), round(row["cost_full"], 6)
-        why = _why_stale(stage, saved, upstream, upstream_stale)
         missing = sum(1 for k in shards if not workdir.part_path(stage.name, k).exists())
-        if why is None and missing:
-            why = (f"the output files of {missing} shard{'s' if missing > 1 else ''} are "
-                   "missing (the next run redoes them)")
+        why = why_stale(stage, saved, upstream, upstream_stale, missing)
         if why is None and total is not None and len(shards) < total:
             why = f"{total - len(shards)} of {total} shards not done"
         if why is None and total is None:
@@ -54,25 +52,6 @@ def status(pipeline: Pipeline) -> dict[str, Any]:
         upstream, upstream_stale = saved, why is not None
     return {"pipeline": pipeline.name, "workdir": str(pipeline.workdir), "stages": stages,
             "last_run": state.last_run or None}
-
-
-def _why_stale(stage: StageSpec, saved: StageState, upstream: StageState | None,
-               upstream_stale: bool) -> str | None:
-    if saved.fingerprint != stage.fingerprint:
-        before = saved.definition
-        changed = sorted(k for k in set(before) | set(stage.definition)
-                         if k != "up" and before.get(k) != stage.definition.get(k))
-        if changed and before:
-            return "changed: " + ", ".join(changed)
-        return "an upstream stage changed" if before else "its definition changed"
-    if upstream is not None:
-        tokens = {entry.token for entry in upstream.shards.values()}
-        behind = sum(1 for entry in saved.shards.values() if entry.src not in tokens)
-        if behind:
-            return f"{behind} shards are behind their recomputed upstream"
-    if upstream_stale:
-        return "its upstream is stale"
-    return None
 
 
 def render(report: dict[str, Any]) -> str:
