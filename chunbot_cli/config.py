@@ -17,7 +17,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import orjson
 import yaml
@@ -277,9 +277,13 @@ def _article(name: str) -> str:
     return " or ".join(names.get(n, n) for n in name.split(" or "))
 
 
-def load(path: str | Path) -> Pipeline:
-    """Read and validate a pipeline file; raises ConfigError."""
-    path = Path(path)
+def load(source: str | Path | Mapping[str, Any]) -> Pipeline:
+    """Read and validate a pipeline: a YAML file, or a mapping with the same keys (for
+    notebooks and programs; its relative paths are the current directory's). Raises
+    ConfigError."""
+    if isinstance(source, Mapping):
+        return _pipeline(Path(DICT_PIPELINE), source)
+    path = Path(source)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -302,7 +306,10 @@ def load(path: str | Path) -> Pipeline:
     return _pipeline(path, data)
 
 
-def _pipeline(path: Path, data: _Mapping) -> Pipeline:
+DICT_PIPELINE = "<pipeline>"  # what messages call a pipeline given as a mapping
+
+
+def _pipeline(path: Path, data: Mapping[str, Any]) -> Pipeline:
     top = _Where(path, data)
     top.check_keys(_PIPELINE_KEYS)
     name = top.get("name", str, required=True)

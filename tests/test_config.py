@@ -237,3 +237,23 @@ def test_id_field_is_id_unless_turned_off(project):
     assert load(write(project, text)).id_field == "id"
     assert load(write(project, "id_field: null\n" + text)).id_field is None
     assert "must name a .jsonl" in refused(project, "output: out.csv\n" + text)
+
+
+def test_a_pipeline_can_be_a_mapping_for_notebooks(project):
+    import chunbot_cli as chunbot
+
+    pipeline = chunbot.load({"name": "t", "input": "data.jsonl", "shard_size": 5,
+                             "stages": [{"name": "s", "prompt": "Label: {{ text }}"},
+                                        {"name": "keep", "filter": "s != ''"}]})
+    assert pipeline.workdir == Path("runs/t") and pipeline.input == "data.jsonl"
+    assert [s.kind for s in pipeline.stages] == ["llm", "filter"]
+    assert pipeline.stages[1].fingerprint == load(write(project, """
+name: t
+input: data.jsonl
+shard_size: 5
+stages:
+  - {name: s, prompt: "Label: {{ text }}"}
+  - {name: keep, filter: "s != ''"}
+""")).stages[1].fingerprint  # the same pipeline either way
+    with pytest.raises(chunbot.ConfigError, match="<pipeline>: stage 's': key 'promt'"):
+        chunbot.load({"name": "t", "input": "d.jsonl", "stages": [{"name": "s", "promt": "x"}]})
