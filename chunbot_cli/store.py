@@ -422,7 +422,7 @@ def _shard_of(line: bytes) -> int | None:
         return None
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """A finished record of an LLM stage: its output, or why it failed, and its trace
     (what `chunbot trace` shows); one line of the journal."""

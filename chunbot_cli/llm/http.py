@@ -55,14 +55,6 @@ class HTTPProvider:
                                              sock_connect=min(CONNECT_TIMEOUT_S, spec.timeout))
 
     async def complete(self, request: Request, url: str) -> Reply:
-        try:
-            return await self._exchange(request, url)
-        except ProviderError as e:
-            if self.secrets:
-                e.args = (self._mask(str(e)),)
-            raise
-
-    async def _exchange(self, request: Request, url: str) -> Reply:
         target = url + self.protocol.PATH
         payload = orjson.dumps(self.protocol.body(self.spec, request))
         streaming = bool(request.params.get("stream"))
@@ -79,21 +71,28 @@ class HTTPProvider:
                 else:
                     reply = self._parse(await response.read(), response, target)
                 return reply if limits is None else dataclasses.replace(reply, limits=limits)
-        except ProviderError:
-            raise
+        except ProviderError as e:
+            raise self._masked(e) from None
         except aiohttp.ClientConnectorError as e:
-            raise ProviderError(f"cannot connect to {url}: {_reason(e)}", retryable=True,
-                                unreachable=True) from None
+            raise self._masked(ProviderError(f"cannot connect to {url}: {_reason(e)}",
+                                             retryable=True, unreachable=True)) from None
         except aiohttp.ConnectionTimeoutError:
-            raise ProviderError(f"cannot connect to {url}: no answer within "
-                                f"{self.timeout.sock_connect:g}s", retryable=True,
-                                unreachable=True) from None
+            raise self._masked(ProviderError(
+                f"cannot connect to {url}: no answer within {self.timeout.sock_connect:g}s",
+                retryable=True, unreachable=True)) from None
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-            raise ProviderError(f"{target}: no complete reply within {self.spec.timeout:g}s "
-                                "(the alias's timeout)", retryable=True, timed_out=True) from None
+            raise self._masked(ProviderError(
+                f"{target}: no complete reply within {self.spec.timeout:g}s (the alias's "
+                "timeout)", retryable=True, timed_out=True)) from None
         except (aiohttp.ClientError, OSError) as e:
-            raise ProviderError(f"{target}: connection lost: {_reason(e)}",
-                                retryable=True) from None
+            raise self._masked(ProviderError(f"{target}: connection lost: {_reason(e)}",
+                                             retryable=True)) from None
+
+    def _masked(self, error: ProviderError) -> ProviderError:
+        """The error with no secret in its text (the key, credentials in the URL)."""
+        if self.secrets:
+            error.args = (self._mask(str(error)),)
+        return error
 
     def _parse(self, data: bytes, response: aiohttp.ClientResponse, target: str) -> Reply:
         try:
