@@ -523,7 +523,7 @@ class Run:
 
     def _window(self, runners: dict[str, Any]) -> int:
         """Shards in flight: enough for every LLM stage to fill its concurrency twice over."""
-        concurrency = sum(r.concurrency for r in runners.values() if isinstance(r, LLMStage))
+        concurrency = sum(r.concurrency for r in runners.values())
         if not concurrency:
             return 2  # one shard computes while the other commits
         return min(MAX_SHARDS_IN_FLIGHT, 2 + 2 * concurrency // self.pipeline.shard_size)
@@ -548,7 +548,7 @@ class Run:
                 report.first_start = time.monotonic()
             runner = runners[stage.name]
             report.known += len(records) + len(input_errors)
-            if isinstance(runner, LLMStage):
+            if stage.kind == "llm":
                 output = await self._run_llm(runner, stage, shard.index, source, records)
                 if output is None:  # its batch is pending: downstream waits for the next run
                     report.batches_pending += 1

@@ -43,6 +43,8 @@ def _describe(error: BaseException) -> str:
 
 
 class FilterStage:
+    concurrency = 0  # requests it may have in flight: none
+
     def __init__(self, spec: StageSpec):
         from . import templates
 
@@ -67,6 +69,8 @@ class FilterStage:
 
 
 class PythonStage:
+    concurrency = 0
+
     def __init__(self, spec: StageSpec, import_paths: list[str]):
         self.spec = spec
         self.function: Callable[[dict[str, Any]], Any] = import_callable(spec.python or "",
