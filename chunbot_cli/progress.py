@@ -99,7 +99,8 @@ def model_rows(run: "Run") -> list[dict[str, Any]]:
     return rows
 
 
-def input_line(run: "Run") -> str:
+def input_line(run: "Run", rows: list[dict[str, Any]]) -> str:
+    """The input read so far, the time, and the ETA of the slowest stage in `rows`."""
     total, lines = input_total(run), run.report.lines_read
     if run.read_through:
         read = f"input {lines:,} lines, all read"
@@ -107,7 +108,7 @@ def input_line(run: "Run") -> str:
         read = f"input {lines:,} of ~{total:,} lines read"
     else:
         read = f"input {lines:,} lines read so far"
-    eta = [row["eta_s"] for row in stage_rows(run)]
+    eta = [row["eta_s"] for row in rows]
     text = f"{read} · {time.monotonic() - run.started:.1f}s"
     if eta and all(e is not None for e in eta):
         text += f" · ETA {_duration(max(eta))}"
@@ -164,10 +165,11 @@ class LogProgress:
                    f"run {run.pipeline.name}: stages {', '.join(s.name for s in run.selected)}")
 
     def update(self, run: "Run") -> None:
+        rows = stage_rows(run)
         self._emit("input", {"lines_read": run.report.lines_read, "lines_total":
                              input_total(run), "read_through": run.read_through},
-                   input_line(run))
-        for row in stage_rows(run):
+                   input_line(run, rows))
+        for row in rows:
             self._emit("progress", row, stage_text(row))
         for row in model_rows(run):
             self._emit("model", row, model_text(row))
@@ -208,7 +210,8 @@ class RichProgress:
         for column in ("stage", "done/known", "%", "rec/s", "ETA", "failed", "cost"):
             table.add_column(column, justify="left" if column == "stage" else "right",
                              no_wrap=True, max_width=18 if column == "stage" else None)
-        for row in stage_rows(run):
+        rows = stage_rows(run)
+        for row in rows:
             table.add_row(row["stage"], f"{_compact(row['done'])}/{_compact(row['known'])}",
                           f"{row['pct']:.0f}%" if row["pct"] is not None else "",
                           f"{row['rate']:,.0f}",
@@ -216,7 +219,7 @@ class RichProgress:
                           _red(row["failed"]),
                           _money(row["cost"]) if row["cost_full"] else "")
         models = [Text(model_text(row), style="dim") for row in model_rows(run)]
-        return Group(Text(input_line(run), style="dim"), table, *models)
+        return Group(Text(input_line(run, rows), style="dim"), table, *models)
 
     def start(self, run: "Run") -> None:
         from rich.live import Live

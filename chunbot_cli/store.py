@@ -24,7 +24,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import IO, Any, Iterable, Iterator
 
 import orjson
 
@@ -89,10 +89,18 @@ TEMP_MARK = ".tmp"
 def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
     """Write a file so readers see either the old or the whole new content, even after a
     crash (`sync` False: after a crash, maybe neither, for files that are rebuilt)."""
+    with atomic_file(path, sync) as f:
+        f.write(data)
+
+
+@contextmanager
+def atomic_file(path: Path, sync: bool = True) -> Iterator[IO[bytes]]:
+    """A file to write that appears at `path` whole when the block ends (a temp file,
+    fsynced unless `sync` is False, then renamed), or not at all when it fails."""
     tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            yield f
             if sync:
                 f.flush()
                 os.fsync(f.fileno())
@@ -194,14 +202,11 @@ class Workdir:
         self.path.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path / "state.json", orjson.dumps(state.to_json()))
 
-    def remove_temp_files(self) -> int:
+    def remove_temp_files(self) -> None:
         """Remove what writes killed half-way left behind; only the lock holder writes
-        here, so every temp file is an orphan. Returns how many were removed."""
-        removed = 0
+        here, so every temp file is an orphan."""
         for path in (*self.path.glob(f".*{TEMP_MARK}*"), *self.path.glob(f"*/.*{TEMP_MARK}*")):
             path.unlink(missing_ok=True)
-            removed += 1
-        return removed
 
     # lock
     @contextmanager
@@ -300,28 +305,18 @@ class Workdir:
         """Write the stage's records of `shards`, in order, to one JSONL file (zstd when it
         ends in .zst), atomically; returns how many records it holds."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
         count = 0
-        try:
-            with open(tmp, "wb") as raw:
-                sink: Any = raw
-                if path.name.endswith(".zst"):
-                    import zstandard
-                    sink = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
-                for shard in shards:
-                    data = self.read_bytes(self.part_path(stage, shard))
-                    count += data.count(b"\n")
-                    sink.write(data)
-                if sink is not raw:
-                    sink.close()
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.replace(tmp, path)
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError) and e.filename is None:
-                e.filename = str(path)
-            raise
+        with atomic_file(path) as raw:
+            sink: Any = raw
+            if path.name.endswith(".zst"):
+                import zstandard
+                sink = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
+            for shard in shards:
+                data = self.read_bytes(self.part_path(stage, shard))
+                count += data.count(b"\n")
+                sink.write(data)
+            if sink is not raw:
+                sink.close()
         return count
 
     def read_shard(self, stage: str, shard: int) -> list[dict[str, Any]]:
