@@ -13,17 +13,18 @@ none: it collects them and sends only the rest, in realtime, so nothing is paid 
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from .llm.types import Reply, Request
-from .store import Entry
+from .store import Entry, Key
 
 if TYPE_CHECKING:
     from .llm.batch import Batches, BatchState
-    from .stages import LLMStage, StageOutput
+    from .stages import LLMShard
     from .store import Workdir
 
 
@@ -60,12 +61,12 @@ class Ledger:
         return (batch.items == self.items
                 and self.intent_at - 5 <= batch.created <= self.intent_at + 600)
 
-    def custom_id(self, index: int) -> str:
+    def custom_id(self, key: Key) -> str:
         """A batch item's id: the intent that sent it, and its place in the shard. A batch
         adopted by mistake after a crash (Anthropic's are matched by time and size) has
         none of this intent's ids, so its items are simply sent again, never taken for
         ours."""
-        return f"{self.intent}-{index}"
+        return f"{self.intent}-{_name(key)}"
 
 
 class Ledgers:
@@ -101,77 +102,98 @@ class Ledgers:
                                                for k, v in sorted(self.shards.items())})
 
 
-async def run_shard(stage: "LLMStage", records: list[dict[str, Any]],
-                    done: dict[int, Entry], on_done: Callable[[Entry], None],
-                    ledgers: Ledgers, shard: int, api: "Batches", metadata: dict[str, str],
-                    realtime_rest: bool = False) -> "StageOutput | None":
-    """The shard through the provider's batch API: its output, or None while its batches
-    are pending. `ledgers.open(shard, …)` must have been called for this run."""
-    from .llm.batch import split
+class BatchMode:
+    """How one LLM stage's shards go through the provider's batch API: its ledgers, the
+    API, and whether a run waits for the batches (`--wait`) or leaves them pending."""
 
-    ledger = ledgers.shards[shard]
-    entries, finish, requests = await stage.prepare(records, done, on_done)
-    client = stage.clients[0]
-    if requests and not ledger.batches:
-        if ledger.intent:
-            found = [b.id for b in await api.recent() if ledger.made(b)]
-            if found:
-                ledger.batches = found
-                ledgers.save()
-                return None
-        if realtime_rest:
-            await stage.send(records, requests, finish)
-            ledgers.close(shard)
-            return stage.assemble(records, entries)
-        ledger.intent, ledger.intent_at = os.urandom(6).hex(), time.time()
-        ledger.batches, ledger.items = [], len(requests)
-        ledgers.save()
-        items = [(ledger.custom_id(i), request) for i, request in requests.items()]
-        for part in split(items, client.spec):
-            batch_id = await api.submit(part, {**metadata, "intent": ledger.intent})
-            if os.environ.get("CHUNBOT_FAILPOINT") == "batch-created":
-                os.kill(os.getpid(), 9)  # tests: die where a crash costs the most
-            ledger.batches.append(batch_id)
+    def __init__(self, ledgers: Ledgers, api: "Batches", metadata: dict[str, str],
+                 wait: bool = False, poll_s: float = 30.0):
+        self.ledgers, self.api, self.metadata = ledgers, api, metadata
+        self.wait, self.poll_s = wait, poll_s
+
+    async def run(self, shard: "LLMShard", realtime_rest: bool = False) -> bool:
+        """Finish the shard's records through batches; False while they are pending."""
+        self.ledgers.open(shard.shard, shard.source, shard.stage.spec.fingerprint)
+        while True:
+            if await self._round(shard, realtime_rest):
+                return True
+            if not self.wait:
+                return False
+            await asyncio.sleep(self.poll_s)
+
+    async def _round(self, shard: "LLMShard", realtime_rest: bool) -> bool:
+        from .llm.batch import split
+
+        stage, ledgers, api = shard.stage, self.ledgers, self.api
+        ledger = ledgers.shards[shard.shard]
+        todo = {k: r for k, r in shard.records.items() if k not in shard.finished}
+        requests = await stage.requests(todo, shard.done, shard.complete)
+        client = stage.clients[0]
+        if requests and not ledger.batches:
+            if ledger.intent:
+                found = [b.id for b in await api.recent() if ledger.made(b)]
+                if found:
+                    ledger.batches = found
+                    ledgers.save()
+                    return False
+            if realtime_rest:
+                await shard.send(requests)
+                ledgers.close(shard.shard)
+                return True
+            ledger.intent, ledger.intent_at = os.urandom(6).hex(), time.time()
+            ledger.batches, ledger.items = [], len(requests)
             ledgers.save()
-        return None
-    if requests:
-        states = [await api.state(batch_id) for batch_id in ledger.batches]
-        if not all(state.done for state in states):
-            deadline = stage.spec.batch_deadline
-            if deadline and time.time() - ledger.intent_at > deadline \
-                    and not ledger.past_deadline:
-                ledger.past_deadline = True
+            items = [(ledger.custom_id(key), request) for key, request in requests.items()]
+            metadata = {**self.metadata, "chunbot_shard": str(shard.shard),
+                        "intent": ledger.intent}
+            for part in split(items, client.spec):
+                batch_id = await api.submit(part, metadata)
+                if os.environ.get("CHUNBOT_FAILPOINT") == "batch-created":
+                    os.kill(os.getpid(), 9)  # tests: die where a crash costs the most
+                ledger.batches.append(batch_id)
                 ledgers.save()
-                for state in states:
-                    if not state.done:
-                        await api.cancel(state.id)
-            return None
-        results: dict[str, Any] = {}
-        for batch_id in ledger.batches:
-            results.update(await api.results(batch_id))
-        retry: dict[int, Request] = {}
-        for i, request in requests.items():
-            result = results.get(ledger.custom_id(i), "not in the batch's results")
-            entry = (stage.answered(i, records[i], request, client, result, "batch")
-                     if isinstance(result, Reply) else None)
-            if entry is not None:
-                finish(entry)
+            return False
+        if requests:
+            states = [await api.state(batch_id) for batch_id in ledger.batches]
+            if not all(state.done for state in states):
+                deadline = stage.spec.batch_deadline
+                if deadline and time.time() - ledger.intent_at > deadline \
+                        and not ledger.past_deadline:
+                    ledger.past_deadline = True
+                    ledgers.save()
+                    for state in states:
+                        if not state.done:
+                            await api.cancel(state.id)
+                return False
+            results: dict[str, Any] = {}
+            for batch_id in ledger.batches:
+                results.update(await api.results(batch_id))
+            retry: dict[Key, Request] = {}
+            for key, request in requests.items():
+                result = results.get(ledger.custom_id(key), "not in the batch's results")
+                entry = (stage.answered(key, shard.records[key], request, client, result,
+                                        "batch") if isinstance(result, Reply) else None)
+                if entry is not None:
+                    shard.complete(entry)
+                else:
+                    retry[key] = request
+                    ledger.errors[_name(key)] = str(result)
+            if retry and (stage.spec.batch_fallback or ledger.past_deadline or realtime_rest):
+                await shard.send(retry)
+            elif retry and ledger.rounds + 1 <= stage.spec.retries:
+                ledger.rounds += 1
+                ledger.batches, ledger.intent = [], None  # a new batch for them
+                return await self._round(shard, realtime_rest)
             else:
-                retry[i] = request
-                ledger.errors[str(i)] = str(result)
-        if retry and (stage.spec.batch_fallback or ledger.past_deadline or realtime_rest):
-            await stage.send(records, retry, finish)
-        elif retry and ledger.rounds + 1 <= stage.spec.retries:
-            ledger.rounds += 1
-            ledger.batches, ledger.intent = [], None  # a new batch for them
-            finished = {i: e for i, e in enumerate(entries) if e is not None}
-            return await run_shard(stage, records, finished, on_done, ledgers, shard, api,
-                                   metadata, realtime_rest)
-        else:
-            for i in retry:
-                error = f"model {client.spec.alias!r}: {ledger.errors[str(i)]}"
-                trace = stage.trace_of(records[i], requests[i])
-                trace["error"] = error
-                finish(Entry(i, trace, error=error))
-    ledgers.close(shard)
-    return stage.assemble(records, entries)
+                for key in retry:
+                    error = f"model {client.spec.alias!r}: {ledger.errors[_name(key)]}"
+                    trace = stage.trace_of(shard.records[key], requests[key])
+                    trace["error"] = error
+                    shard.complete(Entry(key, trace, error=error))
+        ledgers.close(shard.shard)
+        return True
+
+
+def _name(key: Key) -> str:
+    """A record's key as a provider's custom id takes it (letters, digits, - and _)."""
+    return "-".join(map(str, key))

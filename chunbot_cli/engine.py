@@ -1,46 +1,42 @@
 """Runs a pipeline: decides what is stale, walks the input shard by shard, commits results.
 
 The unit of work is a shard: `shard_size` input lines and everything derived from them in
-every stage (`<stage>/part-NNNNN`). For each shard the engine walks the stages in order;
-a stage's shard is fresh when state.json records it done under the stage's current
-fingerprint and from the same source (the input shard's digest for the first stage, the
-upstream shard's commit token for the others). The first stale stage and everything after
-it are recomputed for that shard; fresh ones are skipped without reading their data.
-
-Several shards are in flight at once so an LLM stage keeps its model busy across shard
-boundaries; commits happen one at a time in the event loop (see store.py for their order).
-A shard job is self-contained (its input lines or upstream part file in, stage outputs
-out), which is what a distributed executor needs to ship it elsewhere.
+every stage (`<stage>/part-NNNNN`). For each input shard the engine plans (plan.py) which
+stages are stale, makes a shard job of them (flow.py: plain data, run by a function) and
+hands it to the executor, which keeps several shards in flight so an LLM stage keeps its
+model busy across shard boundaries. Within a job records flow from stage to stage one by
+one. What a job reports comes back here: counts for progress and the summary, finished
+records for the journal and the output (stdout, the library), whole stage shards for the
+store (sinks.py: the workdir, or nothing with `--storage memory`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import itertools
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Protocol
-
-import orjson
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from . import batchmode
 from .config import ConfigError, Pipeline, StageSpec, check_api_keys
+from .executor import LocalExecutor
+from .flow import Lines, Part, Rows, ShardJob, StageWork
 from .plan import NotFresh, plan_shard
-from .source import InputError, Shard, parse_line, read_shards, resolve
-from .stages import FilterStage, LLMStage, PythonStage, StageOutput
+from .sinks import DiskStore, InputOrder, MemoryStore, Output, Store
+from .source import InputError, Shard, read_shards, resolve
+from .stages import Batch, FilterStage, LLMStage, PythonStage, Stage, StageOutput
 from .state import Counters, ShardEntry, StageState, State
-from .store import (Entry, Journal, Locked, StoreError, Workdir, describe, dumps_lines,
-                    encode_lines, printable)
+from .store import Entry, Key, Locked, StoreError, Workdir, describe
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LATER = 0, 1, 2, 75
 BATCH_POLL_S = float(os.environ.get("CHUNBOT_BATCH_POLL_S", "30"))
 MAX_SHARDS_IN_FLIGHT = 64
 
-__all__ = ["RunOptions", "RunReport", "run", "ConfigError", "InputError", "Locked",
+__all__ = ["RunOptions", "RunReport", "run", "arun", "ConfigError", "InputError", "Locked",
            "StoreError", "Interrupted"]
 
 
@@ -67,6 +63,8 @@ class RunOptions:
     rerun_only: bool = False
     rerun_failed: bool = False  # only its records in errors.jsonl
     rerun_ids: frozenset[str] | None = None  # only these records
+    storage: str = "disk"  # "memory": nothing under the workdir, every stage computed
+    order: str = "completion"  # of the output records: as they finish, or "input"
 
 
 @dataclass
@@ -128,21 +126,39 @@ class Progress(Protocol):
 
 
 def run(pipeline: Pipeline, options: RunOptions | None = None,
-        progress: Progress | None = None) -> RunReport:
+        progress: Progress | None = None, output: Output | None = None,
+        errors: Callable[[dict[str, Any]], None] | None = None,
+        rows: Iterable[dict[str, Any]] | None = None) -> RunReport:
     """Run (or resume) a pipeline; returns a report whose exit_code follows DESIGN.md.
 
+    `output` gets the last selected stage's records as they finish (`options.order`);
+    `errors` each failed record, where no errors.jsonl keeps them (memory storage); `rows`
+    are the input instead of the pipeline's `input`. SIGINT and SIGTERM stop the run.
     Raises ConfigError or InputError (exit 2) and Locked (exit 75) before any work starts.
     """
     options = options or RunOptions()
     check_api_keys(pipeline, selected_stages(pipeline, options))
-    work = Run(pipeline, options, progress)
+    work = Run(pipeline, options, progress, output, errors, rows)
     try:
-        return asyncio.run(work.execute())
+        return asyncio.run(work.execute(signals=True))
     except asyncio.CancelledError:
         if work.stopped_by is None:
             raise
         raise Interrupted(work.stopped_by) from None
     except OSError as e:  # the lock or state.json, before or after the shards' work
+        raise StoreError(f"cannot write the workdir: {describe(e)}") from None
+
+
+async def arun(pipeline: Pipeline, options: RunOptions | None = None,
+               progress: Progress | None = None, output: Output | None = None,
+               errors: Callable[[dict[str, Any]], None] | None = None,
+               rows: Iterable[dict[str, Any]] | None = None) -> RunReport:
+    """`run` in a running event loop (a notebook's, a program's); no signal handlers."""
+    options = options or RunOptions()
+    check_api_keys(pipeline, selected_stages(pipeline, options))
+    try:
+        return await Run(pipeline, options, progress, output, errors, rows).execute()
+    except OSError as e:
         raise StoreError(f"cannot write the workdir: {describe(e)}") from None
 
 
@@ -218,16 +234,26 @@ def selected_stages(pipeline: Pipeline, options: RunOptions) -> list[StageSpec]:
 
 
 class Run:
-    def __init__(self, pipeline: Pipeline, options: RunOptions, progress: Progress | None):
+    """One invocation: plans each input shard, hands its jobs to the executor, and takes
+    what the jobs report (the JobEvents): counts for progress and the summary, journal
+    lines and commits for the store, the last stage's records for the output."""
+
+    def __init__(self, pipeline: Pipeline, options: RunOptions, progress: Progress | None,
+                 output: Output | None = None, errors: Callable[[dict[str, Any]], None] | None
+                 = None, rows: Iterable[dict[str, Any]] | None = None):
         self.pipeline = pipeline
         self.options = options
         self.progress = progress
+        self.memory = options.storage == "memory"
         self.workdir = Workdir(pipeline.workdir, pipeline.compress)
         self.selected = selected_stages(pipeline, options)
         self.last = pipeline.stages.index(self.selected[-1])
+        if self.memory:
+            _check_memory(pipeline, options, self.selected)
         self.report = RunReport(stages={s.name: StageReport() for s in self.selected})
-        self.files = resolve(pipeline.input)
-        self.input_bytes = _input_size(self.files)
+        self.rows = rows
+        self.files = [] if rows is not None else resolve(pipeline.input)
+        self.input_bytes = None if rows is not None else _input_size(self.files)
         self.bytes_read = 0
         self.read_through = False  # the whole input has been read
         self.started = time.monotonic()
@@ -235,68 +261,84 @@ class Run:
         self.session: Any = None  # the run's one aiohttp session, when a model speaks HTTP
         self.cache: Any = None  # the response cache, when an LLM stage uses it
         self.batch_ledgers: dict[str, batchmode.Ledgers] = {}  # batches.json per stage
-        self.committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit")
         self.state = State()
+        self.store: Store = MemoryStore()
+        self.output = output
+        if output is not None and options.order == "input":
+            self.output = InputOrder(output)
+        self.errors_out = errors  # failed records, when no errors.jsonl keeps them
         self.stopped_by: int | None = None  # the signal that interrupted the run
         self.stopping = False  # a fault of the workdir: read no more input
         self.missing_parts: set[str] = set()  # stages whose part files were found gone
         self.collecting: set[str] = set()  # realtime stages collecting earlier batches
+        self.task: asyncio.Task[Any] | None = None
+        self.executor: LocalExecutor | None = None
 
-    async def execute(self) -> RunReport:
-        with self.workdir.lock() as previous_holder:
-            if previous_holder and previous_holder != str(os.getpid()):
-                self.note(f"took over the lock left by pid {previous_holder}, "
-                          "which is no longer running")
-            self.workdir.remove_temp_files()
-            self.state = self.workdir.load_state()
-            self.state.last_run = {"started": _now(), "pid": os.getpid()}
-            self._reset_changed_stages()
-            ticker = None
-            self._on_signals(asyncio.current_task())
-            try:
-                runners = self._make_runners()
-                if self.progress:
-                    self.progress.start(self)
-                ticker = asyncio.create_task(self._tick())
-                await self._walk(runners)
-            except asyncio.CancelledError:
-                if self.stopped_by is not None:
-                    self._record_interruption()
-                raise
-            finally:
-                if ticker is not None:
-                    ticker.cancel()
-                self.committer.shutdown(wait=True)
-                for client in self.clients.values():
-                    await client.close()
-                if self.session is not None:
-                    await self.session.close()
-                if self.cache is not None:
-                    try:
-                        await self.cache.close()  # its last buffered writes
-                    except Exception as e:  # a full disk, a Redis gone away
-                        self.report.errors.append(f"the response cache could not store the "
-                                                  f"last replies: {type(e).__name__}: {e}")
-                    self.report.cache_hits, self.report.cache_misses = (self.cache.hits,
-                                                                        self.cache.misses)
-            self._finish()
+    async def execute(self, signals: bool = False) -> RunReport:
+        self.task = asyncio.current_task()
+        if signals:
+            self._on_signals()
+        if self.memory:
+            self.state = State(stages={s.name: StageState(s.fingerprint, s.definition)
+                                       for s in self.selected})
+            await self._work()
+        else:
+            with self.workdir.lock() as previous_holder:
+                if previous_holder and previous_holder != str(os.getpid()):
+                    self.note(f"took over the lock left by pid {previous_holder}, "
+                              "which is no longer running")
+                self.workdir.remove_temp_files()
+                self.state = self.workdir.load_state()
+                self.state.last_run = {"started": _now(), "pid": os.getpid()}
+                self.store = DiskStore(self.workdir, self.state)
+                self._reset_changed_stages()
+                await self._work()
         if self.progress:
             self.progress.finish(self, self.report)
         return self.report
 
-    def _on_signals(self, task: asyncio.Task[Any] | None) -> None:
-        """SIGINT and SIGTERM stop the run the same way: no new requests, what finished
-        is committed or stays in the journals, state.json says how the run ended."""
+    async def _work(self) -> None:
+        ticker = None
+        try:
+            stages = self._make_stages()
+            if self.progress:
+                self.progress.start(self)
+            ticker = asyncio.create_task(self._tick())
+            await self._walk(stages)
+        except asyncio.CancelledError:
+            if self.stopped_by is not None:
+                self._record_interruption()
+            raise
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+            self.store.shutdown()
+            for client in self.clients.values():
+                await client.close()
+            if self.session is not None:
+                await self.session.close()
+            if self.cache is not None:
+                try:
+                    await self.cache.close()  # its last buffered writes
+                except Exception as e:  # a full disk, a Redis gone away
+                    self.report.errors.append(f"the response cache could not store the "
+                                              f"last replies: {type(e).__name__}: {e}")
+                self.report.cache_hits, self.report.cache_misses = (self.cache.hits,
+                                                                    self.cache.misses)
+        self._finish()
+
+    def stop(self, signum: int) -> None:
+        """Stop the run the way SIGINT and SIGTERM do: no new requests, what finished is
+        committed or stays in the journals, state.json says how the run ended."""
+        if self.stopped_by is None and self.task is not None:
+            self.stopped_by = signum
+            self.task.cancel()
+
+    def _on_signals(self) -> None:
         loop = asyncio.get_running_loop()
-
-        def stop(signum: int) -> None:
-            if self.stopped_by is None and task is not None:
-                self.stopped_by = signum
-                task.cancel()
-
         for signum in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(signum, stop, signum)
+                loop.add_signal_handler(signum, self.stop, signum)
             except (ValueError, RuntimeError):  # not the main thread (a notebook's worker)
                 return
 
@@ -304,10 +346,11 @@ class Run:
         assert self.stopped_by is not None
         self.report.seconds = time.monotonic() - self.started
         self.report.exit_code = 128 + self.stopped_by
-        self.state.last_run.update(ended=_now(), exit_code=self.report.exit_code,
-                                   interrupted=signal.Signals(self.stopped_by).name)
-        self.committer.shutdown(wait=True)  # the commits under way belong in the state
-        self.workdir.save_state(self.state)
+        self.store.shutdown()  # the commits under way belong in the state
+        if not self.memory:
+            self.state.last_run.update(ended=_now(), exit_code=self.report.exit_code,
+                                       interrupted=signal.Signals(self.stopped_by).name)
+            self.workdir.save_state(self.state)
         if self.progress:
             self.progress.finish(self, self.report)
 
@@ -361,32 +404,46 @@ class Run:
             return trace.get("error") is not None
         return str(trace.get("_id")) in (self.options.rerun_ids or ())
 
-    def _reusable(self, stage: StageSpec, shard: int) -> dict[int, Entry]:
-        """For a partial rerun: the shard's finished records that stay as they are."""
+    def _reusable(self, stage: StageSpec, shard: int,
+                  keys: list[Key] | None) -> dict[Key, Entry]:
+        """For a partial rerun: the shard's finished records that stay as they are (the
+        trace has one line per record of the upstream part, in its order)."""
         if stage.name != self.options.rerun or not self._partial_rerun:
             return {}
         kept = {}
         for i, trace in enumerate(self.workdir.read_trace(stage.name, shard)):
             if not self._redoes(trace):
-                kept[i] = Entry(i, trace, out=trace.get("output"), error=trace.get("error"))
+                key = keys[i] if keys is not None and i < len(keys) else (i,)
+                kept[key] = Entry(key, trace, out=trace.get("output"), error=trace.get("error"))
         return kept
 
-    def _make_runners(self) -> dict[str, Any]:
-        runners: dict[str, Any] = {}
-        for stage in self.selected:
-            if stage.kind == "filter":
-                runners[stage.name] = FilterStage(stage)
-            elif stage.kind == "python":
-                runners[stage.name] = PythonStage(stage, self.pipeline.import_paths)
+    def _make_stages(self) -> dict[str, Stage]:
+        stages: dict[str, Stage] = {}
+        for spec in self.selected:
+            if spec.kind == "filter":
+                stages[spec.name] = FilterStage(spec)
+            elif spec.kind == "python":
+                stages[spec.name] = PythonStage(spec, self.pipeline.import_paths)
             else:
-                first = self.pipeline.models[stage.models[0]]
+                first = self.pipeline.models[spec.models[0]]
                 if self.options.mode == "batch" and not first.batch_api:
-                    self.note(f"stage {stage.name!r}: model {first.alias!r} has no batch API "
+                    self.note(f"stage {spec.name!r}: model {first.alias!r} has no batch API "
                               "(batch_api: false): realtime")
-                self._connect(stage.models)
-                runners[stage.name] = LLMStage(stage, self.clients, self._open_cache(stage),
-                                               cache_read=stage.name != self.options.rerun)
-        return runners
+                self._connect(spec.models)
+                stages[spec.name] = LLMStage(spec, self.clients, self._open_cache(spec),
+                                             cache_read=spec.name != self.options.rerun,
+                                             batches=self._batch_mode(spec))
+        return stages
+
+    def _batch_mode(self, stage: StageSpec) -> batchmode.BatchMode | None:
+        if self.memory or not (self._batched(stage) or self._ledgers(stage).shards):
+            return None
+        from .llm.batch import Batches
+
+        return batchmode.BatchMode(
+            self._ledgers(stage), Batches(self.pipeline.models[stage.models[0]], self.session),
+            {"chunbot_pipeline": self.pipeline.name, "chunbot_stage": stage.name},
+            self.options.wait, BATCH_POLL_S)
 
     def _open_cache(self, stage: StageSpec) -> Any:
         if not stage.cache or not self.pipeline.cache.enabled or self.options.cache == "off":
@@ -426,6 +483,8 @@ class Run:
     def _plan(self, shard: Shard) -> tuple[list[StageSpec], str]:
         """The stages to compute for this shard and the source token the first one reads."""
         stages = self.pipeline.stages[: self.last + 1]
+        if self.memory:
+            return stages, shard.digest
         try:
             planned = plan_shard(stages, self.selected, self.state.stages, shard.index,
                                  shard.digest, self._has_part, self._redo)
@@ -444,187 +503,39 @@ class Run:
         self.missing_parts.add(stage.name)
         return False
 
-    # the shard walk
-    async def _walk(self, runners: dict[str, Any]) -> None:
-        window = asyncio.Semaphore(self._window(runners))
-        jobs: dict[asyncio.Task[None], int] = {}
-
-        def finished(job: asyncio.Task[None]) -> None:
-            shard = jobs.pop(job)
-            window.release()
-            if not job.cancelled() and job.exception() is not None:
-                self._job_failed(shard, job.exception())
-                if self.stopping:
-                    for other in jobs:
-                        other.cancel()
-
-        count = 0
-        read_through = False
-        if self.options.limit is None:
-            self.state.input_shards = None  # known again once the input is read through
-        try:
-            try:
-                for shard in read_shards(self.files, self.pipeline.shard_size,
-                                         self.options.limit):
-                    if self.stopping:
-                        break
-                    count += 1
-                    self.report.lines_read += len(shard.lines)
-                    self.bytes_read += shard.size + len(shard.lines)
-                    todo, source = self._plan(shard)
-                    for stage in self.selected:
-                        if stage not in todo:
-                            report = self.report.stages[stage.name]
-                            report.shards_skipped += 1
-                            report.fresh_records += self._stage_state(stage).shards[
-                                shard.index].counts.records_in
-                    if not todo:
-                        continue
-                    await window.acquire()
-                    job = asyncio.create_task(self._shard_job(shard, todo, source, runners))
-                    jobs[job] = shard.index
-                    job.add_done_callback(finished)
-                    await asyncio.sleep(0)  # let running jobs see their replies between shards
-                else:
-                    read_through = self.read_through = not self.stopping
-            except InputError as e:  # a file that breaks off after some shards were read
-                if count == 0:
-                    raise
-                self.report.errors.append(f"{e}; the records read before it were processed")
-            while jobs:
-                await asyncio.wait(list(jobs))
-        except BaseException:
-            for job in jobs:
-                job.cancel()
-            await asyncio.gather(*jobs, return_exceptions=True)
-            raise
-        if count == 0:
-            self.note("input is empty: nothing to do")
-        elif not any(stage.shards_run for stage in self.report.stages.values()) \
-                and not self.report.errors:
-            self.note("every selected stage is up to date: nothing to do")
-        if self.options.limit is None and read_through:
-            self._forget_shards_from(count)
-            self.state.input_shards = count
-
-    def _job_failed(self, shard: int, error: BaseException) -> None:
-        """A shard job that raised: its shard stays undone (the next run redoes it) and the
-        run ends with exit 1. A workdir that cannot be written stops the whole run."""
-        if isinstance(error, OSError):
-            if not self.stopping:
-                self.stopping = True
-                self.report.errors.append(
-                    f"cannot write the workdir: {describe(error)}; stopped (what was "
-                    "committed is kept: free space or fix the permissions, then run again "
-                    "to resume)")
-            return
-        self.report.errors.append(f"shard {shard}: {type(error).__name__}: {error} "
-                                  "(a bug in chunbot; the shard is redone by the next run)")
-
-    def _window(self, runners: dict[str, Any]) -> int:
-        """Shards in flight: enough for every LLM stage to fill its concurrency twice over."""
-        concurrency = sum(r.concurrency for r in runners.values())
-        if not concurrency:
-            return 2  # one shard computes while the other commits
-        return min(MAX_SHARDS_IN_FLIGHT, 2 + 2 * concurrency // self.pipeline.shard_size)
-
-    async def _shard_job(self, shard: Shard, todo: list[StageSpec], source: str,
-                         runners: dict[str, Any]) -> None:
-        first = todo[0]
-        position = self.pipeline.stages.index(first)
-        ids: list[Any] | None = None
-        if position == 0:
-            records, input_errors = self._parse(shard, first)
-            ids = [r["_id"] for r in records] + [e["_id"] for e in input_errors]
+    def _job(self, shard: Shard, todo: list[StageSpec], source: str,
+             rows: list[dict[str, Any]] | None) -> ShardJob:
+        """The shard's job: what it reads, and per stage its source, token and what is done."""
+        position = self.pipeline.stages.index(todo[0])
+        keys = None
+        job_input: Lines | Part | Rows
+        if rows is not None:
+            job_input = Rows(rows, shard.start, self.pipeline.id_field)
+        elif position == 0:
+            job_input = Lines(shard.lines, shard.start, shard.origins, self.pipeline.id_field)
         else:
-            upstream = self.pipeline.stages[position - 1].name
-            records = await asyncio.to_thread(self.workdir.read_shard, upstream, shard.index)
-            input_errors = []
-        shard.lines = []  # the raw lines are not needed any more
-        commits: list[asyncio.Future[None]] = []
+            upstream = self.pipeline.stages[position - 1]
+            keys = self.workdir.read_keys(todo[0].name, shard.index, source)
+            job_input = Part(str(self.workdir.part_path(upstream.name, shard.index)),
+                             self.pipeline.compress, keys)
+        work = []
         for stage in todo:
-            report = self.report.stages[stage.name]
-            if report.first_start is None:
-                report.first_start = time.monotonic()
-            runner = runners[stage.name]
-            report.known += len(records) + len(input_errors)
             if stage.kind == "llm":
-                output = await self._run_llm(runner, stage, shard.index, source, records)
-                if output is None:  # its batch is pending: downstream waits for the next run
-                    report.batches_pending += 1
-                    break
+                keep = self._reusable(stage, shard.index, keys) if stage is todo[0] else {}
+                done, token = self.store.journal(stage, shard.index, source, keep)
+                mode = self._mode(stage, shard.index, source)
             else:
-                output = runner.run(records)
-                report.counts.add(output.counts)
-            if input_errors:
-                output.errors[:0] = input_errors
-                output.counts.failed += len(input_errors)
-                report.counts.failed += len(input_errors)
-                report.counts.records_in += len(input_errors)
-                output.counts.records_in += len(input_errors)
-                input_errors = []
-            source, commit = self._commit(stage, shard.index, source, output, ids)
-            ids = None
-            commits.append(commit)
-            report.shards_run += 1
-            report.last_end = time.monotonic()
-            records = output.records
-        await asyncio.gather(*commits)
+                done, token, mode = {}, self._stage_state(stage).token(source), None
+            work.append(StageWork(stage.name, source, token, done, mode))
+            source = token
+        return ShardJob(shard.index, job_input, work)
 
-    def _parse(self, shard: Shard, stage: StageSpec) -> tuple[list[dict[str, Any]],
-                                                              list[dict[str, Any]]]:
-        """Input lines → records with `_id`; bad lines → errors of the first stage."""
-        records: list[dict[str, Any]] = []
-        errors: list[dict[str, Any]] = []
-        keep, loads, id_field, position = records.append, orjson.loads, self.pipeline.id_field, \
-            shard.start
-        for i, line in enumerate(shard.lines):
-            try:
-                record = loads(line)
-            except orjson.JSONDecodeError:
-                record = None
-            if type(record) is not dict:
-                record, problem = parse_line(line)
-                if record is None:
-                    if problem is not None:
-                        name, lineno = shard.origin(i)
-                        errors.append({"_id": position + i, "stage": stage.name,
-                                       "error": f"{name}:{lineno}: {problem}", "file": name,
-                                       "line": lineno,
-                                       "raw": line[:1000].decode("utf-8", "replace")})
-                    continue
-            if id_field is not None and id_field in record:
-                record["_id"] = record[id_field]
-            else:
-                record["_id"] = position + i
-            keep(record)
-        return records, errors
-
-    async def _run_llm(self, runner: LLMStage, stage: StageSpec, shard: int, source: str,
-                       records: list[dict[str, Any]]) -> StageOutput | None:
-        """One LLM stage of one shard, realtime or through a batch (None: still pending)."""
-        counts = self.report.stages[stage.name].counts
-        journal = Journal(self.workdir.journal_path(stage.name, shard),
-                          {"stage": stage.name, "fingerprint": stage.fingerprint, "src": source})
-        restored = {i: e for i, e in journal.load().items() if i < len(records)}
-        for entry in restored.values():  # finished by an interrupted run: counted here too
-            counts.count(entry)
-        done = {**self._reusable(stage, shard), **restored}
-        journal.open(done)
-
-        def on_done(entry: Entry) -> None:
-            if not entry.trace.get("cache_hit"):  # on a resume the cache answers again
-                journal.append(entry)
-            counts.count(entry)
-
-        try:
-            batched = self._batched(stage)
-            if batched or self._batches_pending(stage, shard, source):
-                return await self._run_batch(runner, stage, shard, source, records, done,
-                                             on_done, realtime_rest=not batched)
-            return await runner.run(records, done, on_done)
-        finally:
-            journal.close()
+    def _mode(self, stage: StageSpec, shard: int, source: str) -> str | None:
+        if self.memory:
+            return "batch" if self._batched(stage) else None
+        if self._batched(stage):
+            return "batch"
+        return "collect" if self._batches_pending(stage, shard, source) else None
 
     def _batched(self, stage: StageSpec) -> bool:
         mode = self.options.mode or stage.mode
@@ -643,96 +554,148 @@ class Run:
                       "on them; what they did not answer then goes in realtime)")
         return pending
 
-    async def _run_batch(self, runner: LLMStage, stage: StageSpec, shard: int, source: str,
-                         records: list[dict[str, Any]], done: dict[int, Entry],
-                         on_done: Any, realtime_rest: bool = False) -> StageOutput | None:
-        from .llm.batch import Batches
-
-        ledgers = self._ledgers(stage)
-        ledgers.open(shard, source, stage.fingerprint)
-        api = Batches(self.pipeline.models[stage.models[0]], self.session)
-        metadata = {"chunbot_pipeline": self.pipeline.name, "chunbot_stage": stage.name,
-                    "chunbot_shard": str(shard)}
-        finished = dict(done)
-
-        def remember(entry: Entry) -> None:
-            finished[entry.i] = entry
-            on_done(entry)
-
-        while True:
-            output = await batchmode.run_shard(runner, records, finished, remember, ledgers,
-                                               shard, api, metadata, realtime_rest)
-            if output is not None or not self.options.wait:
-                return output
-            await asyncio.sleep(BATCH_POLL_S)
-
     def _ledgers(self, stage: StageSpec) -> batchmode.Ledgers:
         if stage.name not in self.batch_ledgers:
             self.batch_ledgers[stage.name] = batchmode.Ledgers(self.workdir, stage.name)
         return self.batch_ledgers[stage.name]
 
-    def _commit(self, stage: StageSpec, shard: int, source: str, output: StageOutput,
-                ids: list[Any] | None = None) -> tuple[str, asyncio.Future[None]]:
-        """Hand one stage's shard to the committer thread; returns its new token at once.
+    # the shard walk
+    def _shards(self) -> Iterator[tuple[Shard, list[dict[str, Any]] | None]]:
+        if self.rows is None:
+            for shard in read_shards(self.files, self.pipeline.shard_size, self.options.limit):
+                yield shard, None
+            return
+        rows = iter(self.rows)
+        if self.options.limit is not None:
+            rows = itertools.islice(rows, self.options.limit)
+        size, start = self.pipeline.shard_size, 0
+        for index in itertools.count():
+            chunk = list(itertools.islice(rows, size))
+            if not chunk:
+                return
+            yield Shard(index, start, []), chunk
+            start += len(chunk)
 
-        One thread commits in order, so a downstream shard is never marked done before
-        its upstream, and fsyncs overlap with the next shard's work.
-        """
-        token = os.urandom(8).hex()
-        records, trace, errors = self._encode(stage, shard, output)
-        entry = ShardEntry(source, token, dataclasses.replace(output.counts))
-        future = asyncio.get_running_loop().run_in_executor(
-            self.committer, self._persist, stage, shard, entry, records, trace, errors, ids)
-        return token, future
+    async def _walk(self, stages: dict[str, Stage]) -> None:
+        executor = self.executor = LocalExecutor(stages, self, self._window(stages),
+                                                 self._job_ended)
+        count = 0
+        read_through = False
+        if self.options.limit is None and not self.memory:
+            self.state.input_shards = None  # known again once the input is read through
+        try:
+            try:
+                for shard, rows in self._shards():
+                    if self.stopping:
+                        break
+                    count += 1
+                    self.report.lines_read += len(rows) if rows is not None else len(shard.lines)
+                    self.bytes_read += shard.size + len(shard.lines)
+                    todo, source = self._plan(shard)
+                    for stage in self.selected:
+                        if stage not in todo:
+                            report = self.report.stages[stage.name]
+                            report.shards_skipped += 1
+                            report.fresh_records += self._stage_state(stage).shards[
+                                shard.index].counts.records_in
+                    if not todo:
+                        self._stream_part(shard.index)
+                        continue
+                    job = self._job(shard, todo, source, rows)
+                    shard.lines = []  # the job holds them now
+                    await executor.submit(job)
+                else:
+                    read_through = self.read_through = not self.stopping
+            except InputError as e:  # a file that breaks off after some shards were read
+                if count == 0:
+                    raise
+                self.report.errors.append(f"{e}; the records read before it were processed")
+            await executor.join()
+        except BaseException:
+            await executor.cancel()
+            raise
+        if count == 0:
+            self.note("input is empty: nothing to do")
+        elif not any(stage.shards_run for stage in self.report.stages.values()) \
+                and not self.report.errors and not self.memory:
+            self.note("every selected stage is up to date: nothing to do")
+        if self.options.limit is None and read_through and not self.memory:
+            self._forget_shards_from(count)
+            self.state.input_shards = count
 
-    def _encode(self, stage: StageSpec, shard: int,
-                output: StageOutput) -> tuple[bytes, bytes | None, bytes]:
-        """The shard's part, trace and error lines. A record JSON cannot hold (a set, a
-        key that is not a string, too deep) is that record's failure: it leaves the
-        output, before the next stage sees it, for errors.jsonl."""
-        records, bad = encode_lines(output.records)
-        if bad:
-            counts = (output.counts, self.report.stages[stage.name].counts)
-            for i, why in reversed(bad):
-                record = output.records.pop(i)
-                output.errors.append({"_id": printable(record.get("_id")), "stage": stage.name,
-                                      "error": f"the record cannot be written as JSON: {why}",
-                                      "record": printable(record)})
-            for c in counts:
-                c.records_out -= len(bad)
-                c.failed += len(bad)
-        trace = None
-        if output.trace is not None:
-            trace, bad = encode_lines(output.trace)
-            if bad:  # one line per record, always: `rerun` reads them by position
-                for i, why in bad:
-                    output.trace[i] = {"_id": printable(output.trace[i].get("_id")),
-                                       "stage": stage.name,
-                                       "error": f"the trace cannot be written as JSON: {why}"}
-                trace = dumps_lines(output.trace)
-        lines = [{**e, "shard": shard} for e in output.errors]
-        errors, bad = encode_lines(lines)
-        if bad:
-            for i, _ in bad:
-                lines[i] = printable(lines[i])
-            errors = dumps_lines(lines)
-        return records, trace, errors
+    def _stream_part(self, shard: int) -> None:
+        """A shard whose last selected stage was done before: its records go out as well,
+        so the output always carries all of them."""
+        if self.output is None:
+            return
+        data = self.workdir.read_bytes(self.workdir.part_path(self.selected[-1].name, shard))
+        self.output.records(shard, data.splitlines(), None)
+        self.output.shard_done(shard)
 
-    def _persist(self, stage: StageSpec, shard: int, entry: ShardEntry, records: bytes,
-                 trace: bytes | None, errors: bytes, ids: list[Any] | None) -> None:
-        """The commit itself, in the order store.py explains."""
-        stage_state = self._stage_state(stage)
-        previous = stage_state.shards.pop(shard, None)
-        if previous is not None and previous.counts.failed:
-            stage_state.errors_bytes = self.workdir.drop_errors(stage.name, {shard})
-        if ids is not None:
-            self.workdir.write_id_index(stage.name, shard, ids)
-        self.workdir.write_shard(stage.name, shard, records, trace)
-        stage_state.errors_bytes = self.workdir.append_errors(
-            stage.name, stage_state.errors_bytes, errors)
-        stage_state.shards[shard] = entry
-        self.workdir.save_state(self.state)
-        self.workdir.journal_path(stage.name, shard).unlink(missing_ok=True)
+    def _job_ended(self, job: ShardJob, error: BaseException | None) -> None:
+        for work in job.stages:
+            self.store.close(work.stage, job.shard)
+        if self.output is not None:
+            self.output.shard_done(job.shard)
+        if error is not None:
+            self._job_failed(job.shard, error)
+            if self.stopping and self.executor is not None:
+                self.executor.stop()
+
+    def _job_failed(self, shard: int, error: BaseException) -> None:
+        """A shard job that raised: its shard stays undone (the next run redoes it) and the
+        run ends with exit 1. A workdir that cannot be written stops the whole run."""
+        if isinstance(error, OSError):
+            if not self.stopping:
+                self.stopping = True
+                self.report.errors.append(
+                    f"cannot write the workdir: {describe(error)}; stopped (what was "
+                    "committed is kept: free space or fix the permissions, then run again "
+                    "to resume)")
+            return
+        self.report.errors.append(f"shard {shard}: {type(error).__name__}: {error} "
+                                  "(a bug in chunbot; the shard is redone by the next run)")
+
+    def _window(self, stages: dict[str, Stage]) -> int:
+        """Shards in flight: enough for every LLM stage to fill its concurrency twice over."""
+        concurrency = sum(stage.concurrency for stage in stages.values())
+        if not concurrency:
+            return 2  # one shard computes while the other commits
+        return min(MAX_SHARDS_IN_FLIGHT, 2 + 2 * concurrency // self.pipeline.shard_size)
+
+    # what jobs report (flow.JobEvents)
+    def fed(self, stage: str, count: int) -> None:
+        report = self.report.stages[stage]
+        if report.first_start is None:
+            report.first_start = time.monotonic()
+        report.known += count
+
+    def entry(self, stage: str, shard: int, entry: Entry, new: bool) -> None:
+        if new and not entry.trace.get("cache_hit"):  # on a resume the cache answers again
+            self.store.append(stage, shard, entry)
+        self.report.stages[stage].counts.count(entry)
+
+    def passed(self, stage: str, shard: int, batch: Batch, lines: list[bytes],
+               counts: Counters | None) -> None:
+        if counts is not None:
+            self.report.stages[stage].counts.add(counts)
+        if self.output is not None and stage == self.selected[-1].name:
+            self.output.records(shard, lines, batch)
+
+    def done(self, job: ShardJob, position: int, output: StageOutput) -> Any:
+        work = job.stages[position]
+        report = self.report.stages[work.stage]
+        report.shards_run += 1
+        report.last_end = time.monotonic()
+        if self.errors_out is not None:
+            for error in output.errors:
+                self.errors_out({**error, "shard": job.shard})
+        downstream = job.stages[position + 1].stage if position + 1 < len(job.stages) else None
+        return self.store.commit(work.stage, job.shard, work.source, work.token, output,
+                                 downstream)
+
+    def pending(self, stage: str, shard: int) -> None:
+        self.report.stages[stage].batches_pending += 1
 
     def _forget_shards_from(self, count: int) -> None:
         """The input shrank: shards past its end no longer exist in any selected stage."""
@@ -755,7 +718,10 @@ class Run:
         self.report.seconds = time.monotonic() - self.started
         failed = 0
         for stage in self.selected:
-            count = self._stage_state(stage).failed()
+            if self.memory:
+                count = self.report.stages[stage.name].counts.failed
+            else:
+                count = self._stage_state(stage).failed()
             if count:
                 self.report.failures.append(self._failures(stage, count))
             failed += count
@@ -766,6 +732,8 @@ class Run:
         if pending:
             self.note(f"{pending} shard(s) wait for provider batches: run again later "
                       "(or use --wait)")
+        if self.memory:
+            return
         if not pending and not self.report.errors:
             self._export()
         self.state.last_run.update(ended=_now(), exit_code=self.report.exit_code)
@@ -792,6 +760,8 @@ class Run:
         self.note(f"output: {count:,} records of stage {last.name!r} in {output}")
 
     def _failures(self, stage: StageSpec, count: int) -> StageFailures:
+        if self.memory:
+            return StageFailures(stage.name, count, "", [], 0, "")
         reasons, scanned = self.workdir.failure_reasons(stage.name)
         rerun = (f"chunbot rerun {self.pipeline.path} --stage {stage.name} --failed"
                  if stage.kind == "llm" else f"chunbot rerun {self.pipeline.path} "
@@ -811,6 +781,20 @@ class Run:
         while True:
             await asyncio.sleep(self.progress.interval)
             self.progress.update(self)
+
+
+def _check_memory(pipeline: Pipeline, options: RunOptions, selected: list[StageSpec]) -> None:
+    """What `--storage memory` cannot do: it keeps nothing between runs."""
+    if options.stage or options.rerun:
+        raise ConfigError("--storage memory computes every stage from the input and keeps "
+                          "nothing: use --until instead of --stage or rerun")
+    for stage in selected:
+        mode = options.mode or stage.mode
+        if stage.kind == "llm" and mode == "batch" and not options.wait \
+                and pipeline.models[stage.models[0]].batch_api:
+            raise ConfigError(f"stage {stage.name!r} is in batch mode: with --storage memory "
+                              "nothing remembers its batches between runs; add --wait (or "
+                              "--mode realtime)")
 
 
 def _input_size(files: list[str]) -> int | None:

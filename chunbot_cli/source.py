@@ -39,11 +39,16 @@ class Shard:
 
     def origin(self, i: int) -> tuple[str, int]:
         """The file and 1-based line number of `lines[i]`."""
-        for name, first, count in self.origins:
-            if i < count:
-                return name, first + i
-            i -= count
-        raise IndexError(i)
+        return line_origin(self.origins, i)
+
+
+def line_origin(origins: list[tuple[str, int, int]], i: int) -> tuple[str, int]:
+    """The file and 1-based line number of a shard's i-th line, from its origins."""
+    for name, first, count in origins:
+        if i < count:
+            return name, first + i
+        i -= count
+    raise IndexError(i)
 
 
 def resolve(spec: str) -> list[str]:

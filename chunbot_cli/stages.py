@@ -1,37 +1,76 @@
-"""The three stage kinds: LLM (`prompt`), `filter` and `python`.
+"""The three stage kinds — LLM (`prompt`), `filter` and `python` — behind one protocol.
 
-Each turns the records of one shard into that stage's output for the shard: the output
-records in input order, the failures (for errors.jsonl) and, for LLM stages, one trace
-entry per record. A failing record never stops the others. Filter and python stages are
-plain loops over the shard; an LLM stage runs its requests concurrently and reports each
-finished record to a callback (the journal) as soon as it is done.
+A stage `open`s a shard and is then fed the shard's records in batches, as they arrive
+from upstream (all at once from the input or a part file; one by one from an LLM stage
+upstream). Every record that leaves the stage is passed on at once, encoded as the JSON
+line the part file and stdout get, so the next stage may change it. `finish` comes after
+the last batch and gives the shard's output for its commit: the records in input order
+(by key), the failures and, for LLM stages, one trace entry per record. A failing record
+never stops the others.
+
+Records are keyed by their place in the shard: `(i,)` for the i-th record the shard job
+started from, one more number per `python` fan-out. Keys order the output and name a
+record in the journal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import traceback
+from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Protocol
 
 import orjson
 
 from .config import StageSpec, import_callable
 from .llm.types import Reply, Request
 from .state import Counters
-from .store import Entry
+from .store import Entry, Key
 
 if TYPE_CHECKING:
+    from .batchmode import BatchMode
     from .llm.cache import Cache
     from .llm.client import ModelClient
+
+Batch = list[tuple[Key, dict[str, Any]]]  # records with their keys
 
 
 @dataclass
 class StageOutput:
-    records: list[dict[str, Any]]
+    """One stage's shard, whole: what its commit writes."""
+
+    lines: list[bytes]  # the output records as JSON, in key order
+    keys: list[Key]  # each output record's key
     errors: list[dict[str, Any]] = field(default_factory=list)
     trace: list[dict[str, Any]] | None = None
     counts: Counters = field(default_factory=Counters)
+    ids: list[Any] | None = None  # the ids of the records read from the input (first stage)
+
+
+@dataclass
+class Outlet:
+    """Where a stage's shard reports to (the shard job's flow)."""
+
+    emit: Callable[[Batch, list[bytes], Counters | None], None]  # records out, their lines,
+    # and changes to the live counts beyond what `entry` tells
+    entry: Callable[[Entry, bool], None] = lambda entry, new: None  # an LLM record finished
+    # (new: not restored from the journal)
+    spawn: Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"] = asyncio.ensure_future
+
+
+class StageShard(Protocol):
+    async def feed(self, batch: Batch) -> None: ...
+
+    async def finish(self) -> StageOutput | None: ...  # None: it waits for provider batches
+
+
+class Stage(Protocol):
+    spec: StageSpec
+    concurrency: int  # requests it may have in flight
+
+    def open(self, shard: int, source: str, outlet: Outlet,
+             done: dict[Key, Entry] | None = None, mode: str | None = None) -> StageShard: ...
 
 
 def failure(stage: str, record: dict[str, Any], error: str) -> dict[str, Any]:
@@ -40,6 +79,84 @@ def failure(stage: str, record: dict[str, Any], error: str) -> dict[str, Any]:
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+def _first(pair: tuple[Key, Any]) -> Key:
+    return pair[0]
+
+
+class _Collected:
+    """A shard's output as it builds up, in whatever order records come."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.lines: list[tuple[Key, bytes]] = []
+        self.errors: list[tuple[Key, dict[str, Any]]] = []
+        self.counts = Counters()
+
+    def encode(self, passed: Batch) -> tuple[Batch, list[bytes], Counters | None]:
+        """The records' JSON lines; a record JSON cannot hold (a set, a key that is not a
+        string, too deep) is that record's failure, before the next stage sees it."""
+        dumps = orjson.dumps
+        try:
+            lines = [dumps(record) for _, record in passed]
+        except TypeError:
+            kept, lines = [], []
+            for key, record in passed:
+                try:
+                    lines.append(dumps(record))
+                    kept.append((key, record))
+                except TypeError as e:
+                    self.errors.append((key, _unwritable(self.stage, record, e)))
+            moved = len(passed) - len(kept)
+            self.counts.records_out -= moved
+            self.counts.failed += moved
+            passed, change = kept, Counters(records_out=-moved, failed=moved)
+        else:
+            change = None
+        if passed:
+            self.lines += zip([key for key, _ in passed], lines)
+        return passed, lines, change
+
+    def output(self, trace: list[tuple[Key, dict[str, Any]]] | None = None) -> StageOutput:
+        self.lines.sort(key=_first)  # in linear time when they came in order
+        self.errors.sort(key=_first)
+        out = StageOutput([line for _, line in self.lines], [key for key, _ in self.lines],
+                          [error for _, error in self.errors], counts=self.counts)
+        if trace is not None:
+            trace.sort(key=_first)
+            out.trace = [t for _, t in trace]
+        return out
+
+
+def _unwritable(stage: str, record: dict[str, Any], error: Exception) -> dict[str, Any]:
+    from .store import printable
+
+    return {"_id": printable(record.get("_id")), "stage": stage,
+            "error": f"the record cannot be written as JSON: {error}",
+            "record": printable(record)}
+
+
+class _MappedShard:
+    """A shard of a stage that maps each record on its own, at once (filter, python)."""
+
+    def __init__(self, stage: "FilterStage | PythonStage", outlet: Outlet):
+        self.map, self.outlet = stage.map, outlet
+        self.out = _Collected(stage.spec.name)
+
+    async def feed(self, batch: Batch) -> None:
+        passed, errors, filtered = self.map(batch)
+        counts = Counters(records_in=len(batch), records_out=len(passed), failed=len(errors),
+                          filtered=filtered)
+        self.out.counts.add(counts)
+        self.out.errors += errors
+        passed, lines, change = self.out.encode(passed)
+        if change is not None:
+            counts.add(change)
+        self.outlet.emit(passed, lines, counts)
+
+    async def finish(self) -> StageOutput:
+        return self.out.output()
 
 
 class FilterStage:
@@ -51,21 +168,23 @@ class FilterStage:
         self.spec = spec
         self.predicate = templates.compile_expression(spec.filter or "")
 
-    def run(self, records: list[dict[str, Any]]) -> StageOutput:
-        out = StageOutput(records=[])
-        keep, predicate = out.records.append, self.predicate
-        for record in records:
+    def open(self, shard: int, source: str, outlet: Outlet,
+             done: dict[Key, Entry] | None = None, mode: str | None = None) -> StageShard:
+        return _MappedShard(self, outlet)
+
+    def map(self, batch: Batch) -> tuple[Batch, list[tuple[Key, dict[str, Any]]], int]:
+        """The records kept, the failures, how many were dropped."""
+        kept: Batch = []
+        errors = []
+        keep, predicate = kept.append, self.predicate
+        for pair in batch:
             try:
-                kept = predicate(record)
+                if predicate(pair[1]):
+                    keep(pair)
             except Exception as e:  # any error in a user expression is this record's failure
-                out.errors.append(failure(self.spec.name, record, f"filter: {_describe(e)}"))
-                continue
-            if kept:
-                keep(record)
-        out.counts = Counters(records_in=len(records), records_out=len(out.records),
-                              failed=len(out.errors),
-                              filtered=len(records) - len(out.records) - len(out.errors))
-        return out
+                errors.append((pair[0], failure(self.spec.name, pair[1],
+                                                f"filter: {_describe(e)}")))
+        return kept, errors, len(batch) - len(kept) - len(errors)
 
 
 class PythonStage:
@@ -76,52 +195,57 @@ class PythonStage:
         self.function: Callable[[dict[str, Any]], Any] = import_callable(spec.python or "",
                                                                          import_paths)
 
-    def run(self, records: list[dict[str, Any]]) -> StageOutput:
-        out = StageOutput(records=[])
-        keep, function, dropped = out.records.append, self.function, 0
-        for record in records:
+    def open(self, shard: int, source: str, outlet: Outlet,
+             done: dict[Key, Entry] | None = None, mode: str | None = None) -> StageShard:
+        return _MappedShard(self, outlet)
+
+    def map(self, batch: Batch) -> tuple[Batch, list[tuple[Key, dict[str, Any]]], int]:
+        kept: Batch = []
+        errors = []
+        keep, function, dropped = kept.append, self.function, 0
+        for key, record in batch:
             parent = record.get("_id")
             try:
                 result = function(record)
             except Exception as e:  # any error in user code is this record's failure
                 where = traceback.extract_tb(e.__traceback__)[-1]
                 reason = f"{_describe(e)} (at {where.filename}:{where.lineno})"
-                out.errors.append(failure(self.spec.name, record, reason))
+                errors.append((key, failure(self.spec.name, record, reason)))
                 continue
             if result is record:
-                keep(result)
+                keep((key, result))
             elif isinstance(result, dict):
                 result.setdefault("_id", parent)
-                keep(result)
+                keep((key, result))
             elif result is None:
                 dropped += 1
             elif isinstance(result, list) and all(isinstance(r, dict) for r in result):
                 for j, child in enumerate(result):
                     if child.get("_id", parent) == parent:
                         child["_id"] = f"{parent}-{j}"
-                    keep(child)
+                    keep((key + (j,), child))
             else:
-                out.errors.append(failure(
+                errors.append((key, failure(
                     self.spec.name, record,
-                    f"returned {type(result).__name__}; expected a dict, a list of dicts or None"))
-        out.counts = Counters(records_in=len(records), records_out=len(out.records),
-                              failed=len(out.errors), filtered=dropped)
-        return out
+                    f"returned {type(result).__name__}; expected a dict, a list of dicts or None")))
+        return kept, errors, dropped
 
 
 class LLMStage:
     """Renders the prompt, asks the stage's model (the next one of a cascade on failure),
-    parses the reply into the `output` field. With a cache, a shard's requests are looked
-    up together first, and only the misses are sent."""
+    parses the reply into the `output` field. With a cache, each batch's requests are
+    looked up together first, and only the misses are sent."""
 
     def __init__(self, spec: StageSpec, clients: dict[str, "ModelClient"],
-                 cache: "Cache | None" = None, cache_read: bool = True):
+                 cache: "Cache | None" = None, cache_read: bool = True,
+                 batches: "BatchMode | None" = None):
         from . import templates
 
         self.spec = spec
         self.clients = [clients[alias] for alias in spec.models]
         self.cache = cache if spec.cache else None
         self.cache_read = cache_read  # False when rerunning: ask the models again
+        self.batches = batches  # provider batches, for shards opened in mode "batch"
         if self.cache is not None:
             from .llm.cache import KeyMaker
 
@@ -138,56 +262,41 @@ class LLMStage:
         below that)."""
         return max(client.ceiling for client in self.clients)
 
-    async def run(self, records: list[dict[str, Any]], done: dict[int, Entry],
-                  on_done: Callable[[Entry], None]) -> StageOutput:
-        """`done` holds entries finished by an earlier attempt (from the journal); `on_done`
-        gets each new entry as soon as its record is finished."""
-        entries, finish, requests = await self.prepare(records, done, on_done)
-        await self.send(records, requests, finish)
-        return self.assemble(records, entries)
+    def open(self, shard: int, source: str, outlet: Outlet,
+             done: dict[Key, Entry] | None = None, mode: str | None = None) -> StageShard:
+        """`done`: records finished by an earlier attempt (the journal); `mode` "batch"
+        sends the shard through the provider's batch API once it is whole, "collect"
+        collects batches an earlier run left and sends the rest in realtime."""
+        return LLMShard(self, shard, source, outlet, done or {}, mode)
 
-    async def prepare(self, records: list[dict[str, Any]], done: dict[int, Entry],
-                      on_done: Callable[[Entry], None]) -> tuple[
-            list[Entry | None], Callable[[Entry], None], dict[int, Request]]:
-        """The shard's entries so far, how to finish one, and the requests still to send
-        (rendered; those the cache answers are finished here)."""
-        entries: list[Entry | None] = [done.get(i) for i in range(len(records))]
-
-        def finish(entry: Entry) -> None:
-            entries[entry.i] = entry
-            on_done(entry)
-
-        requests: dict[int, Request] = {}
-        for i, entry in enumerate(entries):
-            if entry is None:
-                try:
-                    requests[i] = self.request(records[i])
-                except Exception as e:  # a template error is this record's failure
-                    error = f"template: {_describe(e)}"
-                    finish(Entry(i, {"_id": records[i].get("_id"), "stage": self.spec.name,
-                                     "error": error}, error=error))
+    async def requests(self, records: dict[Key, dict[str, Any]], done: dict[Key, Entry],
+                       finish: Callable[[Entry, bool], None]) -> dict[Key, Request]:
+        """The requests still to send for `records`, rendered; records finished before
+        (`done`, when it is the same record), those whose template fails and those the
+        cache answers are finished here."""
+        requests: dict[Key, Request] = {}
+        for key, record in records.items():
+            entry = done.get(key)
+            if entry is not None and entry.trace.get("_id") == record.get("_id"):
+                finish(entry, False)
+                continue
+            try:
+                requests[key] = self.request(record)
+            except Exception as e:  # a template error is this record's failure
+                error = f"template: {_describe(e)}"
+                finish(Entry(key, {"_id": record.get("_id"), "stage": self.spec.name,
+                                   "error": error}, error=error), True)
         if self.cache is not None and self.cache_read and requests:
             first = self.clients[0]
-            keys = {i: self.cache_key(first, request) for i, request in requests.items()}
+            keys = {k: self.cache_key(first, request) for k, request in requests.items()}
             found = await self.cache.get_many(list(keys.values()))
-            for i, key in keys.items():
-                entry = found.get(key) and self.answered(i, records[i], requests[i], first,
-                                                         found[key], "cache")
+            for k, cache_key in keys.items():
+                entry = found.get(cache_key) and self.answered(k, records[k], requests[k],
+                                                               first, found[cache_key], "cache")
                 if entry:
-                    del requests[i]
-                    finish(entry)
-        return entries, finish, requests
-
-    async def send(self, records: list[dict[str, Any]], requests: dict[int, Request],
-                   finish: Callable[[Entry], None]) -> None:
-        """Send the requests, as many at once as the stage's models allow."""
-        queue = iter(list(requests.items()))
-
-        async def worker() -> None:
-            for i, request in queue:
-                finish(await self.process(i, records[i], request))
-
-        await asyncio.gather(*(worker() for _ in range(min(len(requests), self.concurrency))))
+                    del requests[k]
+                    finish(entry, True)
+        return requests
 
     def request(self, record: dict[str, Any]) -> Request:
         messages = []
@@ -205,7 +314,7 @@ class LLMStage:
                 "request": {"messages": request.messages, "params": request.params},
                 "attempts": [], "cache_hit": False}
 
-    def answered(self, index: int, record: dict[str, Any], request: Request,
+    def answered(self, key: Key, record: dict[str, Any], request: Request,
                  client: "ModelClient", reply: Reply, source: str) -> Entry | None:
         """A journal entry for a reply that came from the local cache (`source` "cache":
         no cost) or from a provider batch ("batch": at the batch discount, and cached);
@@ -224,9 +333,9 @@ class LLMStage:
         trace["cache_hit" if source == "cache" else "batch"] = True
         if source == "batch" and self.cache is not None:
             self.cache.put(self.cache_key(client, request), reply)
-        return Entry(index, trace, out=value)
+        return Entry(key, trace, out=value)
 
-    async def process(self, index: int, record: dict[str, Any],
+    async def process(self, key: Key, record: dict[str, Any],
                       request: Request) -> Entry:
         """One record → its entry: output or error, and trace."""
         trace = self.trace_of(record, request)
@@ -234,13 +343,13 @@ class LLMStage:
         cost = cost_full = 0.0
         error = "no model answered"
         for n, client in enumerate(self.clients):
-            key = None
+            cache_key = None
             if self.cache is not None:
-                key = self.cache_key(client, request)
+                cache_key = self.cache_key(client, request)
                 if n and self.cache_read:  # the first model's were looked up with the shard
-                    found = await self.cache.get_many([key])
-                    entry = key in found and self.answered(index, record, request, client,
-                                                           found[key], "cache")
+                    found = await self.cache.get_many([cache_key])
+                    entry = cache_key in found and self.answered(key, record, request, client,
+                                                                 found[cache_key], "cache")
                     if entry:
                         entry.trace["attempts"] = trace["attempts"]
                         return entry
@@ -265,13 +374,13 @@ class LLMStage:
             except ValueError as e:
                 error = f"model {client.spec.alias!r}: {e}"
                 continue
-            if key is not None:
-                self.cache.put(key, reply)
+            if cache_key is not None:
+                self.cache.put(cache_key, reply)
             trace["output"] = value
             trace["error"] = None
-            return Entry(index, trace, out=value)
+            return Entry(key, trace, out=value)
         trace.update(error=error, tokens=tokens, cost=round(cost, 8), cost_full=round(cost_full, 8))
-        return Entry(index, trace, error=error)
+        return Entry(key, trace, error=error)
 
     def parse(self, text: str) -> Any:
         if self.spec.parse == "text":
@@ -284,20 +393,73 @@ class LLMStage:
         except orjson.JSONDecodeError as e:
             raise ValueError(f"reply is not valid JSON ({e}): {text[:200]!r}") from None
 
-    def assemble(self, records: list[dict[str, Any]],
-                 entries: list[Entry | None]) -> StageOutput:
-        out = StageOutput(records=[], trace=[])
-        field_name = self.spec.output or self.spec.name
-        for record, entry in zip(records, entries):
-            assert entry is not None
-            out.trace.append(entry.trace)
-            out.counts.count(entry)
-            if entry.error is not None:
-                out.errors.append(failure(self.spec.name, record, entry.error))
-            else:
-                record[field_name] = entry.out
-                out.records.append(record)
-        return out
+
+class LLMShard:
+    """A shard of an LLM stage: requests go out as records arrive, as many at once as
+    the stage's models allow; each finished record is reported, then passed on."""
+
+    def __init__(self, stage: LLMStage, shard: int, source: str, outlet: Outlet,
+                 done: dict[Key, Entry], mode: str | None):
+        self.stage, self.shard, self.source, self.outlet = stage, shard, source, outlet
+        self.done, self.mode = done, mode
+        self.field = stage.spec.output or stage.spec.name
+        self.records: dict[Key, dict[str, Any]] = {}
+        self.finished: dict[Key, Entry] = {}
+        self.trace: list[tuple[Key, dict[str, Any]]] = []
+        self.out = _Collected(stage.spec.name)
+        self.queue: deque[tuple[Key, Request]] = deque()
+        self.workers: set[asyncio.Task[None]] = set()
+
+    async def feed(self, batch: Batch) -> None:
+        records = dict(batch)
+        self.records.update(records)
+        if self.mode is None:  # batch modes wait for the whole shard
+            self.send_later(await self.stage.requests(records, self.done, self.complete))
+
+    def complete(self, entry: Entry, new: bool = True) -> None:
+        """One record is done: report it, keep its trace, pass it on (or keep its failure)."""
+        self.finished[entry.key] = entry
+        self.outlet.entry(entry, new)
+        self.out.counts.count(entry)
+        self.trace.append((entry.key, entry.trace))
+        record = self.records[entry.key]
+        if entry.error is not None:
+            self.out.errors.append((entry.key, failure(self.stage.spec.name, record,
+                                                        entry.error)))
+            return
+        record[self.field] = entry.out
+        passed, lines, change = self.out.encode([(entry.key, record)])
+        self.outlet.emit(passed, lines, change)
+
+    def send_later(self, requests: dict[Key, Request]) -> None:
+        self.queue.extend(requests.items())
+        room = min(len(self.queue), self.stage.concurrency - len(self.workers))
+        for _ in range(room):
+            worker = self.outlet.spawn(self._work())
+            self.workers.add(worker)
+            worker.add_done_callback(self.workers.discard)
+
+    async def _work(self) -> None:
+        process, queue = self.stage.process, self.queue
+        while queue:
+            key, request = queue.popleft()
+            self.complete(await process(key, self.records[key], request))
+
+    async def send(self, requests: dict[Key, Request]) -> None:
+        """Send these and wait until every request of the shard is answered."""
+        self.send_later(requests)
+        while self.workers:
+            await asyncio.gather(*self.workers)
+
+    async def finish(self) -> StageOutput | None:
+        if self.mode is None:
+            await self.send({})
+        else:
+            assert self.stage.batches is not None, "a shard in batch mode needs BatchMode"
+            self.records = dict(sorted(self.records.items(), key=_first))
+            if not await self.stage.batches.run(self, realtime_rest=self.mode == "collect"):
+                return None
+        return self.out.output(self.trace)
 
 
 def _tokens(reply: Reply) -> dict[str, int]:

@@ -8,6 +8,8 @@ reads or writes it goes through these classes, never through dicts indexed by st
 
 from __future__ import annotations
 
+import hashlib
+import os
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -84,26 +86,38 @@ class ShardEntry:
         return cls(str(data.get("src", "")), str(data.get("token", "")), counts)
 
 
+def _new_epoch() -> str:
+    return os.urandom(6).hex()
+
+
 @dataclass
 class StageState:
     fingerprint: str
     definition: dict[str, Any] = field(default_factory=dict)  # what the fingerprint hashed
     errors_bytes: int = 0  # errors.jsonl's committed length
     shards: dict[int, ShardEntry] = field(default_factory=dict)
+    epoch: str = field(default_factory=_new_epoch)  # new whenever the stage starts afresh
+
+    def token(self, source: str) -> str:
+        """The commit token of a filter or python stage's shard made from `source`: the
+        same for the same input until the stage is reset, so a stage downstream that is
+        at work while the shard is uncommitted finds its journal again after a crash."""
+        return hashlib.blake2b(f"{source}/{self.epoch}".encode(), digest_size=8).hexdigest()
 
     def failed(self) -> int:
         return sum(entry.counts.failed for entry in self.shards.values())
 
     def to_json(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "definition": self.definition,
-                "errors_bytes": self.errors_bytes,
+                "errors_bytes": self.errors_bytes, "epoch": self.epoch,
                 "shards": {str(k): v.to_json() for k, v in sorted(self.shards.items())}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "StageState":
         return cls(data["fingerprint"], data.get("definition") or {},
                    int(data.get("errors_bytes", 0)),
-                   {int(k): ShardEntry.from_json(v) for k, v in data["shards"].items()})
+                   {int(k): ShardEntry.from_json(v) for k, v in data["shards"].items()},
+                   str(data.get("epoch") or _new_epoch()))
 
 
 @dataclass

@@ -155,6 +155,28 @@ class Workdir:
     def journal_path(self, stage: str, shard: int) -> Path:
         return self.path / stage / f"part-{shard:05d}.journal"
 
+    def keys_path(self, stage: str, shard: int) -> Path:
+        return self.path / stage / f"part-{shard:05d}.keys"
+
+    def write_keys(self, stage: str, shard: int, source: str, keys: list[Key]) -> None:
+        """The keys the stage's journal knows the records of its upstream part by, when
+        they are not their places in it (the upstream dropped or fanned out records while
+        this stage was already at work): written before the upstream's commit, removed
+        with this stage's journal."""
+        folder = self.stage_dir(stage)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.keys_path(stage, shard), orjson.dumps({"src": source, "keys": keys}))
+
+    def read_keys(self, stage: str, shard: int, source: str) -> list[Key] | None:
+        """The keys `write_keys` left for the shard read from `source`, if any."""
+        try:
+            data = orjson.loads(self.keys_path(stage, shard).read_bytes())
+        except (FileNotFoundError, orjson.JSONDecodeError):
+            return None
+        if not isinstance(data, dict) or data.get("src") != source:
+            return None
+        return [tuple(key) for key in data["keys"]]
+
     def load_batches(self, stage: str) -> dict[str, Any]:
         """<stage>/batches.json: per shard, the provider batches it waits for."""
         path = self.stage_dir(stage) / "batches.json"
@@ -256,7 +278,7 @@ class Workdir:
         for path in folder.iterdir():
             if path.name == "errors.jsonl":
                 shutil.copy2(path, previous / path.name)
-            elif path.name.startswith(("part-", "trace-")) and not path.name.endswith(".journal"):
+            elif path.name.startswith(("part-", "trace-")) and not path.name.endswith((".journal", ".keys")):
                 os.link(path, previous / path.name)
 
     def write_id_index(self, stage: str, shard: int, ids: list[Any]) -> None:
@@ -288,7 +310,8 @@ class Workdir:
     def remove_shard(self, stage: str, shard: int) -> None:
         for path in (self.part_path(stage, shard), self.trace_path(stage, shard),
                      self._old_trace_path(stage, shard),
-                     self.journal_path(stage, shard), self.index_path(stage, shard)):
+                     self.journal_path(stage, shard), self.keys_path(stage, shard),
+                     self.index_path(stage, shard)):
             path.unlink(missing_ok=True)
 
     # shard files
@@ -323,15 +346,11 @@ class Workdir:
         return self._read_lines(self.part_path(stage, shard))
 
     def _read_lines(self, path: Path) -> list[dict[str, Any]]:
-        return [orjson.loads(line) for line in self.read_bytes(path).splitlines()]
+        return read_lines(path, self.compress)
 
     def read_bytes(self, path: Path) -> bytes:
         """A part or trace file's JSONL, decompressed."""
-        data = path.read_bytes()
-        if self.compress == "zstd":
-            import zstandard
-            data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
-        return data
+        return read_bytes(path, self.compress)
 
     def _encode(self, data: bytes) -> bytes:
         if self.compress == "zstd":
@@ -394,6 +413,19 @@ class Workdir:
         return len(kept)
 
 
+def read_bytes(path: Path | str, compress: str | None) -> bytes:
+    """A part or trace file's JSONL, decompressed."""
+    data = Path(path).read_bytes()
+    if compress == "zstd":
+        import zstandard
+        data = zstandard.ZstdDecompressor().decompressobj().decompress(data)
+    return data
+
+
+def read_lines(path: Path | str, compress: str | None) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in read_bytes(path, compress).splitlines()]
+
+
 def id_crc(record_id: Any) -> int:
     return zlib.crc32(str(record_id).encode())
 
@@ -417,12 +449,15 @@ def _shard_of(line: bytes) -> int | None:
         return None
 
 
+Key = tuple[int, ...]  # a record's place in a shard (see stages.py)
+
+
 @dataclass(slots=True)
 class Entry:
     """A finished record of an LLM stage: its output, or why it failed, and its trace
     (what `chunbot trace` shows); one line of the journal."""
 
-    i: int  # its place in the shard
+    key: Key
     trace: dict[str, Any]
     out: Any = None
     error: str | None = None
@@ -432,49 +467,67 @@ class Entry:
         return self.error is not None
 
     def to_json(self) -> dict[str, Any]:
+        key: Any = self.key[0] if len(self.key) == 1 else list(self.key)
         if self.error is not None:
-            return {"i": self.i, "error": self.error, "trace": self.trace}
-        return {"i": self.i, "out": self.out, "trace": self.trace}
+            return {"i": key, "error": self.error, "trace": self.trace}
+        return {"i": key, "out": self.out, "trace": self.trace}
 
     @classmethod
     def from_json(cls, data: Any) -> "Entry | None":
         """The entry a journal line holds; None for a line chunbot did not write."""
-        if not (isinstance(data, dict) and type(data.get("i")) is int and data["i"] >= 0
-                and isinstance(data.get("trace"), dict)):
+        if not isinstance(data, dict) or not isinstance(data.get("trace"), dict):
+            return None
+        key = _key(data.get("i"))
+        if key is None:
             return None
         if isinstance(data.get("error"), str):
-            return cls(data["i"], data["trace"], error=data["error"])
+            return cls(key, data["trace"], error=data["error"])
         if "out" in data:
-            return cls(data["i"], data["trace"], out=data["out"])
+            return cls(key, data["trace"], out=data["out"])
         return None
+
+
+def _key(value: Any) -> Key | None:
+    """A key as the journal writes it: a number, or a list of them after a fan-out."""
+    if type(value) is int and value >= 0:
+        return (value,)
+    if type(value) is list and value and all(type(v) is int and v >= 0 for v in value):
+        return tuple(value)
+    return None
 
 
 class Journal:
     """Append-only log of finished records of one LLM stage shard, for exactly-once resume.
 
-    The first line names the stage fingerprint and the shard's source; a journal written
-    for other inputs is discarded. Each later line is one finished record, written with a
-    single write(2) as soon as its reply is in, so a killed run loses at most the replies
-    still in flight.
+    The first line names the stage fingerprint and the shard's source, and the token the
+    shard will be committed with (downstream stages read it as their source while the
+    shard is still in the making); a journal written for other inputs is discarded. Each
+    later line is one finished record, written with a single write(2) as soon as its reply
+    is in, so a killed run loses at most the replies still in flight.
     """
 
     def __init__(self, path: Path, header: dict[str, Any]):
         self.path = path
         self.header = header
+        self.token = os.urandom(8).hex()  # a fresh journal's; an earlier one's if reused
         self._fd: int | None = None
 
-    def load(self) -> dict[int, Entry]:
-        """Entries by index in the shard from an earlier, interrupted attempt."""
+    def load(self) -> dict[Key, Entry]:
+        """Entries by key from an earlier, interrupted attempt."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return {}
         lines = data.split(b"\n")
         try:
-            if orjson.loads(lines[0]) != self.header:
-                return {}
+            header = orjson.loads(lines[0])
         except orjson.JSONDecodeError:
             return {}
+        if not isinstance(header, dict) or {k: v for k, v in header.items()
+                                            if k != "token"} != self.header:
+            return {}
+        if isinstance(header.get("token"), str):
+            self.token = header["token"]
         entries = {}
         for line in lines[1:]:
             try:
@@ -482,17 +535,18 @@ class Journal:
             except orjson.JSONDecodeError:
                 continue  # a torn last line or the empty tail
             if entry is not None:  # anything else was not written by chunbot: ignore it
-                entries[entry.i] = entry
+                entries[entry.key] = entry
         return entries
 
-    def open(self, keep: dict[int, Entry]) -> None:
+    def open(self, keep: dict[Key, Entry]) -> None:
         """Start appending, after rewriting the file as the header plus `keep`.
 
         The rewrite drops a torn last line and entries of a journal written for other inputs.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        entries = (keep[i].to_json() for i in sorted(keep))
-        write_atomic(self.path, orjson.dumps(self.header, option=_DUMP) + dumps_lines(entries))
+        entries = (keep[k].to_json() for k in sorted(keep))
+        header = {**self.header, "token": self.token}
+        write_atomic(self.path, orjson.dumps(header, option=_DUMP) + dumps_lines(entries))
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
 
     def append(self, entry: Entry) -> None:

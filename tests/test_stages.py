@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import orjson
+
 from chunbot_cli.config import ModelSpec, StageSpec
 from chunbot_cli.llm.client import ModelClient
 from chunbot_cli.llm.types import ProviderError, Reply
-from chunbot_cli.stages import FilterStage, LLMStage, PythonStage
+from chunbot_cli.stages import FilterStage, LLMStage, Outlet, PythonStage
 from chunbot_cli.store import Entry
 
 
@@ -15,11 +17,29 @@ def records(*texts: str) -> list[dict]:
     return [{"_id": i, "text": t} for i, t in enumerate(texts)]
 
 
+class Shard:
+    """A stage's shard fed all its records at once, as a job does from a part file."""
+
+    def __init__(self, stage, rows, done=None):
+        self.passed, self.entries = [], []
+        outlet = Outlet(lambda batch, lines, counts: self.passed.extend(batch),
+                        lambda entry, new: new and self.entries.append(entry))
+
+        async def run():
+            shard = stage.open(0, "source", outlet, done)
+            await shard.feed([((i,), row) for i, row in enumerate(rows)])
+            return await shard.finish()
+
+        self.out = asyncio.run(run())
+        self.records = [orjson.loads(line) for line in self.out.lines]
+        self.errors, self.trace, self.counts = self.out.errors, self.out.trace, self.out.counts
+
+
 def test_filter_keeps_drops_and_fails_per_record():
     stage = FilterStage(StageSpec(name="neg", kind="filter", fingerprint="f",
                                   filter="label == 'negative'"))
-    out = stage.run([{"_id": 0, "label": "negative"}, {"_id": 1, "label": "positive"},
-                     {"_id": 2}])
+    out = Shard(stage, [{"_id": 0, "label": "negative"}, {"_id": 1, "label": "positive"},
+                        {"_id": 2}])
     assert [r["_id"] for r in out.records] == [0]
     assert out.counts.filtered == 1 and out.counts.failed == 1
     assert out.errors[0]["_id"] == 2 and "label" in out.errors[0]["error"]
@@ -35,7 +55,7 @@ def test_python_stage_returns_drops_fans_out_and_fails(project):
         "    r['seen'] = True\n    return r\n")
     stage = PythonStage(StageSpec(name="py", kind="python", fingerprint="f",
                                   python="kinds_module:f"), [str(project)])
-    out = stage.run(records("keep", "drop", "fan", "bad", "boom"))
+    out = Shard(stage, records("keep", "drop", "fan", "bad", "boom"))
     assert out.records == [{"_id": 0, "text": "keep", "seen": True},
                            {"k": 1, "_id": "2-0"}, {"k": 2, "_id": "2-1"}]
     assert out.counts.filtered == 1 and out.counts.failed == 2
@@ -56,11 +76,9 @@ def llm_stage(spec_changes: dict | None = None, providers: dict | None = None) -
 
 def test_llm_stage_labels_in_input_order_and_traces_each_record():
     stage = llm_stage()
-    seen = []
-    out = asyncio.run(stage.run(records("great, love it", "terrible, broke", "okay"), {},
-                                seen.append))
+    out = Shard(stage, records("great, love it", "terrible, broke", "okay"))
     assert [r["label"] for r in out.records] == ["positive", "negative", "neutral"]
-    assert sorted(e.i for e in seen) == [0, 1, 2]
+    assert sorted(e.key for e in out.entries) == [(0,), (1,), (2,)]
     trace = out.trace[1]
     assert trace["request"]["messages"] == [{"role": "user",
                                              "content": "Label the sentiment: terrible, broke"}]
@@ -70,17 +88,16 @@ def test_llm_stage_labels_in_input_order_and_traces_each_record():
 
 def test_llm_stage_does_not_resend_journaled_records():
     stage = llm_stage()
-    done = {0: Entry(0, {"_id": 0}, out="from the journal")}
-    seen = []
-    out = asyncio.run(stage.run(records("great", "awful"), done, seen.append))
+    done = {(0,): Entry((0,), {"_id": 0}, out="from the journal")}
+    out = Shard(stage, records("great", "awful"), done)
     assert [r["label"] for r in out.records] == ["from the journal", "negative"]
-    assert [e.i for e in seen] == [1]
+    assert [e.key for e in out.entries] == [(1,)]
     assert stage.clients[0].requests == 1
 
 
 def test_a_missing_field_fails_the_record_without_a_request():
     stage = llm_stage()
-    out = asyncio.run(stage.run([{"_id": 7, "title": "no text"}], {}, lambda e: None))
+    out = Shard(stage, [{"_id": 7, "title": "no text"}])
     assert out.records == [] and "text" in out.errors[0]["error"]
     assert stage.clients[0].requests == 0
 
@@ -104,7 +121,7 @@ class Scripted:
 def test_a_cascade_asks_the_next_model_when_the_reply_does_not_parse():
     stage = llm_stage({"models": ("a", "b"), "parse": "json"},
                       {"a": Scripted("not json"), "b": Scripted('{"label": "negative"}')})
-    out = asyncio.run(stage.run(records("x"), {}, lambda e: None))
+    out = Shard(stage, records("x"))
     assert out.records[0]["label"] == {"label": "negative"}
     assert out.trace[0]["model"] == "b"
 
@@ -113,7 +130,7 @@ def test_retryable_errors_are_retried_and_each_attempt_is_traced():
     flaky = Scripted(ProviderError("HTTP 503", retryable=True, status=503,
                                    retry_after=0), "positive")
     stage = llm_stage({"retries": 2}, {"a": flaky})
-    out = asyncio.run(stage.run(records("x"), {}, lambda e: None))
+    out = Shard(stage, records("x"))
     assert out.records[0]["label"] == "positive"
     assert [a["status"] if a["error"] else "ok" for a in out.trace[0]["attempts"]] == [503, "ok"]
 
@@ -121,6 +138,6 @@ def test_retryable_errors_are_retried_and_each_attempt_is_traced():
 def test_other_errors_fail_the_record_at_once():
     stage = llm_stage({"retries": 5}, {"a": Scripted(ProviderError("HTTP 400", retryable=False,
                                                                    status=400))})
-    out = asyncio.run(stage.run(records("x"), {}, lambda e: None))
+    out = Shard(stage, records("x"))
     assert out.errors[0]["error"] == "model 'a': HTTP 400"
     assert len(out.trace[0]["attempts"]) == 1
