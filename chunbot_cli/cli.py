@@ -10,15 +10,17 @@ import ctypes
 import dataclasses
 import gc
 import os
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Optional, TextIO
+from typing import BinaryIO, Callable, Optional, TextIO
 
 import typer
 
 from . import __version__, config, engine
 from .progress import make_progress
+from .sinks import JsonLinesOut
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Stream JSONL records through LLM stages described in YAML.")
@@ -36,6 +38,16 @@ class LogFormat(str, Enum):
 class Mode(str, Enum):
     realtime = "realtime"
     batch = "batch"
+
+
+class Order(str, Enum):
+    completion = "completion"
+    input = "input"
+
+
+class Storage(str, Enum):
+    disk = "disk"
+    memory = "memory"
 
 
 class Malformed(str, Enum):
@@ -105,28 +117,55 @@ def run(
                                         "or - (stdin) instead of the pipeline's input."),
     workdir: Optional[Path] = typer.Option(None, help="Keep the run here instead of the "
                                            "pipeline's workdir."),
+    stream: bool = typer.Option(False, "--stream", help="Write the last stage's records to "
+                                "stdout as JSON lines as they finish (all of them: those "
+                                "done before too); logs and progress go to stderr."),
+    order: Order = typer.Option(Order.completion, help="--stream: as they finish "
+                                "(completion), or held back into input order."),
+    storage: Storage = typer.Option(Storage.disk, help="memory: keep nothing under the "
+                                    "workdir and compute every stage (the cache still "
+                                    "answers); implies --stream."),
+    errors: Optional[Path] = typer.Option(None, "--errors", help="--storage memory: write "
+                                          "failed records here as JSON lines (default: "
+                                          "stderr)."),
 ) -> None:
     """Run the pipeline, or resume it: only stale stages and unfinished shards are computed."""
     if no_cache and refresh_cache:
         raise _fail("use --no-cache or --refresh-cache, not both", engine.EXIT_USAGE)
+    if errors is not None and storage is not Storage.memory:
+        raise _fail("--errors is for --storage memory; a run on disk keeps failed records "
+                    "in <workdir>/<stage>/errors.jsonl", engine.EXIT_USAGE)
     _execute(pipeline, engine.RunOptions(stage=stage, until=until, limit=limit,
                                          cache="off" if no_cache else "refresh" if refresh_cache
                                          else "use", mode=mode.value if mode else None,
-                                         wait=wait), quiet, log_format, input, workdir)
+                                         wait=wait, storage=storage.value, order=order.value),
+             quiet, log_format, input, workdir, stream or storage is Storage.memory, errors)
 
 
 def _execute(pipeline: Path, options: engine.RunOptions, quiet: bool,
              log_format: LogFormat, input: str | None = None,
-             workdir: Path | None = None) -> None:
+             workdir: Path | None = None, stream: bool = False,
+             errors: Path | None = None) -> None:
     """Run or rerun, and leave with the exit code DESIGN.md gives."""
     _keep_freed_memory()
     _collect_garbage_rarely()
+    output = error_file = None
     try:
         loaded = config.load(pipeline)
         if input is not None or workdir is not None:  # paths given here are the shell's
             loaded = dataclasses.replace(loaded, input=loaded.input if input is None else input,
                                          workdir=loaded.workdir if workdir is None else workdir)
-        report = engine.run(loaded, options, make_progress(quiet, log_format.value))
+        if stream:
+            output = JsonLinesOut(sys.stdout.buffer, _stdout_closed)
+        failed = None
+        if options.storage == "memory":
+            try:
+                error_file = open(errors, "wb") if errors is not None else None
+            except OSError as e:
+                raise _fail(f"--errors {errors}: {e.strerror or e}", engine.EXIT_USAGE) from None
+            failed = _error_lines(error_file or sys.stderr.buffer)
+        report = engine.run(loaded, options, make_progress(quiet, log_format.value), output,
+                            failed)
     except (config.ConfigError, engine.InputError, engine.StoreError) as e:
         raise _fail(str(e), engine.EXIT_USAGE) from None
     except engine.Locked as e:
@@ -135,7 +174,34 @@ def _execute(pipeline: Path, options: engine.RunOptions, quiet: bool,
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:  # before the run had started
         raise _fail("interrupted; nothing was run", 130) from None
+    finally:
+        if error_file is not None:
+            error_file.close()
     raise typer.Exit(report.exit_code)
+
+
+def _stdout_closed() -> None:
+    """The reader of --stream went away (`| head`): stop the run as a signal would, and
+    send what stdout still holds nowhere instead of failing again at exit."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    os.kill(os.getpid(), signal.SIGPIPE)
+
+
+def _error_lines(stream: BinaryIO) -> Callable[[dict], None]:
+    """Failed records as JSON lines (what errors.jsonl would hold), flushed one by one."""
+    import orjson
+
+    from .store import printable
+
+    def write(error: dict) -> None:
+        try:
+            line = orjson.dumps(error)
+        except TypeError:
+            line = orjson.dumps(printable(error))
+        stream.write(line + b"\n")
+        stream.flush()
+
+    return write
 
 
 @app.command()

@@ -17,6 +17,7 @@ import itertools
 import os
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Protocol
@@ -30,7 +31,7 @@ from .sinks import DiskStore, InputOrder, MemoryStore, Output, Store
 from .source import InputError, Shard, read_shards, resolve
 from .stages import Batch, FilterStage, LLMStage, PythonStage, Stage, StageOutput
 from .state import Counters, ShardEntry, StageState, State
-from .store import Entry, Key, Locked, StoreError, Workdir, describe
+from .store import Entry, Key, Locked, StoreError, Workdir, describe, reason_of
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LATER = 0, 1, 2, 75
 BATCH_POLL_S = float(os.environ.get("CHUNBOT_BATCH_POLL_S", "30"))
@@ -46,7 +47,8 @@ class Interrupted(Exception):
     def __init__(self, signum: int):
         self.signum = signum
         self.exit_code = 128 + signum
-        name = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
+        name = {signal.SIGINT: "interrupted", signal.SIGPIPE: "stdout was closed"}.get(
+            signum, "terminated (SIGTERM)")
         super().__init__(f"{name}: what finished is kept; run the same command again to "
                          "resume")
 
@@ -128,17 +130,19 @@ class Progress(Protocol):
 def run(pipeline: Pipeline, options: RunOptions | None = None,
         progress: Progress | None = None, output: Output | None = None,
         errors: Callable[[dict[str, Any]], None] | None = None,
-        rows: Iterable[dict[str, Any]] | None = None) -> RunReport:
+        rows: Iterable[dict[str, Any]] | None = None,
+        traces: Callable[[dict[str, Any]], None] | None = None) -> RunReport:
     """Run (or resume) a pipeline; returns a report whose exit_code follows DESIGN.md.
 
     `output` gets the last selected stage's records as they finish (`options.order`);
     `errors` each failed record, where no errors.jsonl keeps them (memory storage); `rows`
-    are the input instead of the pipeline's `input`. SIGINT and SIGTERM stop the run.
+    are the input instead of the pipeline's `input`; `traces` each LLM record's trace.
+    SIGINT and SIGTERM stop the run.
     Raises ConfigError or InputError (exit 2) and Locked (exit 75) before any work starts.
     """
     options = options or RunOptions()
     check_api_keys(pipeline, selected_stages(pipeline, options))
-    work = Run(pipeline, options, progress, output, errors, rows)
+    work = Run(pipeline, options, progress, output, errors, rows, traces)
     try:
         return asyncio.run(work.execute(signals=True))
     except asyncio.CancelledError:
@@ -152,12 +156,13 @@ def run(pipeline: Pipeline, options: RunOptions | None = None,
 async def arun(pipeline: Pipeline, options: RunOptions | None = None,
                progress: Progress | None = None, output: Output | None = None,
                errors: Callable[[dict[str, Any]], None] | None = None,
-               rows: Iterable[dict[str, Any]] | None = None) -> RunReport:
+               rows: Iterable[dict[str, Any]] | None = None,
+               traces: Callable[[dict[str, Any]], None] | None = None) -> RunReport:
     """`run` in a running event loop (a notebook's, a program's); no signal handlers."""
     options = options or RunOptions()
     check_api_keys(pipeline, selected_stages(pipeline, options))
     try:
-        return await Run(pipeline, options, progress, output, errors, rows).execute()
+        return await Run(pipeline, options, progress, output, errors, rows, traces).execute()
     except OSError as e:
         raise StoreError(f"cannot write the workdir: {describe(e)}") from None
 
@@ -240,7 +245,8 @@ class Run:
 
     def __init__(self, pipeline: Pipeline, options: RunOptions, progress: Progress | None,
                  output: Output | None = None, errors: Callable[[dict[str, Any]], None] | None
-                 = None, rows: Iterable[dict[str, Any]] | None = None):
+                 = None, rows: Iterable[dict[str, Any]] | None = None,
+                 traces: Callable[[dict[str, Any]], None] | None = None):
         self.pipeline = pipeline
         self.options = options
         self.progress = progress
@@ -267,6 +273,8 @@ class Run:
         if output is not None and options.order == "input":
             self.output = InputOrder(output)
         self.errors_out = errors  # failed records, when no errors.jsonl keeps them
+        self.reasons: dict[str, Counter[str]] = {}  # why they failed, per stage
+        self.traces = traces
         self.stopped_by: int | None = None  # the signal that interrupted the run
         self.stopping = False  # a fault of the workdir: read no more input
         self.missing_parts: set[str] = set()  # stages whose part files were found gone
@@ -328,15 +336,16 @@ class Run:
         self._finish()
 
     def stop(self, signum: int) -> None:
-        """Stop the run the way SIGINT and SIGTERM do: no new requests, what finished is
-        committed or stays in the journals, state.json says how the run ended."""
+        """Stop the run the way SIGINT and SIGTERM do (and SIGPIPE, the reader of
+        `--stream` gone): no new requests, what finished is committed or stays in the
+        journals, state.json says how the run ended."""
         if self.stopped_by is None and self.task is not None:
             self.stopped_by = signum
             self.task.cancel()
 
     def _on_signals(self) -> None:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
             try:
                 loop.add_signal_handler(signum, self.stop, signum)
             except (ValueError, RuntimeError):  # not the main thread (a notebook's worker)
@@ -674,6 +683,8 @@ class Run:
         if new and not entry.trace.get("cache_hit"):  # on a resume the cache answers again
             self.store.append(stage, shard, entry)
         self.report.stages[stage].counts.count(entry)
+        if self.traces is not None:
+            self.traces(entry.trace)
 
     def passed(self, stage: str, shard: int, batch: Batch, lines: list[bytes],
                counts: Counters | None) -> None:
@@ -688,7 +699,9 @@ class Run:
         report.shards_run += 1
         report.last_end = time.monotonic()
         if self.errors_out is not None:
+            reasons = self.reasons.setdefault(work.stage, Counter())
             for error in output.errors:
+                reasons[reason_of(error)] += 1
                 self.errors_out({**error, "shard": job.shard})
         downstream = job.stages[position + 1].stage if position + 1 < len(job.stages) else None
         return self.store.commit(work.stage, job.shard, work.source, work.token, output,
@@ -760,8 +773,9 @@ class Run:
         self.note(f"output: {count:,} records of stage {last.name!r} in {output}")
 
     def _failures(self, stage: StageSpec, count: int) -> StageFailures:
-        if self.memory:
-            return StageFailures(stage.name, count, "", [], 0, "")
+        if self.memory:  # nothing to rerun: the failed records went to `errors`
+            reasons = self.reasons.get(stage.name, Counter())
+            return StageFailures(stage.name, count, "", reasons.most_common(3), count, "")
         reasons, scanned = self.workdir.failure_reasons(stage.name)
         rerun = (f"chunbot rerun {self.pipeline.path} --stage {stage.name} --failed"
                  if stage.kind == "llm" else f"chunbot rerun {self.pipeline.path} "

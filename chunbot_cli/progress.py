@@ -301,12 +301,14 @@ def _summary_footer(rows: list[dict[str, Any]], report: "RunReport") -> str:
 
 def failure_lines(failures: "StageFailures") -> list[str]:
     """Why a stage's records failed, where they are, and what to do next."""
-    lines = [f"{failures.stage}: {failures.failed:,} failed, in {failures.errors_file}"
+    where = f", in {failures.errors_file}" if failures.errors_file else ""
+    lines = [f"{failures.stage}: {failures.failed:,} failed{where}"
              + (f" (reasons from its first {failures.scanned:,} lines)"
                 if failures.scanned < failures.failed else "")]
     width = max((len(f"{count:,}") for _, count in failures.reasons), default=0)
     lines += [f"  {count:>{width},}  {reason}" for reason, count in failures.reasons]
-    lines.append(f"  next: {failures.rerun}")
+    if failures.rerun:
+        lines.append(f"  next: {failures.rerun}")
     return lines
 
 
