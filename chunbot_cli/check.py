@@ -22,7 +22,7 @@ SAMPLE = 100
 
 def field_warnings(pipeline: Pipeline, sample: int = SAMPLE) -> list[str]:
     """One warning per stage and field that some of the first `sample` input records lack."""
-    if pipeline.input == "-":
+    if pipeline.input in (None, "-"):
         return []  # reading stdin here would eat the run's input
     try:
         records = [r for r in _first_records(resolve(pipeline.input), sample)

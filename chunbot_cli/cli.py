@@ -156,7 +156,7 @@ def _execute(pipeline: Path, options: engine.RunOptions, quiet: bool,
             loaded = dataclasses.replace(loaded, input=loaded.input if input is None else input,
                                          workdir=loaded.workdir if workdir is None else workdir)
         if stream:
-            output = JsonLinesOut(sys.stdout.buffer, _stdout_closed)
+            output = JsonLinesOut(sys.stdout.buffer)
         failed = None
         if options.storage == "memory":
             try:
@@ -171,6 +171,8 @@ def _execute(pipeline: Path, options: engine.RunOptions, quiet: bool,
     except engine.Locked as e:
         raise _fail(str(e), engine.EXIT_LATER) from None
     except engine.Interrupted as e:
+        if e.signum == signal.SIGPIPE:  # what stdout still buffers goes nowhere, instead
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # of failing at exit
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:  # before the run had started
         raise _fail("interrupted; nothing was run", 130) from None
@@ -178,13 +180,6 @@ def _execute(pipeline: Path, options: engine.RunOptions, quiet: bool,
         if error_file is not None:
             error_file.close()
     raise typer.Exit(report.exit_code)
-
-
-def _stdout_closed() -> None:
-    """The reader of --stream went away (`| head`): stop the run as a signal would, and
-    send what stdout still holds nowhere instead of failing again at exit."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    os.kill(os.getpid(), signal.SIGPIPE)
 
 
 def _error_lines(stream: BinaryIO) -> Callable[[dict], None]:

@@ -136,7 +136,7 @@ class CacheSpec:
 class Pipeline:
     path: Path
     name: str
-    input: str
+    input: str | None
     workdir: Path
     id_field: str | None
     shard_size: int
@@ -316,8 +316,8 @@ def _pipeline(path: Path, data: Mapping[str, Any]) -> Pipeline:
     if not _STAGE_NAME.match(name):
         raise top.fail("must be letters, digits, '_', '.' or '-'", "name")
     here = path.parent  # relative paths in the file are the file's, as in docker-compose
-    input_spec = top.get("input", str, required=True)
-    if input_spec != "-":
+    input_spec = top.get("input", str)  # none: the library's rows, or `run --input`
+    if input_spec is not None and input_spec != "-":
         input_spec = _beside(here, input_spec)
     workdir = Path(_beside(here, top.get("workdir", str, default=f"runs/{name}")))
     output = top.get("output", str)

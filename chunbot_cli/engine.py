@@ -336,16 +336,15 @@ class Run:
         self._finish()
 
     def stop(self, signum: int) -> None:
-        """Stop the run the way SIGINT and SIGTERM do (and SIGPIPE, the reader of
-        `--stream` gone): no new requests, what finished is committed or stays in the
-        journals, state.json says how the run ended."""
+        """Stop the run the way SIGINT and SIGTERM do: no new requests, what finished is
+        committed or stays in the journals, state.json says how the run ended."""
         if self.stopped_by is None and self.task is not None:
             self.stopped_by = signum
             self.task.cancel()
 
     def _on_signals(self) -> None:
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
+        for signum in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.add_signal_handler(signum, self.stop, signum)
             except (ValueError, RuntimeError):  # not the main thread (a notebook's worker)
@@ -638,8 +637,17 @@ class Run:
         if self.output is None:
             return
         data = self.workdir.read_bytes(self.workdir.part_path(self.selected[-1].name, shard))
-        self.output.records(shard, data.splitlines(), None)
-        self.output.shard_done(shard)
+        self._emit(shard, data.splitlines(), None)
+        if self.output is not None:
+            self.output.shard_done(shard)
+
+    def _emit(self, shard: int, lines: list[bytes], batch: Batch | None) -> None:
+        assert self.output is not None
+        try:
+            self.output.records(shard, lines, batch)
+        except BrokenPipeError:  # the reader of stdout went away (`| head`): stop as
+            self.output = None  # SIGINT would, with SIGPIPE's exit code
+            self.stop(signal.SIGPIPE)
 
     def _job_ended(self, job: ShardJob, error: BaseException | None) -> None:
         for work in job.stages:
@@ -691,7 +699,7 @@ class Run:
         if counts is not None:
             self.report.stages[stage].counts.add(counts)
         if self.output is not None and stage == self.selected[-1].name:
-            self.output.records(shard, lines, batch)
+            self._emit(shard, lines, batch)
 
     def done(self, job: ShardJob, position: int, output: StageOutput) -> Any:
         work = job.stages[position]

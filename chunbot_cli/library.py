@@ -36,6 +36,7 @@ async def astream(pipeline: Pipeline | str | Path | Mapping[str, Any],
                                 storage="memory")
     run = asyncio.ensure_future(engine.arun(pipeline, options, None, RecordsOut(out.put_nowait),
                                             _taker(errors), rows, _taker(traces)))
+    get: asyncio.Future[dict[str, Any]] | None = None
     try:
         while True:
             get = asyncio.ensure_future(out.get())
@@ -49,6 +50,8 @@ async def astream(pipeline: Pipeline | str | Path | Mapping[str, Any],
             run.result()  # what stopped it before it started
             return
     finally:
+        if get is not None:
+            get.cancel()
         if not run.done():
             run.cancel()
             await asyncio.gather(run, return_exceptions=True)
@@ -74,6 +77,7 @@ def stream(pipeline: Pipeline | str | Path | Mapping[str, Any], rows: Iterable[d
         except BaseException as e:  # to be raised where the records are taken
             taken.put(("error", e))
         finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
     thread = threading.Thread(target=work, name="chunbot", daemon=True)

@@ -151,21 +151,16 @@ class Output(Protocol):
 
 
 class JsonLinesOut:
-    """Each batch of records as JSON lines on a binary stream, flushed at once. When the
-    reader goes away (`| head`), `on_closed` is called once and the rest is dropped."""
+    """Each batch of records as JSON lines on a binary stream, flushed at once (raises
+    BrokenPipeError when the reader has gone away)."""
 
-    def __init__(self, stream: IO[bytes], on_closed: Callable[[], None] = lambda: None):
-        self.stream, self.on_closed, self.closed = stream, on_closed, False
+    def __init__(self, stream: IO[bytes]):
+        self.stream = stream
 
     def records(self, shard: int, lines: list[bytes], batch: Batch | None) -> None:
-        if self.closed or not lines:
-            return
-        try:
+        if lines:
             self.stream.write(b"\n".join(lines) + b"\n")
             self.stream.flush()
-        except BrokenPipeError:
-            self.closed = True
-            self.on_closed()
 
     def shard_done(self, shard: int) -> None:
         pass

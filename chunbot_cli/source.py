@@ -51,8 +51,11 @@ def line_origin(origins: list[tuple[str, int, int]], i: int) -> tuple[str, int]:
     raise IndexError(i)
 
 
-def resolve(spec: str) -> list[str]:
+def resolve(spec: str | None) -> list[str]:
     """The input files a spec names, in order; '-' is stdin. Raises InputError."""
+    if spec is None:
+        raise InputError("no input: give the pipeline an `input:` (a file, glob, folder or "
+                         "- for stdin) or run it with --input")
     if spec == "-":
         return ["-"]
     if glob.has_magic(spec):

@@ -66,7 +66,6 @@ def test_a_stage_without_model_uses_the_builtin_sim(project):
     (GOOD.replace("    output: reply", "    ouput: reply"),
      "p.yaml:20: stage 'draft': key 'ouput': unknown key (did you mean 'output'?)"),
     (GOOD.replace("name: reviews\n", ""), "p.yaml:2: key 'name': is required"),
-    (GOOD.replace("input: data.jsonl\n", ""), "key 'input': is required"),
     (GOOD.replace("model: small\n    system", "model: big\n    system"),
      "stage 'label': key 'model': unknown model alias 'big'"),
     (GOOD.replace("name: draft", "name: label"), "stage 'label': key 'name': duplicate stage name"),
