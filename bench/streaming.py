@@ -1,7 +1,7 @@
 """Streaming benchmark: do records flow stage to stage, so the first one comes out of a
 three-stage pipeline at once and the whole run takes little more than its slowest stage?
 
-N records (20,000 by default, `--records`) of short review texts (~65 characters, each
+N records (20,000 by default, `--records`) of short review texts (~70 characters, each
 different, `{"id": "r00001", "text": ...}`) go through a pipeline of THREE LLM stages, each
 with its own model alias (provider `openai`, `model: sim-small`, `base_url` the URL of a
 `chunbot sim serve --port 0 --latency-ms 300` + "/v1", `max_concurrency: 256`), and

@@ -17,12 +17,13 @@ import asyncio
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .llm.types import Reply, Request
 from .store import Entry, Key
 
 if TYPE_CHECKING:
+    from .config import Pipeline, StageSpec
     from .llm.batch import Batches, BatchState
     from .stages import LLMShard
     from .store import Workdir
@@ -70,12 +71,13 @@ class Ledger:
 
 
 class Ledgers:
-    """One stage's batches.json: a Ledger per shard, written atomically on every change."""
+    """One stage's batches.json: a Ledger per shard, written atomically on every change
+    (with no workdir, memory storage: kept for the run only)."""
 
-    def __init__(self, workdir: "Workdir", stage: str):
+    def __init__(self, workdir: "Workdir | None", stage: str):
         self.workdir, self.stage = workdir, stage
-        self.shards = {int(k): Ledger.from_json(v)
-                       for k, v in workdir.load_batches(stage).items()}
+        self.shards = {} if workdir is None else {
+            int(k): Ledger.from_json(v) for k, v in workdir.load_batches(stage).items()}
 
     def pending(self, shard: int, source: str, fingerprint: str) -> bool:
         ledger = self.shards.get(shard)
@@ -98,8 +100,62 @@ class Ledgers:
         self.save()
 
     def save(self) -> None:
+        if self.workdir is None:
+            return
         self.workdir.save_batches(self.stage, {str(k): asdict(v)
                                                for k, v in sorted(self.shards.items())})
+
+
+class Batching:
+    """Which shards of a run's LLM stages go through provider batches: those of a stage in
+    batch mode (the YAML or `--mode batch`, when the model has a batch API), and — in a
+    realtime run — those an earlier batch-mode run left batches for, which are collected
+    rather than paid for twice. `keep` False (memory storage): no ledgers are read."""
+
+    def __init__(self, pipeline: "Pipeline", workdir: "Workdir", mode: str | None,
+                 wait: bool, poll_s: float, note: Callable[[str], None], keep: bool = True):
+        self.pipeline, self.workdir, self.override = pipeline, workdir, mode
+        self.wait, self.poll_s, self.note, self.keep = wait, poll_s, note, keep
+        self.ledgers: dict[str, Ledgers] = {}  # batches.json per stage
+        self.collecting: set[str] = set()  # realtime stages collecting earlier batches
+
+    def batched(self, stage: "StageSpec") -> bool:
+        mode = self.override or stage.mode
+        return mode == "batch" and self.pipeline.models[stage.models[0]].batch_api
+
+    def mode(self, stage: "StageSpec", shard: int, source: str) -> str | None:
+        """A shard's mode for `LLMStage.open`: "batch", "collect" or None (realtime)."""
+        if self.batched(stage):
+            return "batch"
+        return "collect" if self._pending(stage, shard, source) else None
+
+    def batch_mode(self, stage: "StageSpec", session: Any) -> "BatchMode | None":
+        """The stage's BatchMode, when any of its shards may need one."""
+        if not self.batched(stage) and not (self.keep and self._ledgers(stage).shards):
+            return None
+        from .llm.batch import Batches
+
+        return BatchMode(self._ledgers(stage),
+                         Batches(self.pipeline.models[stage.models[0]], session),
+                         {"chunbot_pipeline": self.pipeline.name, "chunbot_stage": stage.name},
+                         self.wait, self.poll_s)
+
+    def _pending(self, stage: "StageSpec", shard: int, source: str) -> bool:
+        if not self.keep:
+            return False
+        pending = self._ledgers(stage).pending(shard, source, stage.fingerprint)
+        if pending and stage.name not in self.collecting:
+            self.collecting.add(stage.name)
+            self.note(f"stage {stage.name!r}: provider batches of an earlier batch-mode run "
+                      "are pending: collecting them instead of sending their requests again "
+                      f"(`chunbot cancel {self.pipeline.path} --stage {stage.name}` gives up "
+                      "on them; what they did not answer then goes in realtime)")
+        return pending
+
+    def _ledgers(self, stage: "StageSpec") -> Ledgers:
+        if stage.name not in self.ledgers:
+            self.ledgers[stage.name] = Ledgers(self.workdir if self.keep else None, stage.name)
+        return self.ledgers[stage.name]
 
 
 class BatchMode:
@@ -197,3 +253,59 @@ class BatchMode:
 def _name(key: Key) -> str:
     """A record's key as a provider's custom id takes it (letters, digits, - and _)."""
     return "-".join(map(str, key))
+
+
+def pending_batches(pipeline: "Pipeline", stage: str | None = None,
+                    cancel: bool = False) -> list[dict[str, Any]]:
+    """The provider batches shards wait for (however batch mode was chosen: the YAML or
+    `--mode batch`), with their state at the provider, asked now; with `cancel`,
+    cancelled first. A later `run` collects what they finished and sends the rest again.
+    Without the model's API key, they are listed unasked (cancelling needs it)."""
+    from .config import ConfigError, check_api_keys
+    from .store import Workdir
+
+    workdir = Workdir(pipeline.workdir, pipeline.compress)
+    chosen = [pipeline.stage(stage)] if stage else [s for s in pipeline.stages
+                                                    if s.kind == "llm"]
+    ledgers = {s.name: Ledgers(workdir, s.name) for s in chosen}
+    stages = [s for s in chosen if ledgers[s.name].shards]
+    keyless: dict[str, str] = {}
+    for spec in stages:
+        try:
+            check_api_keys(pipeline, [spec])
+        except ConfigError as e:
+            if cancel:
+                raise
+            keyless[spec.name] = str(e)
+
+    async def ask() -> list[dict[str, Any]]:
+        from .llm.batch import Batches
+        from .llm.http import open_session
+        from .llm.types import ProviderError
+
+        found = []
+        async with open_session(8) as session:
+            for spec in stages:
+                api = None
+                for shard, ledger in ledgers[spec.name].shards.items():
+                    for batch_id in ledger.batches:
+                        row = {"stage": spec.name, "shard": shard, "batch": batch_id}
+                        found.append(row)
+                        if spec.name in keyless:
+                            row.update(status="unknown", error=keyless[spec.name])
+                            continue
+                        api = api or Batches(pipeline.models[spec.models[0]], session)
+                        try:
+                            state = await (api.cancel(batch_id) if cancel
+                                           else api.state(batch_id))
+                            row.update(status=state.status, counts=state.counts)
+                        except ProviderError as e:
+                            row.update(status="unknown", error=str(e))
+        return found
+
+    if not stages:
+        return []
+    if not cancel:
+        return asyncio.run(ask())
+    with workdir.lock():
+        return asyncio.run(ask())

@@ -13,7 +13,6 @@ store (sinks.py: the workdir, or nothing with `--storage memory`).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import os
 import signal
 import time
@@ -23,13 +22,15 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from . import batchmode
+from .batchmode import pending_batches
 from .config import ConfigError, Pipeline, StageSpec, check_api_keys
 from .executor import LocalExecutor
 from .flow import Lines, Part, Rows, ShardJob, StageWork
 from .plan import NotFresh, plan_shard
 from .sinks import DiskStore, InputOrder, MemoryStore, Output, Store
-from .source import InputError, Shard, read_shards, resolve
-from .stages import Batch, FilterStage, LLMStage, PythonStage, Stage, StageOutput
+from .source import InputError, Shard, read_shards, resolve, row_shards
+from .stages import Batch, Stage, StageOutput
+from .stageset import StageSet
 from .state import Counters, ShardEntry, StageState, State
 from .store import Entry, Key, Locked, StoreError, Workdir, describe, reason_of
 
@@ -38,7 +39,7 @@ BATCH_POLL_S = float(os.environ.get("CHUNBOT_BATCH_POLL_S", "30"))
 MAX_SHARDS_IN_FLIGHT = 64
 
 __all__ = ["RunOptions", "RunReport", "run", "arun", "ConfigError", "InputError", "Locked",
-           "StoreError", "Interrupted"]
+           "StoreError", "Interrupted", "pending_batches"]
 
 
 class Interrupted(Exception):
@@ -167,59 +168,6 @@ async def arun(pipeline: Pipeline, options: RunOptions | None = None,
         raise StoreError(f"cannot write the workdir: {describe(e)}") from None
 
 
-def pending_batches(pipeline: Pipeline, stage: str | None = None,
-                    cancel: bool = False) -> list[dict[str, Any]]:
-    """The provider batches shards wait for (however batch mode was chosen: the YAML or
-    `--mode batch`), with their state at the provider, asked now; with `cancel`,
-    cancelled first. A later `run` collects what they finished and sends the rest again.
-    Without the model's API key, they are listed unasked (cancelling needs it)."""
-    workdir = Workdir(pipeline.workdir, pipeline.compress)
-    chosen = [pipeline.stage(stage)] if stage else [s for s in pipeline.stages
-                                                    if s.kind == "llm"]
-    ledgers = {s.name: batchmode.Ledgers(workdir, s.name) for s in chosen}
-    stages = [s for s in chosen if ledgers[s.name].shards]
-    keyless: dict[str, str] = {}
-    for spec in stages:
-        try:
-            check_api_keys(pipeline, [spec])
-        except ConfigError as e:
-            if cancel:
-                raise
-            keyless[spec.name] = str(e)
-
-    async def ask() -> list[dict[str, Any]]:
-        from .llm.batch import Batches
-        from .llm.http import open_session
-        from .llm.types import ProviderError
-
-        found = []
-        async with open_session(8) as session:
-            for spec in stages:
-                api = None
-                for shard, ledger in ledgers[spec.name].shards.items():
-                    for batch_id in ledger.batches:
-                        row = {"stage": spec.name, "shard": shard, "batch": batch_id}
-                        found.append(row)
-                        if spec.name in keyless:
-                            row.update(status="unknown", error=keyless[spec.name])
-                            continue
-                        api = api or Batches(pipeline.models[spec.models[0]], session)
-                        try:
-                            state = await (api.cancel(batch_id) if cancel
-                                           else api.state(batch_id))
-                            row.update(status=state.status, counts=state.counts)
-                        except ProviderError as e:
-                            row.update(status="unknown", error=str(e))
-        return found
-
-    if not stages:
-        return []
-    if not cancel:
-        return asyncio.run(ask())
-    with workdir.lock():
-        return asyncio.run(ask())
-
-
 def selected_stages(pipeline: Pipeline, options: RunOptions) -> list[StageSpec]:
     names = [s.name for s in pipeline.stages]
     if options.stage and options.until:
@@ -263,10 +211,9 @@ class Run:
         self.bytes_read = 0
         self.read_through = False  # the whole input has been read
         self.started = time.monotonic()
-        self.clients: dict[str, Any] = {}
-        self.session: Any = None  # the run's one aiohttp session, when a model speaks HTTP
-        self.cache: Any = None  # the response cache, when an LLM stage uses it
-        self.batch_ledgers: dict[str, batchmode.Ledgers] = {}  # batches.json per stage
+        self.clients: dict[str, Any] = {}  # the stage set's, for progress
+        self.batching = batchmode.Batching(pipeline, self.workdir, options.mode, options.wait,
+                                           BATCH_POLL_S, self.note, keep=not self.memory)
         self.state = State()
         self.store: Store = MemoryStore()
         self.output = output
@@ -278,7 +225,6 @@ class Run:
         self.stopped_by: int | None = None  # the signal that interrupted the run
         self.stopping = False  # a fault of the workdir: read no more input
         self.missing_parts: set[str] = set()  # stages whose part files were found gone
-        self.collecting: set[str] = set()  # realtime stages collecting earlier batches
         self.task: asyncio.Task[Any] | None = None
         self.executor: LocalExecutor | None = None
 
@@ -307,12 +253,15 @@ class Run:
 
     async def _work(self) -> None:
         ticker = None
+        stages = None
         try:
-            stages = self._make_stages()
+            stages = StageSet(self.pipeline, self.selected, self.note, self.options.cache,
+                              self.options.rerun, self.options.mode, self.batching.batch_mode)
+            self.clients = stages.clients
             if self.progress:
                 self.progress.start(self)
             ticker = asyncio.create_task(self._tick())
-            await self._walk(stages)
+            await self._walk(stages.stages)
         except asyncio.CancelledError:
             if self.stopped_by is not None:
                 self._record_interruption()
@@ -321,18 +270,9 @@ class Run:
             if ticker is not None:
                 ticker.cancel()
             self.store.shutdown()
-            for client in self.clients.values():
-                await client.close()
-            if self.session is not None:
-                await self.session.close()
-            if self.cache is not None:
-                try:
-                    await self.cache.close()  # its last buffered writes
-                except Exception as e:  # a full disk, a Redis gone away
-                    self.report.errors.append(f"the response cache could not store the "
-                                              f"last replies: {type(e).__name__}: {e}")
-                self.report.cache_hits, self.report.cache_misses = (self.cache.hits,
-                                                                    self.cache.misses)
+            if stages is not None:
+                self.report.errors += await stages.close()
+                self.report.cache_hits, self.report.cache_misses = stages.cache_counts()
         self._finish()
 
     def stop(self, signum: int) -> None:
@@ -425,69 +365,6 @@ class Run:
                 kept[key] = Entry(key, trace, out=trace.get("output"), error=trace.get("error"))
         return kept
 
-    def _make_stages(self) -> dict[str, Stage]:
-        stages: dict[str, Stage] = {}
-        for spec in self.selected:
-            if spec.kind == "filter":
-                stages[spec.name] = FilterStage(spec)
-            elif spec.kind == "python":
-                stages[spec.name] = PythonStage(spec, self.pipeline.import_paths)
-            else:
-                first = self.pipeline.models[spec.models[0]]
-                if self.options.mode == "batch" and not first.batch_api:
-                    self.note(f"stage {spec.name!r}: model {first.alias!r} has no batch API "
-                              "(batch_api: false): realtime")
-                self._connect(spec.models)
-                stages[spec.name] = LLMStage(spec, self.clients, self._open_cache(spec),
-                                             cache_read=spec.name != self.options.rerun,
-                                             batches=self._batch_mode(spec))
-        return stages
-
-    def _batch_mode(self, stage: StageSpec) -> batchmode.BatchMode | None:
-        if self.memory or not (self._batched(stage) or self._ledgers(stage).shards):
-            return None
-        from .llm.batch import Batches
-
-        return batchmode.BatchMode(
-            self._ledgers(stage), Batches(self.pipeline.models[stage.models[0]], self.session),
-            {"chunbot_pipeline": self.pipeline.name, "chunbot_stage": stage.name},
-            self.options.wait, BATCH_POLL_S)
-
-    def _open_cache(self, stage: StageSpec) -> Any:
-        if not stage.cache or not self.pipeline.cache.enabled or self.options.cache == "off":
-            return None
-        if self.cache is None:
-            from .llm.cache import Cache
-
-            try:
-                self.cache = Cache(self.pipeline.cache, read=self.options.cache != "refresh")
-            except Exception as e:  # an unreachable Redis, an unwritable folder
-                raise ConfigError(f"{self.pipeline.path}: cache: cannot open it: "
-                                  f"{type(e).__name__}: {e}") from None
-        return self.cache
-
-    def _connect(self, aliases: tuple[str, ...]) -> None:
-        from .llm.client import ModelClient, make_provider  # tenacity: ~50 ms, LLM stages only
-
-        for alias in aliases:
-            if alias in self.clients:
-                continue
-            spec = self.pipeline.models[alias]
-            if spec.provider != "sim" and self.session is None:
-                from .llm.http import open_session  # aiohttp: ~100 ms, HTTP models only
-
-                self.session = open_session(self._connections())
-            self.clients[alias] = ModelClient(spec, make_provider(spec, self.session), self.note)
-
-    def _connections(self) -> int:
-        """Connection pool size: every request the run's HTTP models may have in flight."""
-        from .llm.scheduler import MAX_LIMIT
-
-        aliases = {a for stage in self.selected if stage.kind == "llm" for a in stage.models}
-        return sum(self.pipeline.models[a].max_concurrency
-                   or MAX_LIMIT * len(self.pipeline.models[a].urls)
-                   for a in aliases if self.pipeline.models[a].provider != "sim")
-
     def _plan(self, shard: Shard) -> tuple[list[StageSpec], str]:
         """The stages to compute for this shard and the source token the first one reads."""
         stages = self.pipeline.stages[: self.last + 1]
@@ -531,58 +408,20 @@ class Run:
             if stage.kind == "llm":
                 keep = self._reusable(stage, shard.index, keys) if stage is todo[0] else {}
                 done, token = self.store.journal(stage, shard.index, source, keep)
-                mode = self._mode(stage, shard.index, source)
+                mode = self.batching.mode(stage, shard.index, source)
             else:
                 done, token, mode = {}, self._stage_state(stage).token(source), None
             work.append(StageWork(stage.name, source, token, done, mode))
             source = token
         return ShardJob(shard.index, job_input, work)
 
-    def _mode(self, stage: StageSpec, shard: int, source: str) -> str | None:
-        if self.memory:
-            return "batch" if self._batched(stage) else None
-        if self._batched(stage):
-            return "batch"
-        return "collect" if self._batches_pending(stage, shard, source) else None
-
-    def _batched(self, stage: StageSpec) -> bool:
-        mode = self.options.mode or stage.mode
-        return mode == "batch" and self.pipeline.models[stage.models[0]].batch_api
-
-    def _batches_pending(self, stage: StageSpec, shard: int, source: str) -> bool:
-        """Whether an earlier batch-mode run left batches at the provider for this shard
-        (as it is now). A realtime run collects them rather than pay for the same
-        requests twice, and sends only what they do not answer."""
-        pending = self._ledgers(stage).pending(shard, source, stage.fingerprint)
-        if pending and stage.name not in self.collecting:
-            self.collecting.add(stage.name)
-            self.note(f"stage {stage.name!r}: provider batches of an earlier batch-mode run "
-                      "are pending: collecting them instead of sending their requests again "
-                      f"(`chunbot cancel {self.pipeline.path} --stage {stage.name}` gives up "
-                      "on them; what they did not answer then goes in realtime)")
-        return pending
-
-    def _ledgers(self, stage: StageSpec) -> batchmode.Ledgers:
-        if stage.name not in self.batch_ledgers:
-            self.batch_ledgers[stage.name] = batchmode.Ledgers(self.workdir, stage.name)
-        return self.batch_ledgers[stage.name]
-
     # the shard walk
     def _shards(self) -> Iterator[tuple[Shard, list[dict[str, Any]] | None]]:
-        if self.rows is None:
-            for shard in read_shards(self.files, self.pipeline.shard_size, self.options.limit):
-                yield shard, None
+        if self.rows is not None:
+            yield from row_shards(self.rows, self.pipeline.shard_size, self.options.limit)
             return
-        rows = iter(self.rows)
-        if self.options.limit is not None:
-            rows = itertools.islice(rows, self.options.limit)
-        size, start = self.pipeline.shard_size, 0
-        for index in itertools.count():
-            chunk = list(itertools.islice(rows, size))
-            if not chunk:
-                return
-            yield Shard(index, start, []), chunk
-            start += len(chunk)
+        for shard in read_shards(self.files, self.pipeline.shard_size, self.options.limit):
+            yield shard, None
 
     async def _walk(self, stages: dict[str, Stage]) -> None:
         executor = self.executor = LocalExecutor(stages, self, self._window(stages),

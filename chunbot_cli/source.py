@@ -9,12 +9,13 @@ failure (with its file and line number) instead of stopping the run. A shard's d
 from __future__ import annotations
 
 import glob
+import itertools
 import os
 import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import orjson
 
@@ -193,3 +194,16 @@ def parse_line(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
     if not isinstance(record, dict):
         return None, f"not a JSON object but {type(record).__name__}"
     return record, None
+
+
+def row_shards(rows: Iterable[dict[str, Any]], size: int,
+               limit: int | None = None) -> Iterator[tuple[Shard, list[dict[str, Any]]]]:
+    """Records handed over in memory (the library's), cut into shards as lines are."""
+    it = iter(rows) if limit is None else itertools.islice(rows, limit)
+    start = 0
+    for index in itertools.count():
+        chunk = list(itertools.islice(it, size))
+        if not chunk:
+            return
+        yield Shard(index, start, []), chunk
+        start += len(chunk)

@@ -140,7 +140,7 @@ def _unwritable(stage: str, record: dict[str, Any], error: Exception) -> dict[st
 class _MappedShard:
     """A shard of a stage that maps each record on its own, at once (filter, python)."""
 
-    def __init__(self, stage: "FilterStage | PythonStage", outlet: Outlet):
+    def __init__(self, stage: _PerRecord, outlet: Outlet):
         self.map, self.outlet = stage.map, outlet
         self.out = _Collected(stage.spec.name)
 
@@ -159,21 +159,29 @@ class _MappedShard:
         return self.out.output()
 
 
-class FilterStage:
+class _PerRecord:
+    """A stage that maps each record on its own, with no requests: `map` a batch."""
+
+    spec: StageSpec
     concurrency = 0  # requests it may have in flight: none
-
-    def __init__(self, spec: StageSpec):
-        from . import templates
-
-        self.spec = spec
-        self.predicate = templates.compile_expression(spec.filter or "")
 
     def open(self, shard: int, source: str, outlet: Outlet,
              done: dict[Key, Entry] | None = None, mode: str | None = None) -> StageShard:
         return _MappedShard(self, outlet)
 
     def map(self, batch: Batch) -> tuple[Batch, list[tuple[Key, dict[str, Any]]], int]:
-        """The records kept, the failures, how many were dropped."""
+        """The records passed on, the failures, how many were dropped."""
+        raise NotImplementedError
+
+
+class FilterStage(_PerRecord):
+    def __init__(self, spec: StageSpec):
+        from . import templates
+
+        self.spec = spec
+        self.predicate = templates.compile_expression(spec.filter or "")
+
+    def map(self, batch: Batch) -> tuple[Batch, list[tuple[Key, dict[str, Any]]], int]:
         kept: Batch = []
         errors = []
         keep, predicate = kept.append, self.predicate
@@ -187,17 +195,11 @@ class FilterStage:
         return kept, errors, len(batch) - len(kept) - len(errors)
 
 
-class PythonStage:
-    concurrency = 0
-
+class PythonStage(_PerRecord):
     def __init__(self, spec: StageSpec, import_paths: list[str]):
         self.spec = spec
         self.function: Callable[[dict[str, Any]], Any] = import_callable(spec.python or "",
                                                                          import_paths)
-
-    def open(self, shard: int, source: str, outlet: Outlet,
-             done: dict[Key, Entry] | None = None, mode: str | None = None) -> StageShard:
-        return _MappedShard(self, outlet)
 
     def map(self, batch: Batch) -> tuple[Batch, list[tuple[Key, dict[str, Any]]], int]:
         kept: Batch = []

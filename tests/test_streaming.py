@@ -94,3 +94,19 @@ def test_memory_storage_refuses_what_needs_a_workdir(project):
     assert result.returncode == 2 and b"--until" in result.stderr
     result = chunbot("run", "slow.yaml", "--errors", "e.jsonl", cwd=project)
     assert result.returncode == 2 and b"--storage memory" in result.stderr
+
+
+def test_batch_mode_in_memory_waits_for_its_batches(project, sim_server):
+    from test_batch_mode import batch_project
+
+    server = sim_server("--batch-delay-s", "0.2")
+    pipeline = batch_project(project, server.url, "openai", "batch", "mem-batch")
+    result = chunbot("run", str(pipeline), "--storage", "memory", cwd=project)
+    assert result.returncode == 2 and b"--wait" in result.stderr
+    result = chunbot("run", str(pipeline), "-q", "--storage", "memory", "--wait",
+                     "--order", "input", cwd=project, env={"CHUNBOT_BATCH_POLL_S": "0.2"})
+    assert result.returncode == 0, result.stderr.decode()
+    replies = records(result.stdout)
+    assert [r["_id"] for r in replies] == [f"r{i:03d}" for i in range(60)
+                                           if i % 4 in (1, 3)]
+    assert server.stats()["batches_created"] >= 2 and not (project / "runs").exists()
