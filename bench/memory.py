@@ -4,8 +4,10 @@ records flow through it?
 Records are generated on the fly by a small generator process (this script's interpreter,
 standard library only) whose stdout is chunbot's stdin, a pipe: nothing is written to disk.
 `{"id": "r00000001", "text": "Review 1: my blender, 3 days in. Solid build, does what the
-box promises."}`, ~70-character texts, each different. The generator makes ~1.5M records/s,
-well above what chunbot takes, so chunbot is the bottleneck and would have to hold any
+box promises."}`, ~70-character texts, each different. The generator formats ~1M
+records/s, well above what chunbot takes, and both pipes (into chunbot and out of it) are
+widened to 1 MiB (F_SETPIPE_SZ; with Linux's default 64 KiB chunbot and its feeder took
+turns and chunbot idled ~30%), so chunbot is the bottleneck and would have to hold any
 backlog itself. chunbot runs
 
     chunbot run p.yaml --storage memory --input - --quiet --errors logs/<run>.errors.jsonl
@@ -41,13 +43,14 @@ generator and this script (the counter) run on core 1. Needs taskset (util-linux
 cores. The script uses the standard library only; chunbot runs as `.venv/bin/python -m
 chunbot_cli` (this interpreter when there is no .venv). Everything it writes goes under
 bench/out/memory/ (gitignored): the pipeline folder, one empty run folder per size, and
-logs/ (chunbot's and the generator's stderr, failed records, the RSS timeline as JSON). No network is used;
-every process it starts is killed before it exits.
+logs/ (chunbot's and the generator's stderr, failed records, the RSS timeline as JSON).
+No network is used; every process it starts is killed before it exits.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -57,7 +60,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +75,7 @@ CLIENT_CORE, SCRIPT_CORE = "0", "1"
 TIMEOUT_S = 900
 EXIT_WAIT_S = 60  # from stdout's end to the process's exit
 POLL_S = 0.5
-BATCH = 2000  # records per write into chunbot's stdin
+PIPE_BYTES = 1 << 20  # both pipes' size: with Linux's default 64 KiB, chunbot idled ~30%
 TARGET_RATIO = 1.2
 
 PIPELINE = """\
@@ -89,6 +91,11 @@ def touch(r):
     return r
 '''
 
+# The generator: `python -c GENERATOR N WIDTH` writes records 1..N to stdout, then "sent N"
+# to stderr. The texts repeat with a period of 17 x 12 x 29 = 5,916 records (product,
+# opinion, days), the review number makes each one different; they need no JSON escaping.
+GENERATOR = r'''
+import sys
 PRODUCTS = ["kettle", "blender", "desk lamp", "backpack", "headphones", "coffee grinder",
             "office chair", "rice cooker", "water bottle", "air fryer", "toaster", "monitor",
             "keyboard", "tent", "vacuum cleaner", "hair dryer", "electric toothbrush"]
@@ -98,15 +105,33 @@ OPINIONS = ["Solid build, does what the box promises.", "The lid is stiff.",
             "It broke after a month.", "Easy to clean, love it.",
             "Terrible smell out of the box.", "Great value, works perfectly.",
             "The color differs from the photos.", "Shipping was slow."]
+PERIOD = len(PRODUCTS) * len(OPINIONS) * 29
+TAILS = [f'my {PRODUCTS[i % len(PRODUCTS)]}, {i % 29 + 2} days in. '
+         f'{OPINIONS[(i // len(PRODUCTS)) % len(OPINIONS)]}"}}\n' for i in range(PERIOD)]
+
+def lines(start, end, width):
+    template = '{"id": "r%0' + str(width) + 'd", "text": "Review %d: %s'
+    return "".join([template % (i, i, TAILS[i % PERIOD]) for i in range(start, end)])
+
+def main(count, width, batch=4000):
+    out = sys.stdout.buffer
+    sent = 0
+    try:
+        for start in range(1, count + 1, batch):
+            end = min(start + batch, count + 1)
+            out.write(lines(start, end, width).encode())
+            sent = end - 1
+        out.flush()
+    except BrokenPipeError:
+        pass
+    finally:
+        sys.stderr.write(f"sent {sent}\n")
+        sys.stderr.flush()
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), int(sys.argv[2]))
+'''
 ID_RE = re.compile(rb'"id":\s*"r(\d+)"')
-
-
-def line(i: int, width: int) -> str:
-    """Record i (1-based) as a JSON line; the texts need no escaping."""
-    product = PRODUCTS[i % len(PRODUCTS)]
-    opinion = OPINIONS[(i // len(PRODUCTS)) % len(OPINIONS)]
-    return (f'{{"id": "r{i:0{width}d}", "text": "Review {i}: my {product}, {i % 29 + 2} '
-            f'days in. {opinion}"}}\n')
 
 
 def env() -> dict[str, str]:
@@ -148,9 +173,11 @@ class Run:
     wall_s: float = 0.0
     code: int | None = None
     timed_out: bool = False
-    sent: int = 0  # records written into stdin
-    feed_error: str | None = None
+    sent: int | None = None  # records the generator wrote (its "sent N")
+    generator_code: int | None = None
+    generator_cpu_s: float = 0.0
     lines: int = 0
+    occurrences: int = 0  # lines with an input id
     ids: int = 0  # distinct input ids seen
     duplicates: int = 0
     unknown: int = 0  # lines without an input id
@@ -159,6 +186,7 @@ class Run:
     cpu_s: float = 0.0
     rss_mb: float = 0.0  # os.wait4 ru_maxrss
     hwm_mb: float | None = None  # the last VmHWM polled
+    pipe_bytes: int | None = None  # the pipes' size after widen()
     script_cpu_s: float = 0.0
     timeline: list[dict[str, float]] = field(default_factory=list)
     left: list[str] = field(default_factory=list)  # files left behind
@@ -179,26 +207,73 @@ class Run:
 
     @property
     def ok(self) -> bool:
-        return (not self.timed_out and self.code == 0 and self.lines == self.records
+        return (not self.timed_out and self.code == 0 and self.sent == self.records
+                and self.lines == self.records
                 and self.ids == self.records and not self.duplicates and not self.unknown
                 and self.touched == self.records and not self.failed)
 
 
-def feed(stdin, count: int, width: int, run: Run) -> None:
-    """Write `count` records into chunbot's stdin, BATCH at a time; close it at the end."""
+def generator_source() -> dict:
+    namespace: dict = {"__name__": "generator"}
+    exec(GENERATOR, namespace)
+    return namespace
+
+
+def count_block(block: bytes, seen: bytearray, run: Run) -> None:
+    """Count the complete lines in `block`: lines, "n": fields, ids (marked in `seen`)."""
+    newlines = block.count(b"\n")
+    blank = block.count(b"\n\n") + block.startswith(b"\n")
+    run.lines += newlines - blank
+    run.touched += block.count(b'"n":')
+    found = ID_RE.findall(block)
+    run.unknown += newlines - blank - len(found)
+    run.occurrences += len(found)
     try:
-        for start in range(1, count + 1, BATCH):
-            end = min(start + BATCH, count + 1)
-            stdin.write("".join(line(i, width) for i in range(start, end)).encode())
-            run.sent = end - 1
-        stdin.flush()
-    except (BrokenPipeError, ValueError, OSError) as e:  # chunbot died or was killed
-        run.feed_error = f"{type(e).__name__} after {run.sent:,} records"
-    finally:
+        for i in map(int, found):
+            seen[i] = 1
+    except IndexError:  # an id beyond the input: the slow way, for this block only
+        for i in map(int, found):
+            if 0 < i < len(seen):
+                seen[i] = 1
+            else:
+                run.unknown += 1
+                run.occurrences -= 1
+
+
+def widen(fd: int) -> int | None:
+    """Make a pipe PIPE_BYTES large (F_SETPIPE_SZ, Linux); its size, or None if it can't."""
+    try:
+        limit = int(Path("/proc/sys/fs/pipe-max-size").read_text())
+        return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(PIPE_BYTES, limit))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def wait_bounded(process: subprocess.Popen, seconds: float):
+    """os.wait4 until `process` exits, SIGKILL after `seconds`: (status, rusage, killed)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return status, usage, False
+        if time.monotonic() >= deadline:
+            kill_group(process)
+            _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)
+            return status, usage, True
+        time.sleep(0.01)
+
+
+def reap(process: subprocess.Popen | None) -> None:
+    """Kill and reap a process that was not waited for (an error, Ctrl-C)."""
+    if process is not None and process.returncode is None:
+        kill_group(process)
         try:
-            stdin.close()
-        except (BrokenPipeError, OSError):
+            os.wait4(process.pid, 0)
+        except ChildProcessError:
             pass
+        process.returncode = -9
 
 
 def measure(records: int, timeout_s: float) -> Run:
@@ -210,33 +285,41 @@ def measure(records: int, timeout_s: float) -> Run:
     before = files_under(PIPELINE_DIR)
     run.log = LOGS / f"{label}.err"
     errors_file = LOGS / f"{label}.errors.jsonl"
+    generator_log = LOGS / f"{label}.generator.err"
     width = max(5, len(str(records)))
     seen = bytearray(records + 1)
     print(f"  {records:>12,} records ...", end="", flush=True)
     self_before = resource.getrusage(resource.RUSAGE_SELF)
-    with open(run.log, "w") as err:
-        started = time.monotonic()
-        process = subprocess.Popen(["taskset", "-c", CLIENT_CORE, *CHUNBOT, "run",
-                                    str(PIPELINE_DIR / "p.yaml"), "--storage", "memory",
-                                    "--input", "-", "--quiet", "--errors", str(errors_file)],
-                                   cwd=folder, env=env(), stdin=subprocess.PIPE,
-                                   stdout=subprocess.PIPE, stderr=err, start_new_session=True)
-    feeder = threading.Thread(target=feed, args=(process.stdin, records, width, run),
-                              daemon=True)
-    feeder.start()
-    fd = process.stdout.fileno()
-    carry = b""
-    status = usage = None
-    next_poll = started
+    generator = chunbot = None
     try:
+        with open(run.log, "w") as err, open(generator_log, "w") as generator_err:
+            started = time.monotonic()
+            generator = subprocess.Popen(["taskset", "-c", SCRIPT_CORE, sys.executable, "-c",
+                                          GENERATOR, str(records), str(width)],
+                                         cwd=folder, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.PIPE, stderr=generator_err,
+                                         start_new_session=True)
+            widen(generator.stdout.fileno())
+            chunbot = subprocess.Popen(["taskset", "-c", CLIENT_CORE, *CHUNBOT, "run",
+                                        str(PIPELINE_DIR / "p.yaml"), "--storage", "memory",
+                                        "--input", "-", "--quiet", "--errors",
+                                        str(errors_file)],
+                                       cwd=folder, env=env(), stdin=generator.stdout,
+                                       stdout=subprocess.PIPE, stderr=err,
+                                       start_new_session=True)
+            generator.stdout.close()  # chunbot is its only reader: SIGPIPE if chunbot dies
+        run.pipe_bytes = widen(chunbot.stdout.fileno())
+        fd = chunbot.stdout.fileno()
+        carry = b""
+        next_poll = started
         deadline = started + timeout_s
         while True:  # ends at stdout's EOF or the deadline
             now = time.monotonic()
             if now >= next_poll:
-                values = proc_status(process.pid)
+                values = proc_status(chunbot.pid)
                 if values:
                     run.timeline.append({"t": round(now - started, 2), "out": run.lines,
-                                         "in": run.sent, "rss_mb": values["VmRSS"] / 1024,
+                                         "rss_mb": values["VmRSS"] / 1024,
                                          "hwm_mb": values["VmHWM"] / 1024})
                     run.hwm_mb = values["VmHWM"] / 1024
                 next_poll = now + POLL_S
@@ -253,53 +336,32 @@ def measure(records: int, timeout_s: float) -> Run:
             if cut < 0:
                 carry += chunk
                 continue
-            block, carry = carry + chunk[:cut + 1], chunk[cut + 1:]
-            run.lines += block.count(b"\n") - block.count(b"\n\n")  # blank lines not counted
-            run.touched += block.count(b'"n":')
-            found = 0
-            for match in ID_RE.finditer(block):
-                found += 1
-                i = int(match.group(1))
-                if 1 <= i <= records:
-                    if seen[i]:
-                        run.duplicates += 1
-                    else:
-                        seen[i] = 1
-                        run.ids += 1
-                else:
-                    run.unknown += 1
-            run.unknown += block.count(b"\n") - found - block.count(b"\n\n")
+            count_block(carry + chunk[:cut + 1], seen, run)
+            carry = chunk[cut + 1:]
         if carry.strip():  # a last line without its newline
             run.lines += 1
             run.unknown += 1
-        exit_deadline = time.monotonic() + (0 if run.timed_out else EXIT_WAIT_S)
-        while True:  # reap it, bounded
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() >= exit_deadline:
-                run.timed_out = True
-                kill_group(process)
-                _, status, usage = os.wait4(process.pid, 0)
-                break
-            time.sleep(0.01)
+        status, usage, killed = wait_bounded(chunbot, 0 if run.timed_out else EXIT_WAIT_S)
         run.wall_s = time.monotonic() - started
-    finally:  # too slow, or Ctrl-C: never leave chunbot running
-        if status is None:
-            kill_group(process)
-            try:
-                os.wait4(process.pid, 0)
-            except ChildProcessError:
-                pass
-        process.returncode = -1 if status is None else os.waitstatus_to_exitcode(status)
-        feeder.join(timeout=30)  # chunbot is gone: its writes fail at once
-        process.stdout.close()
+        run.timed_out = run.timed_out or killed
+        gen_status, gen_usage, _ = wait_bounded(generator, 10)
+    finally:  # too slow, or Ctrl-C: never leave a process running
+        reap(chunbot)
+        reap(generator)
+        if chunbot is not None:
+            chunbot.stdout.close()
     self_after = resource.getrusage(resource.RUSAGE_SELF)
     run.script_cpu_s = (self_after.ru_utime - self_before.ru_utime
                         + self_after.ru_stime - self_before.ru_stime)
     run.code = None if run.timed_out else os.waitstatus_to_exitcode(status)
     run.cpu_s = usage.ru_utime + usage.ru_stime
     run.rss_mb = usage.ru_maxrss / 1024
+    run.generator_cpu_s = gen_usage.ru_utime + gen_usage.ru_stime
+    run.generator_code = os.waitstatus_to_exitcode(gen_status)
+    match = re.search(r"sent (\d+)", generator_log.read_text())
+    run.sent = int(match.group(1)) if match else None
+    run.ids = seen.count(1, 1)  # seen[0]: no input id is r0
+    run.duplicates = run.occurrences - run.ids
     if errors_file.exists():
         with open(errors_file, "rb") as f:
             run.failed = sum(1 for row in f if row.strip())
@@ -317,18 +379,22 @@ def fmt(value: float | int | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
 
 
+def share(seconds: float, wall: float) -> str:
+    return f"{seconds / wall:.0%}" if wall else "–"
+
+
 def print_table(runs: list[Run]) -> None:
     headers = ["records in", "sent", "out", "ids once", "dupes", "missing", "failed", "wall s",
                "exit", "records/s", "peak RSS MB", "VmHWM MB", "RSS@10%", "RSS@50%", "RSS@90%",
-               "CPU s", "script CPU", "files left"]
+               "chunbot CPU", "generator CPU", "counter CPU", "files left"]
     rows = []
     for r in runs:
         rows.append([fmt(r.records), fmt(r.sent), fmt(r.lines), fmt(r.ids), fmt(r.duplicates),
                      fmt(r.missing), fmt(r.failed), fmt(r.wall_s, 1),
                      "TIMEOUT" if r.timed_out else str(r.code), fmt(r.rate),
                      fmt(r.rss_mb), fmt(r.hwm_mb), fmt(r.rss_at(0.1)), fmt(r.rss_at(0.5)),
-                     fmt(r.rss_at(0.9)), fmt(r.cpu_s, 1),
-                     f"{r.script_cpu_s / r.wall_s:.0%}" if r.wall_s else "–",
+                     fmt(r.rss_at(0.9)), share(r.cpu_s, r.wall_s),
+                     share(r.generator_cpu_s, r.wall_s), share(r.script_cpu_s, r.wall_s),
                      fmt(len(r.left))])
     widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
     for row in [headers, *rows]:
@@ -354,7 +420,7 @@ def main() -> int:
         parser.error("--sizes: at least one size, each at least 1; --timeout positive")
     if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
         sys.exit("needs two cores and taskset (util-linux)")
-    try:  # the feeder and the counter: keep them off chunbot's core
+    try:  # the counter (and the generator, started with taskset): off chunbot's core
         os.sched_setaffinity(0, {int(SCRIPT_CORE)})
     except (AttributeError, OSError):
         pass
@@ -365,12 +431,18 @@ def main() -> int:
     PIPELINE_DIR.mkdir(parents=True)
     (PIPELINE_DIR / "p.yaml").write_text(PIPELINE)
     (PIPELINE_DIR / "passmod.py").write_text(PASSMOD)
-    sample = [line(i, 8) for i in range(1, 1001)]
+    generator = generator_source()
+    sample = generator["lines"](1, 1001, 8)
+    started = time.monotonic()
+    generator["lines"](1, 200_001, 8)
+    generator_rate = 200_000 / (time.monotonic() - started)
     print(f"chunbot memory benchmark: sizes {', '.join(f'{n:,}' for n in sizes)}; records of "
-          f"~{sum(map(len, sample)) / len(sample):.0f} bytes piped into `chunbot run p.yaml "
+          f"~{len(sample) / 1000:.0f} bytes piped into `chunbot run p.yaml "
           f"--storage memory --input - --quiet`, one python stage (passmod:touch); chunbot on "
-          f"core {CLIENT_CORE}, this script (feeder + counter) on core {SCRIPT_CORE}; each "
-          f"size killed after {args.timeout:.0f} s (TIMEOUT)")
+          f"core {CLIENT_CORE}, the generator and this script (the counter) on core "
+          f"{SCRIPT_CORE}; each size killed after {args.timeout:.0f} s (TIMEOUT)")
+    print(f"  the generator formats ~{generator_rate:,.0f} records/s (measured here, without "
+          f"writing them); pipes widened to {PIPE_BYTES >> 10} KiB where the kernel allows")
     print("runs:")
     runs: list[Run] = []
     for k, n in enumerate(sizes):
@@ -384,15 +456,17 @@ def main() -> int:
                      else ""), flush=True)
 
     print("\nResults (peak RSS: chunbot's ru_maxrss from os.wait4; VmHWM: the last "
-          "/proc/PID/status poll; RSS@x%: VmRSS when x% of the records were out; CPU s: "
-          "chunbot's; script CPU: this script's share of its core; files left: under the "
+          "/proc/PID/status poll; RSS@x%: VmRSS when x% of the records were out; "
+          "CPU: each process's share of one core (counter: this script); files left: under the "
           "run folder and new beside p.yaml)")
     print_table(runs)
     for r in runs:
-        if r.timed_out or r.code != 0 or r.feed_error:
+        if r.timed_out or r.code != 0 or r.generator_code != 0 or r.sent != r.records:
             print(f"  ! {r.label}: " + ("TIMEOUT" if r.timed_out else f"exit {r.code}")
-                  + (f", feeding stopped: {r.feed_error}" if r.feed_error else "")
+                  + f"; the generator: exit {r.generator_code}, sent {fmt(r.sent)}"
                   + f" (see {r.log.relative_to(ROOT) if r.log else 'logs'})")
+        if r.pipe_bytes is None:
+            print(f"  ! {r.label}: the pipes could not be widened (64 KiB): chunbot may idle")
         if r.left:
             print(f"  ! {r.label}: left behind: {', '.join(r.left[:5])}"
                   + (" …" if len(r.left) > 5 else ""))
@@ -409,7 +483,7 @@ def main() -> int:
                  if large.timed_out else ""))
     for r in runs:
         print(f"  {r.records:,}: records out = records in, each once, exit 0  {verdict(r.ok)}  "
-              f"{r.lines:,} out of {r.records:,} in ({r.sent:,} sent), {r.ids:,} distinct ids, "
+              f"{r.lines:,} out of {r.records:,} in ({fmt(r.sent)} sent), {r.ids:,} distinct ids, "
               f"{r.duplicates:,} duplicates, {r.missing:,} missing, {r.unknown:,} unknown, "
               f"{r.touched:,} with n, {r.failed:,} failed, "
               + ("TIMEOUT" if r.timed_out else f"exit {r.code}"))

@@ -2,10 +2,13 @@
 
 Commit order for one stage of one shard, so a `kill -9` anywhere leaves a state the next
 run can continue from without losing or repeating a record:
+  0. when the next stage is already at work on the shard's records and they are not just
+     its input's in order (some were dropped or fanned out), the keys its journal knows
+     them by (`<next>/part-NNNNN.keys`);
   1. part file and trace file, each written to a temp file, fsynced, renamed;
   2. errors.jsonl cut back to the length state.json knows, then the shard's errors appended;
   3. state.json rewritten atomically with the shard marked done (this is the commit point);
-  4. the shard's journal removed.
+  4. the shard's journal (and its own keys file) removed.
 Until step 3 the shard is not done; an LLM stage's journal keeps every finished reply so
 the retry of the shard sends no request twice.
 """
