@@ -35,7 +35,7 @@ records out = records in, every id once, exit 0. A size still running after `--t
 seconds (900 by default) is killed and reported as TIMEOUT; after each size the next one's
 time is extrapolated (linearly) and printed.
 
-    .venv/bin/python bench/memory.py                         # 1M and 10M, ~3-5 minutes
+    .venv/bin/python bench/memory.py                         # 1M and 10M, ~30-60 s
     .venv/bin/python bench/memory.py --sizes 100000,1000000  # quicker
 
 As bench/throughput.py does, chunbot runs pinned to core 0 (`taskset -c 0`); the
