@@ -67,7 +67,7 @@ class Ledger:
         adopted by mistake after a crash (Anthropic's are matched by time and size) has
         none of this intent's ids, so its items are simply sent again, never taken for
         ours."""
-        return f"{self.intent}-{_name(key)}"
+        return f"{self.intent}-{key}"
 
 
 class Ledgers:
@@ -233,7 +233,7 @@ class BatchMode:
                     shard.complete(entry)
                 else:
                     retry[key] = request
-                    ledger.errors[_name(key)] = str(result)
+                    ledger.errors[str(key)] = str(result)
             if retry and (stage.spec.batch_fallback or ledger.past_deadline or realtime_rest):
                 await shard.send(retry)
             elif retry and ledger.rounds + 1 <= stage.spec.retries:
@@ -242,17 +242,12 @@ class BatchMode:
                 return await self._round(shard, realtime_rest)
             else:
                 for key in retry:
-                    error = f"model {client.spec.alias!r}: {ledger.errors[_name(key)]}"
+                    error = f"model {client.spec.alias!r}: {ledger.errors[str(key)]}"
                     trace = stage.trace_of(shard.records[key], requests[key])
                     trace["error"] = error
                     shard.complete(Entry(key, trace, error=error))
         ledgers.close(shard.shard)
         return True
-
-
-def _name(key: Key) -> str:
-    """A record's key as a provider's custom id takes it (letters, digits, - and _)."""
-    return "-".join(map(str, key))
 
 
 def pending_batches(pipeline: "Pipeline", stage: str | None = None,

@@ -243,6 +243,7 @@ class Run:
                               "which is no longer running")
                 self.workdir.remove_temp_files()
                 self.state = self.workdir.load_state()
+                self.workdir.remove_committed_journals(self.state)
                 self.state.last_run = {"started": _now(), "pid": os.getpid()}
                 self.store = DiskStore(self.workdir, self.state)
                 self._reset_changed_stages()
@@ -361,7 +362,7 @@ class Run:
         kept = {}
         for i, trace in enumerate(self.workdir.read_trace(stage.name, shard)):
             if not self._redoes(trace):
-                key = keys[i] if keys is not None and i < len(keys) else (i,)
+                key = keys[i] if keys is not None and i < len(keys) else i
                 kept[key] = Entry(key, trace, out=trace.get("output"), error=trace.get("error"))
         return kept
 

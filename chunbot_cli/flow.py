@@ -97,7 +97,7 @@ async def run_job(job: ShardJob, stages: Mapping[str, Stage], events: JobEvents)
     batch, failed = await _read(job)
     ids = None
     if isinstance(job.input, Lines):  # for the first stage's index of record ids
-        ids = [record["_id"] for _, record in batch] + [error["_id"] for error in failed]
+        ids = [record["_id"] for record in batch.records] + [error["_id"] for error in failed]
     inboxes: list[asyncio.Queue[Any]] = [asyncio.Queue() for _ in job.stages]
     spawned: set[asyncio.Task[Any]] = set()
     commits: list[Awaitable[None]] = []
@@ -116,7 +116,7 @@ async def run_job(job: ShardJob, stages: Mapping[str, Stage], events: JobEvents)
 
         def emit(passed: Batch, lines: list[bytes], counts: Counters | None) -> None:
             events.passed(name, shard, passed, lines, counts)
-            if after is not None and passed:
+            if after is not None and passed.records:
                 after.put_nowait(passed)
                 events.fed(following, len(passed))  # type: ignore[arg-type]
 
@@ -128,12 +128,12 @@ async def run_job(job: ShardJob, stages: Mapping[str, Stage], events: JobEvents)
         inbox, end = inboxes[position], None
         while end is None:
             item = await inbox.get()
-            if not isinstance(item, list):
+            if not isinstance(item, Batch):
                 end = item
                 continue
             while not inbox.empty():  # whatever else has arrived goes in the same batch
                 more = inbox.get_nowait()
-                if not isinstance(more, list):
+                if not isinstance(more, Batch):
                     end = more
                     break
                 item = item + more
@@ -163,8 +163,8 @@ async def run_job(job: ShardJob, stages: Mapping[str, Stage], events: JobEvents)
     first = job.stages[0].stage
     events.fed(first, len(batch) + len(failed))
     if failed:
-        events.passed(first, job.shard, [], [], Counters(records_in=len(failed),
-                                                         failed=len(failed)))
+        events.passed(first, job.shard, Batch([], []), [],
+                      Counters(records_in=len(failed), failed=len(failed)))
     drivers = [asyncio.ensure_future(drive(k)) for k in range(len(job.stages))]
     inboxes[0].put_nowait(batch)
     inboxes[0].put_nowait(_END)
@@ -186,26 +186,29 @@ async def _read(job: ShardJob) -> tuple[Batch, list[dict[str, Any]]]:
     if isinstance(source, Part):
         records = await asyncio.to_thread(read_lines, source.path, source.compress)
         keys = source.keys if source.keys is not None and len(source.keys) == len(records) \
-            else [(i,) for i in range(len(records))]
-        return list(zip(keys, records)), []
+            else list(range(len(records)))
+        return Batch(keys, records), []
     if isinstance(source, Rows):
         id_field, start = source.id_field, source.start
-        batch = []
+        batch = Batch(list(range(len(source.rows))), [])
         for i, row in enumerate(source.rows):
             record = dict(row)
             record["_id"] = record[id_field] if id_field is not None and id_field in record \
                 else start + i
-            batch.append(((i,), record))
+            batch.records.append(record)
         return batch, []
-    return parse(source, job.stages[0].stage)
+    parsed = parse(source, job.stages[0].stage)
+    source.lines = []  # the raw lines are not needed any more: let them go
+    return parsed
 
 
 def parse(source: Lines, stage: str) -> tuple[Batch, list[dict[str, Any]]]:
     """Input lines → records with `_id` (the `id_field`, else the line's place in the
     input); a line that is no JSON object → a failure of the first stage, naming it."""
-    batch: Batch = []
+    batch = Batch([], [])
     errors: list[dict[str, Any]] = []
-    keep, loads, id_field, start = batch.append, orjson.loads, source.id_field, source.start
+    keep_key, keep, loads, id_field, start = batch.keys.append, batch.records.append, \
+        orjson.loads, source.id_field, source.start
     for i, line in enumerate(source.lines):
         try:
             record = loads(line)
@@ -224,5 +227,6 @@ def parse(source: Lines, stage: str) -> tuple[Batch, list[dict[str, Any]]]:
             record["_id"] = record[id_field]
         else:
             record["_id"] = start + i
-        keep(((i,), record))
+        keep_key(i)
+        keep(record)
     return batch, errors

@@ -87,8 +87,7 @@ class DiskStore:
                 lines[i] = printable(lines[i])
             errors = dumps_lines(lines)
         keys = None
-        if downstream is not None and any(len(k) != 1 or k[0] != i
-                                          for i, k in enumerate(output.keys)):
+        if downstream is not None and output.keys != list(range(len(output.keys))):
             keys = output.keys
         entry = ShardEntry(source, token, dataclasses.replace(output.counts))
         return asyncio.get_running_loop().run_in_executor(
@@ -177,7 +176,7 @@ class RecordsOut:
             for line in lines:
                 self.take(orjson.loads(line))
         else:
-            for _, record in batch:
+            for record in batch.records:
                 self.take(record)
 
     def shard_done(self, shard: int) -> None:
@@ -207,14 +206,12 @@ class InputOrder:
         chunks = self.held.pop(shard, [])
         if chunks and all(batch is not None for _, batch in chunks):  # by key (part files
             # read whole come in order, without keys)
-            merged = sorted(((pair[0], line, pair) for lines, batch in chunks
-                             for line, pair in zip(lines, batch)),  # type: ignore[arg-type]
-                            key=_first)
-            chunks = [([line for _, line, _ in merged], [pair for _, _, pair in merged])]
+            keys = [key for _, batch in chunks for key in batch.keys]  # type: ignore[union-attr]
+            lines = [line for chunk, _ in chunks for line in chunk]
+            records = [r for _, batch in chunks for r in batch.records]  # type: ignore[union-attr]
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            chunks = [([lines[i] for i in order],
+                       Batch([keys[i] for i in order], [records[i] for i in order]))]
         for lines, batch in chunks:
             self.out.records(shard, lines, batch)
         self.out.shard_done(shard)
-
-
-def _first(item: tuple[Any, ...]) -> Any:
-    return item[0]

@@ -8,9 +8,10 @@ the last batch and gives the shard's output for its commit: the records in input
 (by key), the failures and, for LLM stages, one trace entry per record. A failing record
 never stops the others.
 
-Records are keyed by their place in the shard: `(i,)` for the i-th record the shard job
-started from, one more number per `python` fan-out. Keys order the output and name a
-record in the journal.
+Records are keyed by their place in the shard: i for the i-th record the shard job started
+from; a `python` stage's outputs are keyed i × FANOUT + j, its j-th for record i, so that
+keys still sort in output order (and fit any number of children). Keys order the output
+and name a record in the journal.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import asyncio
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Protocol
+from operator import lt
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, NamedTuple, Protocol
 
 import orjson
 
@@ -33,7 +35,17 @@ if TYPE_CHECKING:
     from .llm.cache import Cache
     from .llm.client import ModelClient
 
-Batch = list[tuple[Key, dict[str, Any]]]  # records with their keys
+class Batch(NamedTuple):
+    """Records with their keys (two lists, so a shard's records cost no pair each)."""
+
+    keys: list[Key]
+    records: list[dict[str, Any]]
+
+    def __len__(self) -> int:  # type: ignore[override]
+        return len(self.records)
+
+    def __add__(self, other: "Batch") -> "Batch":  # type: ignore[override]
+        return Batch(self.keys + other.keys, self.records + other.records)
 
 
 @dataclass
@@ -73,6 +85,9 @@ class Stage(Protocol):
              done: dict[Key, Entry] | None = None, mode: str | None = None) -> StageShard: ...
 
 
+FANOUT = 1 << 32  # the most children a python stage may return for one record
+
+
 def failure(stage: str, record: dict[str, Any], error: str) -> dict[str, Any]:
     return {"_id": record.get("_id"), "stage": stage, "error": error, "record": record}
 
@@ -90,22 +105,25 @@ class _Collected:
 
     def __init__(self, stage: str):
         self.stage = stage
-        self.lines: list[tuple[Key, bytes]] = []
+        self.keys: list[Key] = []
+        self.lines: list[bytes] = []
         self.errors: list[tuple[Key, dict[str, Any]]] = []
         self.counts = Counters()
+        self.in_order = True
 
     def encode(self, passed: Batch) -> tuple[Batch, list[bytes], Counters | None]:
         """The records' JSON lines; a record JSON cannot hold (a set, a key that is not a
         string, too deep) is that record's failure, before the next stage sees it."""
         dumps = orjson.dumps
         try:
-            lines = [dumps(record) for _, record in passed]
+            lines = [dumps(record) for record in passed.records]
         except TypeError:
-            kept, lines = [], []
-            for key, record in passed:
+            kept, lines = Batch([], []), []
+            for key, record in zip(*passed):
                 try:
                     lines.append(dumps(record))
-                    kept.append((key, record))
+                    kept.keys.append(key)
+                    kept.records.append(record)
                 except TypeError as e:
                     self.errors.append((key, _unwritable(self.stage, record, e)))
             moved = len(passed) - len(kept)
@@ -114,15 +132,22 @@ class _Collected:
             passed, change = kept, Counters(records_out=-moved, failed=moved)
         else:
             change = None
-        if passed:
-            self.lines += zip([key for key, _ in passed], lines)
+        keys = passed.keys
+        if keys:
+            if self.in_order and (self.keys and keys[0] < self.keys[-1] or len(keys) > 1
+                                  and not all(map(lt, keys, keys[1:]))):
+                self.in_order = False
+            self.keys += keys
+            self.lines += lines
         return passed, lines, change
 
     def output(self, trace: list[tuple[Key, dict[str, Any]]] | None = None) -> StageOutput:
-        self.lines.sort(key=_first)  # in linear time when they came in order
+        keys, lines = self.keys, self.lines
+        if not self.in_order:
+            order = sorted(range(len(keys)), key=keys.__getitem__)
+            keys, lines = [keys[i] for i in order], [lines[i] for i in order]
         self.errors.sort(key=_first)
-        out = StageOutput([line for _, line in self.lines], [key for key, _ in self.lines],
-                          [error for _, error in self.errors], counts=self.counts)
+        out = StageOutput(lines, keys, [error for _, error in self.errors], counts=self.counts)
         if trace is not None:
             trace.sort(key=_first)
             out.trace = [t for _, t in trace]
@@ -182,16 +207,16 @@ class FilterStage(_PerRecord):
         self.predicate = templates.compile_expression(spec.filter or "")
 
     def map(self, batch: Batch) -> tuple[Batch, list[tuple[Key, dict[str, Any]]], int]:
-        kept: Batch = []
+        kept = Batch([], [])
         errors = []
-        keep, predicate = kept.append, self.predicate
-        for pair in batch:
+        keys, records, predicate = kept.keys, kept.records, self.predicate
+        for key, record in zip(*batch):
             try:
-                if predicate(pair[1]):
-                    keep(pair)
+                if predicate(record):
+                    keys.append(key)
+                    records.append(record)
             except Exception as e:  # any error in a user expression is this record's failure
-                errors.append((pair[0], failure(self.spec.name, pair[1],
-                                                f"filter: {_describe(e)}")))
+                errors.append((key, failure(self.spec.name, record, f"filter: {_describe(e)}")))
         return kept, errors, len(batch) - len(kept) - len(errors)
 
 
@@ -202,10 +227,12 @@ class PythonStage(_PerRecord):
                                                                          import_paths)
 
     def map(self, batch: Batch) -> tuple[Batch, list[tuple[Key, dict[str, Any]]], int]:
-        kept: Batch = []
+        kept = Batch([], [])
         errors = []
-        keep, function, dropped = kept.append, self.function, 0
-        for key, record in batch:
+        keep_key, keep, function, dropped = kept.keys.append, kept.records.append, \
+            self.function, 0
+        for key, record in zip(*batch):
+            base = key * FANOUT  # every output of the stage at the same level
             parent = record.get("_id")
             try:
                 result = function(record)
@@ -215,17 +242,20 @@ class PythonStage(_PerRecord):
                 errors.append((key, failure(self.spec.name, record, reason)))
                 continue
             if result is record:
-                keep((key, result))
+                keep_key(base)
+                keep(result)
             elif isinstance(result, dict):
                 result.setdefault("_id", parent)
-                keep((key, result))
+                keep_key(base)
+                keep(result)
             elif result is None:
                 dropped += 1
             elif isinstance(result, list) and all(isinstance(r, dict) for r in result):
                 for j, child in enumerate(result):
                     if child.get("_id", parent) == parent:
                         child["_id"] = f"{parent}-{j}"
-                    keep((key + (j,), child))
+                    keep_key(base + j)
+                    keep(child)
             else:
                 errors.append((key, failure(
                     self.spec.name, record,
@@ -413,7 +443,7 @@ class LLMShard:
         self.workers: set[asyncio.Task[None]] = set()
 
     async def feed(self, batch: Batch) -> None:
-        records = dict(batch)
+        records = dict(zip(*batch))
         self.records.update(records)
         if self.mode is None:  # batch modes wait for the whole shard
             self.send_later(await self.stage.requests(records, self.done, self.complete))
@@ -430,7 +460,7 @@ class LLMShard:
                                                         entry.error)))
             return
         record[self.field] = entry.out
-        passed, lines, change = self.out.encode([(entry.key, record)])
+        passed, lines, change = self.out.encode(Batch([entry.key], [record]))
         self.outlet.emit(passed, lines, change)
 
     def send_later(self, requests: dict[Key, Request]) -> None:

@@ -178,7 +178,7 @@ class Workdir:
             return None
         if not isinstance(data, dict) or data.get("src") != source:
             return None
-        return [tuple(key) for key in data["keys"]]
+        return data["keys"]
 
     def load_batches(self, stage: str) -> dict[str, Any]:
         """<stage>/batches.json: per shard, the provider batches it waits for."""
@@ -232,6 +232,22 @@ class Workdir:
         here, so every temp file is an orphan."""
         for path in (*self.path.glob(f".*{TEMP_MARK}*"), *self.path.glob(f"*/.*{TEMP_MARK}*")):
             path.unlink(missing_ok=True)
+
+    def remove_committed_journals(self, state: State) -> None:
+        """Remove journals (and keys files) of shards committed from them: a run killed
+        between a commit and the journal's removal leaves them, and nothing would again.
+        A journal for a committed shard made since (`rerun --failed`) has another token."""
+        for path in self.path.glob("*/part-*.journal"):
+            stage = state.stages.get(path.parent.name)
+            entry = stage and stage.shards.get(int(path.name[5:10]))
+            if entry is not None and _journal_token(path) == entry.token:
+                path.unlink(missing_ok=True)
+        for path in self.path.glob("*/part-*.keys"):
+            stage = state.stages.get(path.parent.name)
+            entry = stage and stage.shards.get(int(path.name[5:10]))
+            if entry is not None and self.read_keys(path.parent.name, int(path.name[5:10]),
+                                                    entry.src) is not None:
+                path.unlink(missing_ok=True)  # it served the journal of that commit
 
     # lock
     @contextmanager
@@ -416,6 +432,15 @@ class Workdir:
         return len(kept)
 
 
+def _journal_token(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            header = orjson.loads(f.readline())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    return header.get("token") if isinstance(header, dict) else None
+
+
 def read_bytes(path: Path | str, compress: str | None) -> bytes:
     """A part or trace file's JSONL, decompressed."""
     data = Path(path).read_bytes()
@@ -452,7 +477,7 @@ def _shard_of(line: bytes) -> int | None:
         return None
 
 
-Key = tuple[int, ...]  # a record's place in a shard (see stages.py)
+Key = int  # a record's place in a shard (see stages.py)
 
 
 @dataclass(slots=True)
@@ -470,33 +495,23 @@ class Entry:
         return self.error is not None
 
     def to_json(self) -> dict[str, Any]:
-        key: Any = self.key[0] if len(self.key) == 1 else list(self.key)
         if self.error is not None:
-            return {"i": key, "error": self.error, "trace": self.trace}
-        return {"i": key, "out": self.out, "trace": self.trace}
+            return {"i": self.key, "error": self.error, "trace": self.trace}
+        return {"i": self.key, "out": self.out, "trace": self.trace}
 
     @classmethod
     def from_json(cls, data: Any) -> "Entry | None":
         """The entry a journal line holds; None for a line chunbot did not write."""
         if not isinstance(data, dict) or not isinstance(data.get("trace"), dict):
             return None
-        key = _key(data.get("i"))
-        if key is None:
+        key = data.get("i")
+        if type(key) is not int or key < 0:
             return None
         if isinstance(data.get("error"), str):
             return cls(key, data["trace"], error=data["error"])
         if "out" in data:
             return cls(key, data["trace"], out=data["out"])
         return None
-
-
-def _key(value: Any) -> Key | None:
-    """A key as the journal writes it: a number, or a list of them after a fan-out."""
-    if type(value) is int and value >= 0:
-        return (value,)
-    if type(value) is list and value and all(type(v) is int and v >= 0 for v in value):
-        return tuple(value)
-    return None
 
 
 class Journal:

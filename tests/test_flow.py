@@ -29,7 +29,7 @@ class Log:
         pass
 
     def passed(self, stage, shard, batch, lines, counts):
-        self.events += [("passed", stage, record["_id"]) for _, record in batch]
+        self.events += [("passed", stage, record["_id"]) for record in batch.records]
 
     def done(self, job, position, output):
         stage = job.stages[position].stage

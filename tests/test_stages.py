@@ -9,7 +9,7 @@ import orjson
 from chunbot_cli.config import ModelSpec, StageSpec
 from chunbot_cli.llm.client import ModelClient
 from chunbot_cli.llm.types import ProviderError, Reply
-from chunbot_cli.stages import FilterStage, LLMStage, Outlet, PythonStage
+from chunbot_cli.stages import Batch, FilterStage, LLMStage, Outlet, PythonStage
 from chunbot_cli.store import Entry
 
 
@@ -22,12 +22,12 @@ class Shard:
 
     def __init__(self, stage, rows, done=None):
         self.passed, self.entries = [], []
-        outlet = Outlet(lambda batch, lines, counts: self.passed.extend(batch),
+        outlet = Outlet(lambda batch, lines, counts: self.passed.extend(batch.records),
                         lambda entry, new: new and self.entries.append(entry))
 
         async def run():
             shard = stage.open(0, "source", outlet, done)
-            await shard.feed([((i,), row) for i, row in enumerate(rows)])
+            await shard.feed(Batch(list(range(len(rows))), rows))
             return await shard.finish()
 
         self.out = asyncio.run(run())
@@ -78,7 +78,7 @@ def test_llm_stage_labels_in_input_order_and_traces_each_record():
     stage = llm_stage()
     out = Shard(stage, records("great, love it", "terrible, broke", "okay"))
     assert [r["label"] for r in out.records] == ["positive", "negative", "neutral"]
-    assert sorted(e.key for e in out.entries) == [(0,), (1,), (2,)]
+    assert sorted(e.key for e in out.entries) == [0, 1, 2]
     trace = out.trace[1]
     assert trace["request"]["messages"] == [{"role": "user",
                                              "content": "Label the sentiment: terrible, broke"}]
@@ -88,10 +88,10 @@ def test_llm_stage_labels_in_input_order_and_traces_each_record():
 
 def test_llm_stage_does_not_resend_journaled_records():
     stage = llm_stage()
-    done = {(0,): Entry((0,), {"_id": 0}, out="from the journal")}
+    done = {0: Entry(0, {"_id": 0}, out="from the journal")}
     out = Shard(stage, records("great", "awful"), done)
     assert [r["label"] for r in out.records] == ["from the journal", "negative"]
-    assert [e.key for e in out.entries] == [(1,)]
+    assert [e.key for e in out.entries] == [1]
     assert stage.clients[0].requests == 1
 
 

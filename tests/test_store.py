@@ -70,26 +70,26 @@ def test_journal_keeps_finished_entries_and_ignores_a_torn_line(tmp_path):
     path = tmp_path / "s/part-00000.journal"
     journal = Journal(path, {"stage": "s", "fingerprint": "f1", "src": "a"})
     journal.open({})
-    journal.append(Entry((0,), {}, out="x"))
-    journal.append(Entry((2, 1), {}, out="y"))  # a record a python stage fanned out
+    journal.append(Entry(0, {}, out="x"))
+    journal.append(Entry(2 << 32 | 1, {}, out="y"))  # a record a python stage fanned out
     journal.close()
     with open(path, "ab") as f:
         f.write(b'{"i": 3, "ou')  # killed mid-write
     again = Journal(path, {"stage": "s", "fingerprint": "f1", "src": "a"})
     done = again.load()
-    assert sorted(done) == [(0,), (2, 1)]
+    assert sorted(done) == [0, 2 << 32 | 1]
     assert again.token == journal.token  # what downstream journals name as their source
     again.open(done)
-    again.append(Entry((3,), {}, out="z"))
+    again.append(Entry(3, {}, out="z"))
     again.close()
-    assert sorted(again.load()) == [(0,), (2, 1), (3,)]
+    assert sorted(again.load()) == [0, 3, 2 << 32 | 1]
 
 
 def test_a_journal_for_other_inputs_is_discarded(tmp_path):
     path = tmp_path / "part-00000.journal"
     journal = Journal(path, {"fingerprint": "f1", "src": "a"})
     journal.open({})
-    journal.append(Entry((0,), {}, out="x"))
+    journal.append(Entry(0, {}, out="x"))
     journal.close()
     other = Journal(path, {"fingerprint": "f2", "src": "a"})
     assert other.load() == {} and other.token != journal.token
