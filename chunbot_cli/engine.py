@@ -477,14 +477,14 @@ class Run:
         if self.output is None:
             return
         data = self.workdir.read_bytes(self.workdir.part_path(self.selected[-1].name, shard))
-        self._emit(shard, data.splitlines(), None)
+        self._emit(shard, data, None)
         if self.output is not None:
             self.output.shard_done(shard)
 
-    def _emit(self, shard: int, lines: list[bytes], batch: Batch | None) -> None:
+    def _emit(self, shard: int, data: bytes, batch: Batch | None) -> None:
         assert self.output is not None
         try:
-            self.output.records(shard, lines, batch)
+            self.output.records(shard, data, batch)
         except BrokenPipeError:  # the reader of stdout went away (`| head`): stop as
             self.output = None  # SIGINT would, with SIGPIPE's exit code
             self.stop(signal.SIGPIPE)
@@ -534,12 +534,12 @@ class Run:
         if self.traces is not None:
             self.traces(entry.trace)
 
-    def passed(self, stage: str, shard: int, batch: Batch, lines: list[bytes],
+    def passed(self, stage: str, shard: int, batch: Batch, data: bytes,
                counts: Counters | None) -> None:
         if counts is not None:
             self.report.stages[stage].counts.add(counts)
         if self.output is not None and stage == self.selected[-1].name:
-            self._emit(shard, lines, batch)
+            self._emit(shard, data, batch)
 
     def done(self, job: ShardJob, position: int, output: StageOutput) -> Any:
         work = job.stages[position]

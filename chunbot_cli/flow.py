@@ -79,7 +79,7 @@ class JobEvents(Protocol):
 
     def entry(self, stage: str, shard: int, entry: Entry, new: bool) -> None: ...
 
-    def passed(self, stage: str, shard: int, batch: Batch, lines: list[bytes],
+    def passed(self, stage: str, shard: int, batch: Batch, data: bytes,
                counts: Counters | None) -> None: ...  # records out of a stage
 
     def done(self, job: ShardJob, position: int,
@@ -114,8 +114,8 @@ async def run_job(job: ShardJob, stages: Mapping[str, Stage], events: JobEvents)
         after = inboxes[position + 1] if position + 1 < len(job.stages) else None
         following = job.stages[position + 1].stage if after is not None else None
 
-        def emit(passed: Batch, lines: list[bytes], counts: Counters | None) -> None:
-            events.passed(name, shard, passed, lines, counts)
+        def emit(passed: Batch, data: bytes, counts: Counters | None) -> None:
+            events.passed(name, shard, passed, data, counts)
             if after is not None and passed.records:
                 after.put_nowait(passed)
                 events.fed(following, len(passed))  # type: ignore[arg-type]
@@ -163,7 +163,7 @@ async def run_job(job: ShardJob, stages: Mapping[str, Stage], events: JobEvents)
     first = job.stages[0].stage
     events.fed(first, len(batch) + len(failed))
     if failed:
-        events.passed(first, job.shard, Batch([], []), [],
+        events.passed(first, job.shard, Batch([], []), b"",
                       Counters(records_in=len(failed), failed=len(failed)))
     drivers = [asyncio.ensure_future(drive(k)) for k in range(len(job.stages))]
     inboxes[0].put_nowait(batch)

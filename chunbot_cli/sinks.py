@@ -18,7 +18,7 @@ from typing import IO, Any, Callable, Protocol
 import orjson
 
 from .config import StageSpec
-from .stages import Batch, StageOutput
+from .stages import Batch, StageOutput, in_key_order
 from .state import ShardEntry, State
 from .store import Entry, Journal, Key, Workdir, dumps_lines, encode_lines, printable
 
@@ -70,7 +70,7 @@ class DiskStore:
         so a downstream shard is never marked done before its upstream, and fsyncs overlap
         with the work on other records. `downstream`: the stage already at work on this
         shard's records, whose journal knows them by their keys."""
-        data = b"\n".join(output.lines) + b"\n" if output.lines else b""
+        data = output.data
         trace = None
         if output.trace is not None:
             trace, bad = encode_lines(output.trace)
@@ -144,7 +144,9 @@ class MemoryStore:
 class Output(Protocol):
     """Takes the last selected stage's records as they finish."""
 
-    def records(self, shard: int, lines: list[bytes], batch: Batch | None) -> None: ...
+    def records(self, shard: int, data: bytes, batch: Batch | None) -> None: ...
+    # `data`: the records as JSON lines; `batch`: as dicts with their keys (None: records
+    # read back from a part file, in order)
 
     def shard_done(self, shard: int) -> None: ...  # no more records of this shard come
 
@@ -156,9 +158,9 @@ class JsonLinesOut:
     def __init__(self, stream: IO[bytes]):
         self.stream = stream
 
-    def records(self, shard: int, lines: list[bytes], batch: Batch | None) -> None:
-        if lines:
-            self.stream.write(b"\n".join(lines) + b"\n")
+    def records(self, shard: int, data: bytes, batch: Batch | None) -> None:
+        if data:
+            self.stream.write(data)
             self.stream.flush()
 
     def shard_done(self, shard: int) -> None:
@@ -171,9 +173,9 @@ class RecordsOut:
     def __init__(self, take: Callable[[dict[str, Any]], None]):
         self.take = take
 
-    def records(self, shard: int, lines: list[bytes], batch: Batch | None) -> None:
+    def records(self, shard: int, data: bytes, batch: Batch | None) -> None:
         if batch is None:
-            for line in lines:
+            for line in data.splitlines():
                 self.take(orjson.loads(line))
         else:
             for record in batch.records:
@@ -189,11 +191,11 @@ class InputOrder:
 
     def __init__(self, out: Output, first: int = 0):
         self.out, self.next = out, first
-        self.held: dict[int, list[tuple[list[bytes], Batch | None]]] = {}
+        self.held: dict[int, list[tuple[bytes, Batch | None]]] = {}
         self.finished: set[int] = set()
 
-    def records(self, shard: int, lines: list[bytes], batch: Batch | None) -> None:
-        self.held.setdefault(shard, []).append((lines, batch))
+    def records(self, shard: int, data: bytes, batch: Batch | None) -> None:
+        self.held.setdefault(shard, []).append((data, batch))
 
     def shard_done(self, shard: int) -> None:
         self.finished.add(shard)
@@ -207,11 +209,10 @@ class InputOrder:
         if chunks and all(batch is not None for _, batch in chunks):  # by key (part files
             # read whole come in order, without keys)
             keys = [key for _, batch in chunks for key in batch.keys]  # type: ignore[union-attr]
-            lines = [line for chunk, _ in chunks for line in chunk]
             records = [r for _, batch in chunks for r in batch.records]  # type: ignore[union-attr]
             order = sorted(range(len(keys)), key=keys.__getitem__)
-            chunks = [([lines[i] for i in order],
-                       Batch([keys[i] for i in order], [records[i] for i in order]))]
-        for lines, batch in chunks:
-            self.out.records(shard, lines, batch)
+            data, _ = in_key_order(b"".join(data for data, _ in chunks), keys)
+            chunks = [(data, Batch([keys[i] for i in order], [records[i] for i in order]))]
+        for data, batch in chunks:
+            self.out.records(shard, data, batch)
         self.out.shard_done(shard)

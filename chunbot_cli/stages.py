@@ -52,7 +52,7 @@ class Batch(NamedTuple):
 class StageOutput:
     """One stage's shard, whole: what its commit writes."""
 
-    lines: list[bytes]  # the output records as JSON, in key order
+    data: bytes  # the output records as JSON lines, in key order
     keys: list[Key]  # each output record's key
     errors: list[dict[str, Any]] = field(default_factory=list)
     trace: list[dict[str, Any]] | None = None
@@ -64,7 +64,7 @@ class StageOutput:
 class Outlet:
     """Where a stage's shard reports to (the shard job's flow)."""
 
-    emit: Callable[[Batch, list[bytes], Counters | None], None]  # records out, their lines,
+    emit: Callable[[Batch, bytes, Counters | None], None]  # records out, as JSON lines,
     # and changes to the live counts beyond what `entry` tells
     entry: Callable[[Entry, bool], None] = lambda entry, new: None  # an LLM record finished
     # (new: not restored from the journal)
@@ -106,14 +106,17 @@ class _Collected:
     def __init__(self, stage: str):
         self.stage = stage
         self.keys: list[Key] = []
-        self.lines: list[bytes] = []
+        self.chunks: list[bytes] = []  # JSON lines of each batch, in the order they came
         self.errors: list[tuple[Key, dict[str, Any]]] = []
         self.counts = Counters()
         self.in_order = True
 
-    def encode(self, passed: Batch) -> tuple[Batch, list[bytes], Counters | None]:
+    def encode(self, passed: Batch) -> tuple[Batch, bytes, Counters | None]:
         """The records' JSON lines; a record JSON cannot hold (a set, a key that is not a
-        string, too deep) is that record's failure, before the next stage sees it."""
+        string, too deep) is that record's failure, before the next stage sees it.
+
+        They are kept joined: orjson gives every bytes object it makes 4 KB whatever its
+        length, so a shard's worth of separate lines would hold ten times its size."""
         dumps = orjson.dumps
         try:
             lines = [dumps(record) for record in passed.records]
@@ -133,25 +136,35 @@ class _Collected:
         else:
             change = None
         keys = passed.keys
+        data = b"\n".join(lines) + b"\n" if lines else b""
         if keys:
             if self.in_order and (self.keys and keys[0] < self.keys[-1] or len(keys) > 1
                                   and not all(map(lt, keys, keys[1:]))):
                 self.in_order = False
             self.keys += keys
-            self.lines += lines
-        return passed, lines, change
+            self.chunks.append(data)
+        return passed, data, change
 
     def output(self, trace: list[tuple[Key, dict[str, Any]]] | None = None) -> StageOutput:
-        keys, lines = self.keys, self.lines
-        if not self.in_order:
-            order = sorted(range(len(keys)), key=keys.__getitem__)
-            keys, lines = [keys[i] for i in order], [lines[i] for i in order]
+        keys = self.keys
+        if self.in_order:
+            data = b"".join(self.chunks)
+        else:
+            data, keys = in_key_order(b"".join(self.chunks), keys)
+        self.chunks = []
         self.errors.sort(key=_first)
-        out = StageOutput(lines, keys, [error for _, error in self.errors], counts=self.counts)
+        out = StageOutput(data, keys, [error for _, error in self.errors], counts=self.counts)
         if trace is not None:
             trace.sort(key=_first)
             out.trace = [t for _, t in trace]
         return out
+
+
+def in_key_order(data: bytes, keys: list[Key]) -> tuple[bytes, list[Key]]:
+    """JSON lines (one per key, in the keys' order) sorted by key."""
+    lines = data.split(b"\n")
+    order = sorted(range(len(keys)), key=keys.__getitem__)
+    return b"".join([lines[i] + b"\n" for i in order]), [keys[i] for i in order]
 
 
 def _unwritable(stage: str, record: dict[str, Any], error: Exception) -> dict[str, Any]:
@@ -175,10 +188,10 @@ class _MappedShard:
                           filtered=filtered)
         self.out.counts.add(counts)
         self.out.errors += errors
-        passed, lines, change = self.out.encode(passed)
+        passed, data, change = self.out.encode(passed)
         if change is not None:
             counts.add(change)
-        self.outlet.emit(passed, lines, counts)
+        self.outlet.emit(passed, data, counts)
 
     async def finish(self) -> StageOutput:
         return self.out.output()
@@ -460,8 +473,8 @@ class LLMShard:
                                                         entry.error)))
             return
         record[self.field] = entry.out
-        passed, lines, change = self.out.encode(Batch([entry.key], [record]))
-        self.outlet.emit(passed, lines, change)
+        passed, data, change = self.out.encode(Batch([entry.key], [record]))
+        self.outlet.emit(passed, data, change)
 
     def send_later(self, requests: dict[Key, Request]) -> None:
         self.queue.extend(requests.items())

@@ -28,13 +28,13 @@ class Log:
     def entry(self, stage, shard, entry, new):
         pass
 
-    def passed(self, stage, shard, batch, lines, counts):
+    def passed(self, stage, shard, batch, data, counts):
         self.events += [("passed", stage, record["_id"]) for record in batch.records]
 
     def done(self, job, position, output):
         stage = job.stages[position].stage
         self.events.append(("done", stage))
-        self.outputs[stage] = [orjson.loads(line) for line in output.lines]
+        self.outputs[stage] = [orjson.loads(line) for line in output.data.splitlines()]
 
     def pending(self, stage, shard):
         pass

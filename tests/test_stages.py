@@ -22,7 +22,7 @@ class Shard:
 
     def __init__(self, stage, rows, done=None):
         self.passed, self.entries = [], []
-        outlet = Outlet(lambda batch, lines, counts: self.passed.extend(batch.records),
+        outlet = Outlet(lambda batch, data, counts: self.passed.extend(batch.records),
                         lambda entry, new: new and self.entries.append(entry))
 
         async def run():
@@ -31,7 +31,7 @@ class Shard:
             return await shard.finish()
 
         self.out = asyncio.run(run())
-        self.records = [orjson.loads(line) for line in self.out.lines]
+        self.records = [orjson.loads(line) for line in self.out.data.splitlines()]
         self.errors, self.trace, self.counts = self.out.errors, self.out.trace, self.out.counts
 
 
