@@ -26,13 +26,13 @@ from .batchmode import pending_batches
 from .config import ConfigError, Pipeline, StageSpec, check_api_keys
 from .executor import LocalExecutor
 from .flow import Lines, Part, Rows, ShardJob, StageWork
-from .plan import NotFresh, plan_shard
+from .plan import Planner
 from .sinks import DiskStore, InputOrder, MemoryStore, Output, Store
 from .source import InputError, Shard, read_shards, resolve, row_shards
 from .stages import Batch, Stage, StageOutput
 from .stageset import StageSet
-from .state import Counters, ShardEntry, StageState, State
-from .store import Entry, Key, Locked, StoreError, Workdir, describe, reason_of
+from .state import Counters, StageState, State
+from .store import Entry, Locked, StoreError, Workdir, describe, reason_of
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LATER = 0, 1, 2, 75
 BATCH_POLL_S = float(os.environ.get("CHUNBOT_BATCH_POLL_S", "30"))
@@ -224,7 +224,7 @@ class Run:
         self.traces = traces
         self.stopped_by: int | None = None  # the signal that interrupted the run
         self.stopping = False  # a fault of the workdir: read no more input
-        self.missing_parts: set[str] = set()  # stages whose part files were found gone
+        self.planner: Planner | None = None  # what is stale (disk storage)
         self.task: asyncio.Task[Any] | None = None
         self.executor: LocalExecutor | None = None
 
@@ -246,7 +246,12 @@ class Run:
                 self.workdir.remove_committed_journals(self.state)
                 self.state.last_run = {"started": _now(), "pid": os.getpid()}
                 self.store = DiskStore(self.workdir, self.state)
-                self._reset_changed_stages()
+                self.planner = Planner(pipeline=self.pipeline, selected=self.selected,
+                                       workdir=self.workdir, state=self.state, note=self.note,
+                                       stage=self.options.stage, rerun=self.options.rerun,
+                                       failed=self.options.rerun_failed,
+                                       ids=self.options.rerun_ids)
+                self.planner.reset_changed_stages()
                 await self._work()
         if self.progress:
             self.progress.finish(self, self.report)
@@ -307,87 +312,11 @@ class Run:
     def _stage_state(self, stage: StageSpec) -> StageState:
         return self.state.stages[stage.name]
 
-    def _upstream_not_fresh(self, upstream: StageSpec, shard: int | None = None) -> ConfigError:
-        where = "" if shard is None else f" for shard {shard}"
-        wanted = self.selected[0].name
-        return ConfigError(f"stage {wanted!r} needs fresh output of {upstream.name!r}{where}; "
-                           f"run with --until {wanted} instead")
-
-    def _reset_changed_stages(self) -> None:
-        position = self.pipeline.stages.index(self.selected[0])
-        if (self.options.stage or self.options.rerun) and position > 0:
-            upstream = self.pipeline.stages[position - 1]
-            saved = self.state.stages.get(upstream.name)
-            if saved is None or saved.fingerprint != upstream.fingerprint:
-                raise self._upstream_not_fresh(upstream)
-        for stage in self.selected:
-            saved = self.state.stages.get(stage.name)
-            redo = stage.name == self.options.rerun
-            if saved is not None and redo and self._partial_rerun:
-                self.workdir.snapshot_stage(stage.name)  # before and after, for `chunbot diff`
-            elif saved is None or saved.fingerprint != stage.fingerprint or redo:
-                if redo:
-                    self.note(f"rerunning stage {stage.name!r}; its previous output is in "
-                              f"{self.workdir.stage_dir(stage.name)}.prev")
-                elif saved is not None:
-                    self.note(f"stage {stage.name!r} changed: recomputing it")
-                self.workdir.reset_stage(stage.name)
-                self.state.stages[stage.name] = StageState(stage.fingerprint, stage.definition)
-        self.workdir.save_state(self.state)
-
-    @property
-    def _partial_rerun(self) -> bool:
-        return self.options.rerun_failed or self.options.rerun_ids is not None
-
-    def _redo(self, stage: StageSpec, shard: int, entry: ShardEntry) -> bool:
-        """Whether `rerun --failed` / `--ids` has records to redo in this fresh shard."""
-        if stage.name != self.options.rerun or not self._partial_rerun:
-            return False
-        if self.options.rerun_failed:
-            return bool(entry.counts.failed)  # state.json says so: no need to read the trace
-        return any(map(self._redoes, self.workdir.read_trace(stage.name, shard)))
-
-    def _redoes(self, trace: dict[str, Any]) -> bool:
-        """Whether a partial rerun sends this record (its trace entry) again."""
-        if self.options.rerun_failed:
-            return trace.get("error") is not None
-        return str(trace.get("_id")) in (self.options.rerun_ids or ())
-
-    def _reusable(self, stage: StageSpec, shard: int,
-                  keys: list[Key] | None) -> dict[Key, Entry]:
-        """For a partial rerun: the shard's finished records that stay as they are (the
-        trace has one line per record of the upstream part, in its order)."""
-        if stage.name != self.options.rerun or not self._partial_rerun:
-            return {}
-        kept = {}
-        for i, trace in enumerate(self.workdir.read_trace(stage.name, shard)):
-            if not self._redoes(trace):
-                key = keys[i] if keys is not None and i < len(keys) else i
-                kept[key] = Entry(key, trace, out=trace.get("output"), error=trace.get("error"))
-        return kept
-
     def _plan(self, shard: Shard) -> tuple[list[StageSpec], str]:
         """The stages to compute for this shard and the source token the first one reads."""
-        stages = self.pipeline.stages[: self.last + 1]
-        if self.memory:
-            return stages, shard.digest
-        try:
-            planned = plan_shard(stages, self.selected, self.state.stages, shard.index,
-                                 shard.digest, self._has_part, self._redo)
-        except NotFresh as e:
-            raise self._upstream_not_fresh(e.stage, e.shard) from None
-        if planned.start is None:
-            return [], planned.source
-        return stages[planned.start:], planned.source
-
-    def _has_part(self, stage: StageSpec, shard: int) -> bool:
-        if self.workdir.part_path(stage.name, shard).exists():
-            return True
-        if stage.name not in self.missing_parts:
-            self.note(f"stage {stage.name!r}: the output of shard {shard} is missing "
-                      f"({self.workdir.part_path(stage.name, shard)}): recomputing it")
-        self.missing_parts.add(stage.name)
-        return False
+        if self.planner is None:  # memory: nothing is kept, everything is computed
+            return self.pipeline.stages[: self.last + 1], shard.digest
+        return self.planner.plan(shard.index, shard.digest)
 
     def _job(self, shard: Shard, todo: list[StageSpec], source: str,
              rows: list[dict[str, Any]] | None) -> ShardJob:
@@ -407,7 +336,8 @@ class Run:
         work = []
         for stage in todo:
             if stage.kind == "llm":
-                keep = self._reusable(stage, shard.index, keys) if stage is todo[0] else {}
+                keep = (self.planner.reusable(stage, shard.index, keys)
+                        if self.planner is not None and stage is todo[0] else {})
                 done, token = self.store.journal(stage, shard.index, source, keep)
                 mode = self.batching.mode(stage, shard.index, source)
             else:

@@ -116,3 +116,14 @@ def test_kill_9_while_a_stage_works_on_records_an_upstream_fanned_out(project):
     assert all(r["label"] in ("positive", "negative", "neutral") for r in labelled)
     assert not list(workdir.glob("*/part-*.journal")) and not list(workdir.glob("*/*.keys"))
     assert read_jsonl(workdir / "label/trace-00000.jsonl")[0]["_id"] == "r000-0"
+
+
+def test_a_shard_job_is_plain_data_an_executor_can_ship():
+    import pickle
+
+    from chunbot_cli.flow import Part
+    from chunbot_cli.store import Entry
+
+    job = ShardJob(3, Part("runs/x/a/part-00003.jsonl", None, [0, 2, 5 << 32]),
+                   [StageWork("b", "t-a", "t-b", {2: Entry(2, {"_id": "r2"}, out="ok")}, "batch")])
+    assert pickle.loads(pickle.dumps(job)) == job
