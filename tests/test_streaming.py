@@ -110,3 +110,16 @@ def test_batch_mode_in_memory_waits_for_its_batches(project, sim_server):
     assert [r["_id"] for r in replies] == [f"r{i:03d}" for i in range(60)
                                            if i % 4 in (1, 3)]
     assert server.stats()["batches_created"] >= 2 and not (project / "runs").exists()
+
+
+def test_memory_storage_still_uses_the_response_cache(project):
+    pipeline = slow_project(project, n=30, latency=1)
+    first = chunbot("run", str(pipeline), "-q", "--storage", "memory", cwd=project)
+    assert first.returncode == 0, first.stderr.decode()
+    sent = len(logged_keys(project))
+    again = chunbot("run", str(pipeline), "-q", "--storage", "memory", cwd=project)
+    assert again.returncode == 0
+    assert sorted(records(again.stdout), key=lambda r: r["_id"]) == \
+        sorted(records(first.stdout), key=lambda r: r["_id"])
+    assert len(logged_keys(project)) == sent  # every request answered by the cache
+    assert not (project / "runs").exists()
