@@ -121,7 +121,8 @@ class Batching:
 
     def batched(self, stage: "StageSpec") -> bool:
         mode = self.override or stage.mode
-        return mode == "batch" and self.pipeline.models[stage.models[0]].batch_api
+        return (mode == "batch" and not stage.routes  # a batch goes to one model
+                and self.pipeline.models[stage.models[0]].batch_api)
 
     def mode(self, stage: "StageSpec", shard: int, source: str) -> str | None:
         """A shard's mode for `LLMStage.open`: "batch", "collect" or None (realtime)."""

@@ -52,8 +52,8 @@ _DEFAULTS_KEYS = {"model", "mode", "batch_fallback", "batch_deadline", "retries"
 _CACHE_KEYS = {"backend", "path", "url", "ttl"}
 PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "batch_discount")
 _STAGE_KEYS = {
-    "prompt": {"name", "model", "system", "prompt", "output", "parse", "params", "retries", "mode",
-               "batch_fallback", "batch_deadline",
+    "prompt": {"name", "model", "route", "system", "prompt", "output", "fields", "parse",
+               "params", "retries", "mode", "batch_fallback", "batch_deadline",
                "outage_timeout", "cache", "prompt_cache"},
     "filter": {"name", "filter"},
     "python": {"name", "python"},
@@ -97,12 +97,24 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class Route:
+    """One entry of a stage's `route:` list: records for which `when` holds (always, when
+    it is None: the default) go to this cascade."""
+
+    when: str | None
+    models: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class StageSpec:
     name: str
     kind: str  # "llm" | "filter" | "python"
     fingerprint: str
     line: int = 0
-    models: tuple[str, ...] = ()  # a cascade when longer than one
+    models: tuple[str, ...] = ()  # a cascade when longer than one; with routes, every
+    # model any route may use (the default route's first)
+    routes: tuple[Route, ...] = ()  # tried in order; the last has no `when`
+    spread: bool = False  # `fields: spread`: a JSON reply's keys become the record's fields
     system: str | None = None
     prompt: str | None = None
     output: str | None = None
@@ -594,13 +606,13 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
         return StageSpec(name=name, kind="python", line=line, python=target,
                          definition=definition, fingerprint=_digest(definition))
 
-    model = where.get("model", (str, list), default=defaults.model)
-    aliases = (model,) if isinstance(model, str) else tuple(model)
-    if not aliases or not all(isinstance(a, str) for a in aliases):
-        raise where.fail("must be a model alias or a list of aliases", "model")
-    for alias in aliases:
-        if alias not in models:
-            raise where.fail(f"unknown model alias {alias!r}; known: {', '.join(models)}", "model")
+    routes = _routes(where, models)
+    if routes:  # the default route's cascade first: what batch mode and `status` name
+        aliases = tuple(dict.fromkeys(routes[-1].models + tuple(
+            a for route in routes for a in route.models)))
+    else:
+        aliases = _cascade(where, where.get("model", (str, list), default=defaults.model),
+                           models, "model")
     system = where.get("system", str)
     prompt = where.get("prompt", str, required=True)
     for key, source in (("system", system), ("prompt", prompt)):
@@ -615,6 +627,12 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
     if parse not in ("text", "json"):
         raise where.fail("must be 'text' or 'json'", "parse")
     output = where.get("output", str, default=name)
+    fields = where.get("fields", str, default="nested")
+    if fields not in ("nested", "spread"):
+        raise where.fail("must be 'nested' (the reply in the `output` field) or 'spread' (a "
+                         "JSON reply's keys as the record's fields)", "fields")
+    if fields == "spread" and parse != "json":
+        raise where.fail("'spread' needs parse: json", "fields")
     params = {**defaults.params, **where.get_json("params", {})}
     retries = where.get("retries", int, default=defaults.retries)
     if retries < 0:
@@ -624,6 +642,9 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
     mode = _mode(where, defaults.mode)
     batch_fallback = _batch_fallback(where, defaults.batch_fallback)
     first = models[aliases[0]]
+    if mode == "batch" and routes:
+        raise where.fail("a stage with `route:` runs in realtime (batch mode sends a shard "
+                         "to one model)", "mode")
     if mode == "batch" and not first.batch_api and not batch_fallback:
         raise where.fail(f"model {first.alias!r} has no batch API ({first.provider} at "
                          f"{first.base_url or 'in-process'}); set batch_api: true on the model "
@@ -633,7 +654,13 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
                   "up": upstream}
     if namespace is not None:
         definition["cache_namespace"] = namespace  # a new namespace asks for new replies
-    return StageSpec(name=name, kind="llm", line=line, models=aliases, system=system,
+    if routes:
+        definition["route"] = [{"when": r.when, "models": [models[a].identity()
+                                                           for a in r.models]} for r in routes]
+    if fields == "spread":
+        definition["fields"] = fields
+    return StageSpec(name=name, kind="llm", line=line, models=aliases, routes=routes,
+                     spread=fields == "spread", system=system,
                      prompt=prompt, output=output, parse=parse, params=params, retries=retries,
                      outage_timeout=outage_timeout, cache=cache, cache_namespace=namespace,
                      prompt_cache=where.get("prompt_cache", bool, default=defaults.prompt_cache),
@@ -641,6 +668,50 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
                      batch_deadline=_duration(where, "batch_deadline",
                                               defaults.batch_deadline or 0.0) or None,
                      definition=definition, fingerprint=_digest(definition))
+
+
+def _cascade(where: "_Where", model: Any, models: dict[str, ModelSpec],
+             key: str) -> tuple[str, ...]:
+    """A `model:` value, an alias or a list of them, checked against `models:`."""
+    aliases = (model,) if isinstance(model, str) else tuple(model or ())
+    if not aliases or not all(isinstance(a, str) for a in aliases):
+        raise where.fail("must be a model alias or a list of aliases", key)
+    for alias in aliases:
+        if alias not in models:
+            raise where.fail(f"unknown model alias {alias!r}; known: {', '.join(models)}", key)
+    return aliases
+
+
+def _routes(where: "_Where", models: dict[str, ModelSpec]) -> tuple[Route, ...]:
+    """`route:`: entries `{when: EXPR, model: ALIAS | [cascade]}`, the last without `when`."""
+    raw = where.get("route", list)
+    if raw is None:
+        return ()
+    if not raw:
+        raise where.fail("must list at least one entry", "route")
+    from . import templates
+
+    routes = []
+    for n, entry in enumerate(raw, 1):
+        if not isinstance(entry, dict) or set(entry) - {"when", "model"} or "model" not in entry:
+            raise where.fail(f"entry #{n} must be a mapping with `model` and, but for the "
+                             "default, `when`", "route")
+        when = entry.get("when")
+        if when is not None:
+            if not isinstance(when, str):
+                raise where.fail(f"entry #{n}: `when` must be an expression (a string)", "route")
+            try:
+                templates.compile_expression(when)
+            except templates.TemplateError as e:
+                raise where.fail(f"entry #{n}: `when` does not compile: {e}", "route") from None
+        elif n != len(raw):
+            raise where.fail(f"entry #{n} has no `when` (the default) and must come last: the "
+                             "ones after it would never be used", "route")
+        routes.append(Route(when, _cascade(where, entry["model"], models, "route")))
+    if routes[-1].when is not None:
+        raise where.fail("needs a default: a last entry without `when`, for the records no "
+                         "`when` holds for", "route")
+    return tuple(routes)
 
 
 def check_api_keys(pipeline: Pipeline, stages: list[StageSpec]) -> None:

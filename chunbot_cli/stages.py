@@ -296,6 +296,9 @@ class LLMStage:
 
             self.key_makers = {c.spec.alias: KeyMaker(c.spec, spec.params, spec.cache_namespace)
                                for c in self.clients}
+        self.routes = [(templates.compile_expression(r.when) if r.when else None,
+                        r.when or "default", [clients[a] for a in r.models])
+                       for r in spec.routes]
         self.system = templates.compile_template(spec.system) if spec.system else None
         self.prompt = templates.compile_template(spec.prompt or "")
         self.static_prefix = (len(templates.static_prefix(spec.prompt or ""))
@@ -306,6 +309,14 @@ class LLMStage:
         """The most requests this stage may ever have in flight (its models' limits adapt
         below that)."""
         return max(client.ceiling for client in self.clients)
+
+    def cascade(self, record: dict[str, Any]) -> tuple[str | None, list["ModelClient"]]:
+        """The route a record takes (its `when`, "default", or None without `route:`) and
+        the models to ask, in order."""
+        for predicate, label, models in self.routes:
+            if predicate is None or predicate(record):
+                return label, models
+        return None, self.clients
 
     def open(self, shard: int, source: str, outlet: Outlet,
              done: dict[Key, Entry] | None = None, mode: str | None = None) -> StageShard:
@@ -320,10 +331,18 @@ class LLMStage:
         (`done`, when it is the same record), those whose template fails and those the
         cache answers are finished here."""
         requests: dict[Key, Request] = {}
+        firsts: dict[Key, "ModelClient"] = {}  # the first model each record's route asks
         for key, record in records.items():
             entry = done.get(key)
             if entry is not None and entry.trace.get("_id") == record.get("_id"):
                 finish(entry, False)
+                continue
+            try:
+                firsts[key] = self.cascade(record)[1][0]
+            except Exception as e:  # an error in a `when` is this record's failure
+                error = f"route: {_describe(e)}"
+                finish(Entry(key, {"_id": record.get("_id"), "stage": self.spec.name,
+                                   "error": error}, error=error), True)
                 continue
             try:
                 requests[key] = self.request(record)
@@ -332,12 +351,12 @@ class LLMStage:
                 finish(Entry(key, {"_id": record.get("_id"), "stage": self.spec.name,
                                    "error": error}, error=error), True)
         if self.cache is not None and self.cache_read and requests:
-            first = self.clients[0]
-            keys = {k: self.cache_key(first, request) for k, request in requests.items()}
+            keys = {k: self.cache_key(firsts[k], request) for k, request in requests.items()}
             found = await self.cache.get_many(list(keys.values()))
             for k, cache_key in keys.items():
                 entry = found.get(cache_key) and self.answered(k, records[k], requests[k],
-                                                               first, found[cache_key], "cache")
+                                                               firsts[k], found[cache_key],
+                                                               "cache")
                 if entry:
                     del requests[k]
                     finish(entry, True)
@@ -355,9 +374,12 @@ class LLMStage:
         return self.key_makers[client.spec.alias](request)
 
     def trace_of(self, record: dict[str, Any], request: Request) -> dict[str, Any]:
-        return {"_id": record.get("_id"), "stage": self.spec.name,
-                "request": {"messages": request.messages, "params": request.params},
-                "attempts": [], "cache_hit": False}
+        trace = {"_id": record.get("_id"), "stage": self.spec.name,
+                 "request": {"messages": request.messages, "params": request.params},
+                 "attempts": [], "cache_hit": False}
+        if self.routes:
+            trace["route"] = self.cascade(record)[0]
+        return trace
 
     def answered(self, key: Key, record: dict[str, Any], request: Request,
                  client: "ModelClient", reply: Reply, source: str) -> Entry | None:
@@ -387,7 +409,7 @@ class LLMStage:
         tokens = dict.fromkeys(("in", "out", "cached", "cache_write"), 0)
         cost = cost_full = 0.0
         error = "no model answered"
-        for n, client in enumerate(self.clients):
+        for n, client in enumerate(self.cascade(record)[1]):
             cache_key = None
             if self.cache is not None:
                 cache_key = self.cache_key(client, request)
@@ -434,9 +456,13 @@ class LLMStage:
         if body.startswith("```"):
             body = body.split("\n", 1)[-1].rsplit("```", 1)[0]
         try:
-            return orjson.loads(body)
+            value = orjson.loads(body)
         except orjson.JSONDecodeError as e:
             raise ValueError(f"reply is not valid JSON ({e}): {text[:200]!r}") from None
+        if self.spec.spread and not isinstance(value, dict):
+            raise ValueError(f"reply is not a JSON object, as `fields: spread` needs: "
+                             f"{text[:200]!r}")
+        return value
 
 
 class LLMShard:
@@ -472,7 +498,10 @@ class LLMShard:
             self.out.errors.append((entry.key, failure(self.stage.spec.name, record,
                                                         entry.error)))
             return
-        record[self.field] = entry.out
+        if self.stage.spec.spread:  # the reply's keys, but the record keeps its id
+            record.update({k: v for k, v in entry.out.items() if k != "_id"})
+        else:
+            record[self.field] = entry.out
         passed, data, change = self.out.encode(Batch([entry.key], [record]))
         self.outlet.emit(passed, data, change)
 

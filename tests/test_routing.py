@@ -1,0 +1,110 @@
+"""Mixing models: `route:` sends each record to the cascade its first true `when` picks, and
+`fields: spread` puts a JSON reply's keys into the record."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chunbot_cli.config import ConfigError, load
+
+from conftest import chunbot, read_jsonl, read_stage, write_jsonl
+
+ROUTED = """
+name: routed
+input: data.jsonl
+models:
+  small: {provider: sim, model: sim-small, request_log: small.log}
+  big: {provider: sim, model: sim-large, request_log: big.log}
+stages:
+  - name: sentiment
+    route:
+      - {when: "text | length > 40", model: big}
+      - {model: [small, big]}
+    prompt: "Label the sentiment of: {{ text }}"
+  - name: facts
+    model: small
+    prompt: "Extract as JSON: {{ text }}"
+    parse: json
+    fields: spread
+  - name: negatives
+    filter: "sentiment == 'negative' and keywords | length > 0"
+"""
+
+
+def logged(project, name: str) -> int:
+    path = project / name
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def test_routes_by_length_pick_the_model_and_the_trace_says_which(project):
+    short = ["great, love it", "it broke, terrible", "okay"]
+    long = ["it broke after two days and the seller never answered, terrible",
+            "wonderful quality, arrived early and works perfectly, love it"]
+    write_jsonl(project / "data.jsonl", [{"id": f"r{i}", "text": t}
+                                         for i, t in enumerate(short + long)])
+    (project / "p.yaml").write_text(ROUTED)
+    result = chunbot("run", "p.yaml", "-q", cwd=project)
+    assert result.returncode == 0, result.stderr.decode()
+    assert logged(project, "big.log") == 2 + 0  # the long ones, and no short one escalated
+    assert logged(project, "small.log") == 3 + 5  # the short ones, then every facts request
+    traces = {t["_id"]: t for t in read_jsonl(project / "runs/routed/sentiment/trace-00000.jsonl")}
+    assert traces["r0"]["route"] == "default" and traces["r0"]["model"] == "small"
+    assert traces["r3"]["route"] == "text | length > 40" and traces["r3"]["model"] == "big"
+
+    facts = read_stage(project / "runs/routed", "facts")
+    assert all({"summary", "keywords"} <= set(r) and "facts" not in r for r in facts)
+    assert facts[1]["sentiment"] == "negative"  # the record's own field, from the first stage
+    negatives = read_stage(project / "runs/routed", "negatives")
+    assert [r["_id"] for r in negatives] == ["r1", "r3"]  # a filter on the spread keys
+
+
+def test_spread_refuses_a_reply_that_is_not_an_object(project):
+    write_jsonl(project / "data.jsonl", [{"id": "a", "text": "fine"}])
+    (project / "p.yaml").write_text(
+        "name: s\ninput: data.jsonl\nmodels: {m: {provider: sim, model: sim-small}}\n"
+        "stages:\n  - name: label\n    model: m\n    prompt: 'Label the sentiment of: "
+        "{{ text }}'\n    parse: json\n    fields: spread\n    retries: 0\n")
+    result = chunbot("run", "p.yaml", "-q", cwd=project)
+    assert result.returncode == 1
+    error = read_jsonl(project / "runs/s/label/errors.jsonl")[0]
+    assert "not valid JSON" in error["error"] or "JSON object" in error["error"]
+
+
+BASE = ("name: r\ninput: d.jsonl\nmodels:\n  small: {provider: sim, model: sim-small}\n"
+        "  big: {provider: sim, model: sim-large}\nstages:\n  - name: s\n"
+        "    prompt: '{{ text }}'\n")
+
+
+@pytest.mark.parametrize("stage, expected", [
+    ("    route:\n      - {when: 'text | length > 9', model: huge}\n      - {model: small}\n",
+     "key 'route': unknown model alias 'huge'"),
+    ("    route:\n      - {when: 'text | length > 9', model: big}\n",
+     "key 'route': needs a default"),
+    ("    route:\n      - {model: small}\n      - {when: 'x', model: big}\n",
+     "key 'route': entry #1 has no `when` (the default) and must come last"),
+    ("    route:\n      - {when: 'text |', model: big}\n      - {model: small}\n",
+     "key 'route': entry #1: `when` does not compile"),
+    ("    route:\n      - {model: small, if: x}\n", "key 'route': entry #1 must be a mapping"),
+    ("    route:\n      - {model: small}\n    mode: batch\n",
+     "key 'mode': a stage with `route:` runs in realtime"),
+    ("    fields: spread\n", "key 'fields': 'spread' needs parse: json"),
+    ("    fields: flat\n", "key 'fields': must be 'nested'"),
+])
+def test_validate_names_the_stage_and_the_key(project, stage, expected):
+    (project / "p.yaml").write_text(BASE + stage)
+    with pytest.raises(ConfigError, match="stage 's': " + expected.replace("(", r"\(")
+                       .replace(")", r"\)").replace("|", r"\|")):
+        load(project / "p.yaml")
+
+
+def test_routes_and_spread_are_part_of_the_fingerprint(project):
+    (project / "a.yaml").write_text(BASE + "    route:\n      - {model: small}\n")
+    (project / "b.yaml").write_text(BASE + "    route:\n      - {when: 'text', model: big}\n"
+                                    "      - {model: small}\n")
+    (project / "c.yaml").write_text(BASE + "    model: small\n")
+    prints = {load(project / f"{n}.yaml").stages[0].fingerprint for n in "abc"}
+    assert len(prints) == 3
+    assert json.dumps(load(project / "b.yaml").stages[0].definition["route"][0]["when"]) \
+        == '"text"'
