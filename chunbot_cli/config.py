@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import importlib
 import inspect
+import json
 import os
 import re
 import sys
@@ -43,8 +44,8 @@ _PIPELINE_KEYS = {"name", "input", "output", "workdir", "id_field", "shard_size"
                   "cache", "models", "defaults", "stages"}
 _MODEL_KEYS = {"provider", "model", "base_url", "api_key_env", "endpoints", "max_concurrency",
                "rpm", "tpm", "price", "headers", "timeout", "max_tokens", "batch_api", "latency_ms",
-               "jitter_ms", "error_rate", "request_log"}
-_SIM_ONLY_KEYS = {"latency_ms", "jitter_ms", "error_rate", "request_log"}
+               "jitter_ms", "error_rate", "wrong_rate", "request_log"}
+_SIM_ONLY_KEYS = {"latency_ms", "jitter_ms", "error_rate", "wrong_rate", "request_log"}
 _HTTP_ONLY_KEYS = {"base_url", "api_key_env", "endpoints", "headers", "timeout", "max_tokens",
                    "batch_api"}
 _DEFAULTS_KEYS = {"model", "mode", "batch_fallback", "batch_deadline", "retries", "params", "outage_timeout", "cache",
@@ -53,7 +54,8 @@ _CACHE_KEYS = {"backend", "path", "url", "ttl"}
 PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "batch_discount")
 _STAGE_KEYS = {
     "prompt": {"name", "model", "route", "system", "prompt", "output", "fields", "parse",
-               "params", "retries", "mode", "batch_fallback", "batch_deadline",
+               "accept", "schema", "reask", "params", "retries", "mode", "batch_fallback",
+               "batch_deadline",
                "outage_timeout", "cache", "prompt_cache"},
     "filter": {"name", "filter"},
     "python": {"name", "python"},
@@ -81,6 +83,7 @@ class ModelSpec:
     latency_ms: float = 0.0  # sim only, like the three below
     jitter_ms: float = 0.0
     error_rate: float = 0.0
+    wrong_rate: float = 0.0  # a share of first answers wrong (a re-ask gets them right)
     request_log: str | None = None
     batch_api: bool = False  # the server has the provider's batch API
 
@@ -115,6 +118,9 @@ class StageSpec:
     # model any route may use (the default route's first)
     routes: tuple[Route, ...] = ()  # tried in order; the last has no `when`
     spread: bool = False  # `fields: spread`: a JSON reply's keys become the record's fields
+    accept: str | None = None  # an expression the record with its reply must make true
+    schema: dict[str, Any] | None = None  # JSON Schema the parsed reply must satisfy
+    reask: int = 0  # times the same model is asked again with the problem, then the next
     system: str | None = None
     prompt: str | None = None
     output: str | None = None
@@ -480,9 +486,7 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
     for key, value in price.items():
         if key not in PRICE_KEYS or not isinstance(value, (int, float)):
             raise where.fail(f"takes {', '.join(PRICE_KEYS)} as numbers", "price")
-    error_rate = where.get("error_rate", (int, float), default=0.0)
-    if not 0 <= error_rate <= 1:
-        raise where.fail("must be between 0 and 1", "error_rate")
+    error_rate = _share(where, "error_rate")
     return ModelSpec(
         alias=alias,
         provider=provider,
@@ -500,10 +504,18 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
         latency_ms=float(where.get("latency_ms", (int, float), default=0)),
         jitter_ms=float(where.get("jitter_ms", (int, float), default=0)),
         error_rate=float(error_rate),
+        wrong_rate=_share(where, "wrong_rate"),
         request_log=(where.get("request_log", str) and
                      _beside(path.parent, where.get("request_log", str))),
         batch_api=where.get("batch_api", bool, default=vendor),
     )
+
+
+def _share(where: "_Where", key: str) -> float:
+    value = where.get(key, (int, float), default=0.0)
+    if not 0 <= value <= 1:
+        raise where.fail("must be between 0 and 1", key)
+    return float(value)
 
 
 def _beside(folder: Path, value: str) -> str:
@@ -633,6 +645,18 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
                          "JSON reply's keys as the record's fields)", "fields")
     if fields == "spread" and parse != "json":
         raise where.fail("'spread' needs parse: json", "fields")
+    accept = where.get("accept", str)
+    if accept is not None:
+        try:
+            templates.compile_expression(accept)
+        except templates.TemplateError as e:
+            raise where.fail(f"does not compile: {e}", "accept") from None
+    schema = _schema(where, path.parent)
+    if schema is not None and parse != "json":
+        raise where.fail("a schema checks a JSON reply: needs parse: json", "schema")
+    reask = where.get("reask", int, default=0)
+    if reask < 0:
+        raise where.fail("must be 0 or more", "reask")
     params = {**defaults.params, **where.get_json("params", {})}
     retries = where.get("retries", int, default=defaults.retries)
     if retries < 0:
@@ -659,8 +683,12 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
                                                            for a in r.models]} for r in routes]
     if fields == "spread":
         definition["fields"] = fields
+    for key, value in (("accept", accept), ("schema", schema), ("reask", reask)):
+        if value:
+            definition[key] = value
     return StageSpec(name=name, kind="llm", line=line, models=aliases, routes=routes,
-                     spread=fields == "spread", system=system,
+                     spread=fields == "spread", accept=accept, schema=schema, reask=reask,
+                     system=system,
                      prompt=prompt, output=output, parse=parse, params=params, retries=retries,
                      outage_timeout=outage_timeout, cache=cache, cache_namespace=namespace,
                      prompt_cache=where.get("prompt_cache", bool, default=defaults.prompt_cache),
@@ -668,6 +696,30 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
                      batch_deadline=_duration(where, "batch_deadline",
                                               defaults.batch_deadline or 0.0) or None,
                      definition=definition, fingerprint=_digest(definition))
+
+
+def _schema(where: "_Where", folder: Path) -> dict[str, Any] | None:
+    """`schema:` inline, or `{file: x.json}` (JSON or YAML, beside the pipeline file),
+    checked to be JSON Schema."""
+    schema = where.get_json("schema", None)
+    if schema is None:
+        return None
+    if set(schema) == {"file"} and isinstance(schema["file"], str):
+        name = _beside(folder, schema["file"])
+        try:
+            text = Path(name).read_text()
+            schema = yaml.safe_load(text) if name.endswith((".yaml", ".yml")) else json.loads(text)
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise where.fail(f"cannot read {name}: {e}", "schema") from None
+        if not isinstance(schema, dict):
+            raise where.fail(f"{name} does not hold a JSON Schema object", "schema")
+    import fastjsonschema  # ~35 ms: only for stages with a schema
+
+    try:
+        fastjsonschema.compile(schema)
+    except Exception as e:  # JsonSchemaDefinitionException, or worse on nonsense
+        raise where.fail(f"not a valid JSON Schema: {e}", "schema") from None
+    return schema
 
 
 def _cascade(where: "_Where", model: Any, models: dict[str, ModelSpec],

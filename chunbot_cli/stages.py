@@ -17,6 +17,7 @@ and name a record in the journal.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
@@ -299,6 +300,14 @@ class LLMStage:
         self.routes = [(templates.compile_expression(r.when) if r.when else None,
                         r.when or "default", [clients[a] for a in r.models])
                        for r in spec.routes]
+        self.field = spec.output or spec.name
+        self.accept = templates.compile_expression(spec.accept) if spec.accept else None
+        self.validate: Callable[[Any], Any] | None = None
+        if spec.schema is not None:
+            import fastjsonschema  # ~35 ms: only for stages with a schema
+
+            self.validate = fastjsonschema.compile(spec.schema)
+        self.checks = bool(spec.accept or spec.schema or spec.reask)  # replies may be refused
         self.system = templates.compile_template(spec.system) if spec.system else None
         self.prompt = templates.compile_template(spec.prompt or "")
         self.static_prefix = (len(templates.static_prefix(spec.prompt or ""))
@@ -390,6 +399,8 @@ class LLMStage:
             value = self.parse(reply.text)
         except ValueError:
             return None
+        if self.problem(record, value) is not None:
+            return None  # refused: `process` goes on from it (a re-ask, the next model)
         prices = client.spec.price
         cost = 0.0 if source == "cache" else (price(client.spec.provider, prices, reply)
                                               * (1 - prices.get("batch_discount", 0.5)))
@@ -404,50 +415,89 @@ class LLMStage:
 
     async def process(self, key: Key, record: dict[str, Any],
                       request: Request) -> Entry:
-        """One record → its entry: output or error, and trace."""
+        """One record → its entry: output or error, and trace. Each model of the record's
+        cascade is asked, and asked again up to `reask` times with what was wrong with its
+        reply, until a reply parses, satisfies the schema and makes `accept` true."""
         trace = self.trace_of(record, request)
         tokens = dict.fromkeys(("in", "out", "cached", "cache_write"), 0)
         cost = cost_full = 0.0
         error = "no model answered"
-        for n, client in enumerate(self.cascade(record)[1]):
-            cache_key = None
-            if self.cache is not None:
-                cache_key = self.cache_key(client, request)
-                if n and self.cache_read:  # the first model's were looked up with the shard
-                    found = await self.cache.get_many([cache_key])
-                    entry = cache_key in found and self.answered(key, record, request, client,
-                                                                 found[cache_key], "cache")
-                    if entry:
-                        entry.trace["attempts"] = trace["attempts"]
-                        return entry
-            result = await client.complete(request, self.spec.retries, self.spec.outage_timeout)
-            for attempt in result.attempts:
-                attempt["model"] = client.spec.alias
-            trace["attempts"] += result.attempts
-            if result.reply is None:
-                error = f"model {client.spec.alias!r}: {result.error}"
-                continue
-            reply = result.reply
-            for name, count in _tokens(reply).items():
-                tokens[name] += count
-            cost += price(client.spec.provider, client.spec.price, reply)
-            cost_full += full_price(client.spec.price, reply)
-            trace.update(model=client.spec.alias, model_name=reply.model,
-                         endpoint=result.endpoint, response=reply.text,
-                         latency_ms=result.latency_ms, tokens=tokens, cost=round(cost, 8),
-                         cost_full=round(cost_full, 8))
-            try:
-                value = self.parse(reply.text)
-            except ValueError as e:
-                error = f"model {client.spec.alias!r}: {e}"
-                continue
-            if cache_key is not None:
-                self.cache.put(cache_key, reply)
-            trace["output"] = value
-            trace["error"] = None
-            return Entry(key, trace, out=value)
+        refused: list[dict[str, Any]] = []
+        sent = False  # whether this record cost a request (else the cache answered it all)
+        cascade = self.cascade(record)[1]
+        for n, client in enumerate(cascade):
+            if n:
+                trace.setdefault("escalations", []).append(
+                    f"{cascade[n - 1].spec.alias} → {client.spec.alias}")
+            ask = request
+            for asked in range(self.spec.reask + 1):
+                if asked:
+                    ask = _follow_up(ask, reply.text, why)
+                    trace["reasks"] = trace.get("reasks", 0) + 1
+                reply = None
+                cache_key = self.cache_key(client, ask) if self.cache is not None else None
+                # the first model's first reply was looked up with the shard; when it was
+                # refused, it is found again here rather than asked again
+                if cache_key is not None and self.cache_read and (n or asked or self.checks):
+                    reply = (await self.cache.get_many([cache_key])).get(cache_key)
+                if reply is None:
+                    result = await client.complete(ask, self.spec.retries,
+                                                   self.spec.outage_timeout)
+                    for attempt in result.attempts:
+                        attempt["model"] = client.spec.alias
+                    trace["attempts"] += result.attempts
+                    if result.reply is None:
+                        error = f"model {client.spec.alias!r}: {result.error}"
+                        break  # the next model
+                    reply, sent = result.reply, True
+                    for name, count in _tokens(reply).items():
+                        tokens[name] += count
+                    cost += price(client.spec.provider, client.spec.price, reply)
+                    cost_full += full_price(client.spec.price, reply)
+                    trace.update(endpoint=result.endpoint, latency_ms=result.latency_ms)
+                    if cache_key is not None:  # refused ones too: a rerun refuses them again
+                        self.cache.put(cache_key, reply)
+                trace.update(model=client.spec.alias, model_name=reply.model,
+                             response=reply.text, tokens=tokens, cost=round(cost, 8),
+                             cost_full=round(cost_full, 8))
+                try:
+                    value = self.parse(reply.text)
+                    why = self.problem(record, value)
+                except ValueError as e:
+                    why = str(e)
+                if why is None:
+                    trace["output"] = value
+                    trace["error"] = None
+                    trace["cache_hit"] = not sent
+                    if refused:
+                        trace["refused"] = refused
+                    return Entry(key, trace, out=value)
+                refused.append({"model": client.spec.alias, "reply": reply.text[:2000],
+                                "why": why})
+                error = f"model {client.spec.alias!r}: {why}"
         trace.update(error=error, tokens=tokens, cost=round(cost, 8), cost_full=round(cost_full, 8))
+        if refused:
+            trace["refused"] = refused
         return Entry(key, trace, error=error)
+
+    def problem(self, record: dict[str, Any], value: Any) -> str | None:
+        """Why a parsed reply is refused: what the schema says of it, or the `accept`
+        expression it leaves false; None when it is accepted."""
+        if self.validate is not None:
+            from fastjsonschema import JsonSchemaValueException
+
+            try:
+                self.validate(value)
+            except JsonSchemaValueException as e:
+                return f"it does not match the schema: {e.message}"
+        if self.accept is not None:
+            view = {**record, **value} if self.spec.spread else {**record, self.field: value}
+            try:
+                if not self.accept(view):
+                    return f"`{self.spec.accept}` is false"
+            except Exception as e:  # an error in the user's expression refuses the reply
+                return f"`{self.spec.accept}` failed: {_describe(e)}"
+        return None
 
     def parse(self, text: str) -> Any:
         if self.spec.parse == "text":
@@ -495,8 +545,10 @@ class LLMShard:
         self.trace.append((entry.key, entry.trace))
         record = self.records[entry.key]
         if entry.error is not None:
-            self.out.errors.append((entry.key, failure(self.stage.spec.name, record,
-                                                        entry.error)))
+            line = failure(self.stage.spec.name, record, entry.error)
+            if entry.trace.get("refused"):
+                line["replies"] = entry.trace["refused"]  # every reply, and why it was refused
+            self.out.errors.append((entry.key, line))
             return
         if self.stage.spec.spread:  # the reply's keys, but the record keeps its id
             record.update({k: v for k, v in entry.out.items() if k != "_id"})
@@ -534,6 +586,14 @@ class LLMShard:
             if not await self.stage.batches.run(self, realtime_rest=self.mode == "collect"):
                 return None
         return self.out.output(self.trace)
+
+
+def _follow_up(request: Request, reply: str, why: str) -> Request:
+    """The conversation asked again: the model's own reply, then what was wrong with it."""
+    return dataclasses.replace(request, messages=[
+        *request.messages, {"role": "assistant", "content": reply},
+        {"role": "user", "content": f"That reply was not accepted: {why}. Answer again, "
+                                    "correcting it; give only the answer."}])
 
 
 def _tokens(reply: Reply) -> dict[str, int]:

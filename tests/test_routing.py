@@ -108,3 +108,101 @@ def test_routes_and_spread_are_part_of_the_fingerprint(project):
     assert len(prints) == 3
     assert json.dumps(load(project / "b.yaml").stages[0].definition["route"][0]["when"]) \
         == '"text"'
+
+
+CHECKED = """
+name: checked
+input: data.jsonl
+models:
+  weak: {{provider: sim, model: sim-small, wrong_rate: {wrong}, request_log: weak.log,
+          price: {{input: 0.1, output: 0.1}}}}
+  strong: {{provider: sim, model: sim-large, request_log: strong.log,
+            price: {{input: 1.0, output: 1.0}}}}
+stages:
+  - name: sentiment
+    model: [weak, strong]
+    prompt: "Label the sentiment of: {{{{ text }}}}"
+    accept: "{accept}"
+    reask: {reask}
+"""
+
+
+def labelled(n: int) -> list[dict]:
+    texts = ["great, I love it", "it broke, terrible", "okay I guess"]
+    return [{"id": f"r{i:03d}", "text": f"{texts[i % 3]} #{i}",
+             "gold": ["positive", "negative", "neutral"][i % 3]} for i in range(n)]
+
+
+def test_a_cascade_escalates_what_accept_refuses_and_a_rerun_sends_nothing(project):
+    write_jsonl(project / "data.jsonl", labelled(200))
+    # `accept` that knows the gold label stands for a check the weak model often fails
+    (project / "p.yaml").write_text(CHECKED.format(wrong=0.25, accept="sentiment == gold",
+                                                   reask=0))
+    result = chunbot("run", "p.yaml", "-q", cwd=project)
+    assert result.returncode == 0, result.stderr.decode()
+    out = read_stage(project / "runs/checked", "sentiment")
+    assert all(r["sentiment"] == r["gold"] for r in out)  # the strong model's accuracy
+    weak, strong = logged(project, "weak.log"), logged(project, "strong.log")
+    assert weak == 200 and 25 <= strong <= 75  # only what the weak model got wrong
+    traces = read_jsonl(project / "runs/checked/sentiment/trace-00000.jsonl")
+    escalated = [t for t in traces if t.get("escalations")]
+    assert len(escalated) == strong
+    assert escalated[0]["escalations"] == ["weak → strong"] and escalated[0]["model"] == "strong"
+    assert escalated[0]["refused"][0]["why"] == "`sentiment == gold` is false"
+
+    again = chunbot("run", "p.yaml", "-q", "--workdir", "runs/again", cwd=project)
+    assert again.returncode == 0
+    assert (logged(project, "weak.log"), logged(project, "strong.log")) == (weak, strong)
+    assert read_stage(project / "runs/again", "sentiment") == out
+
+
+def test_a_reask_fixes_the_reply_without_escalating(project):
+    write_jsonl(project / "data.jsonl", labelled(60))
+    (project / "p.yaml").write_text(CHECKED.format(wrong=0.5, accept="sentiment == gold",
+                                                   reask=1))
+    result = chunbot("run", "p.yaml", "-q", cwd=project)
+    assert result.returncode == 0, result.stderr.decode()
+    assert logged(project, "strong.log") == 0
+    traces = read_jsonl(project / "runs/checked/sentiment/trace-00000.jsonl")
+    reasked = [t for t in traces if t.get("reasks")]
+    assert 10 <= len(reasked) <= 50 and logged(project, "weak.log") == 60 + len(reasked)
+    follow_up = reasked[0]
+    assert follow_up["model"] == "weak" and follow_up["refused"][0]["model"] == "weak"
+    assert follow_up["request"]["messages"][-1]["content"].startswith("Label the sentiment")
+    assert follow_up["reasks"] == 1 and not follow_up.get("escalations")
+    assert all(r["sentiment"] == r["gold"] for r in read_stage(project / "runs/checked",
+                                                               "sentiment"))
+
+
+def test_an_incomplete_json_reply_is_reasked_and_a_schema_failure_keeps_the_replies(project):
+    write_jsonl(project / "data.jsonl", [{"id": f"r{i}", "text": f"the kettle leaks {i}"}
+                                         for i in range(20)])
+    schema = {"type": "object", "required": ["sentiment", "summary", "keywords"]}
+    (project / "schemas").mkdir()
+    (project / "schemas/facts.json").write_text(json.dumps(schema))
+    pipeline = (
+        "name: facts\ninput: data.jsonl\n"
+        "models: {weak: {provider: sim, model: sim-small, wrong_rate: 1.0, "
+        "request_log: weak.log}}\n"
+        "stages:\n  - name: facts\n    model: weak\n    prompt: 'Extract as JSON: {{ text }}'\n"
+        "    parse: json\n    schema: {file: schemas/facts.json}\n    reask: REASK\n")
+    (project / "p.yaml").write_text(pipeline.replace("REASK", "1"))
+    result = chunbot("run", "p.yaml", "-q", cwd=project)
+    assert result.returncode == 0, result.stderr.decode()
+    assert logged(project, "weak.log") == 40  # every first reply lacked a key; asked again
+    assert all("keywords" in r["facts"] for r in read_stage(project / "runs/facts", "facts"))
+
+    (project / "p.yaml").write_text(pipeline.replace("REASK", "0").replace("runs/facts", "x")
+                                    .replace("name: facts\n", "name: nofix\n", 1))
+    result = chunbot("run", "p.yaml", "-q", cwd=project)
+    assert result.returncode == 1
+    error = read_jsonl(project / "runs/nofix/facts/errors.jsonl")[0]
+    assert "keywords" in error["error"] and "schema" in error["error"]
+    assert error["replies"][0]["model"] == "weak" and "summary" in error["replies"][0]["reply"]
+
+
+def test_a_schema_that_is_not_json_schema_is_refused(project):
+    (project / "p.yaml").write_text(BASE.replace("prompt: '{{ text }}'", "prompt: '{{ text }}'\n"
+                                                 "    parse: json\n    schema: {type: strin}"))
+    with pytest.raises(ConfigError, match="stage 's': key 'schema': not a valid JSON Schema"):
+        load(project / "p.yaml")

@@ -69,16 +69,38 @@ def sentiment(text: str) -> str:
     return "neutral"
 
 
-def reply(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> SimReply:
+def reply(model: str, messages: list[dict[str, Any]], params: dict[str, Any],
+          wrong_rate: float = 0.0) -> SimReply:
+    """`wrong_rate`: the share of requests (drawn from the request, so always the same
+    ones) answered wrongly the first time — a sentiment label that is not the right one, a
+    JSON object missing a key; asked again (the conversation holds its earlier reply), the
+    model answers right, as a weak model told its mistake often does."""
+    asked = [m for m in messages if m.get("role") == "user"]
+    reasked = any(m.get("role") == "assistant" for m in messages)
     prompt = "\n".join(str(m.get("content", "")) for m in messages if m.get("role") != "system")
+    if reasked:
+        prompt = str(asked[0].get("content", ""))  # the task, not the follow-up
     seed = request_seed(model, messages, params)
     text = _answer(prompt, seed)
+    if wrong_rate and not reasked and (seed % 10_000) < wrong_rate * 10_000:
+        text = _wrong(text)
     input_tokens = sum(count_tokens(str(m.get("content", ""))) + 4 for m in messages)
     limit = params.get("max_tokens") or params.get("max_completion_tokens")
     finish = "stop"
     if isinstance(limit, int) and limit > 0 and count_tokens(text) > limit:
         text, finish = text[: limit * 4], "length"
     return SimReply(text, input_tokens, count_tokens(text), finish)
+
+
+def _wrong(text: str) -> str:
+    labels = ("positive", "negative", "neutral")
+    if text in labels:
+        return labels[(labels.index(text) + 1) % 3]
+    if text.startswith("{"):
+        value = orjson.loads(text)
+        value.pop(next(reversed(value)), None)  # incomplete: its last key is missing
+        return orjson.dumps(value).decode()
+    return text
 
 
 def _answer(prompt: str, seed: int) -> str:
