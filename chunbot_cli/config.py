@@ -54,7 +54,8 @@ _CACHE_KEYS = {"backend", "path", "url", "ttl"}
 PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "batch_discount")
 _STAGE_KEYS = {
     "prompt": {"name", "model", "route", "system", "prompt", "output", "fields", "parse",
-               "accept", "schema", "reask", "params", "retries", "mode", "batch_fallback",
+               "accept", "schema", "reask", "structured", "params", "retries", "mode",
+               "batch_fallback",
                "batch_deadline",
                "outage_timeout", "cache", "prompt_cache"},
     "filter": {"name", "filter"},
@@ -121,6 +122,7 @@ class StageSpec:
     accept: str | None = None  # an expression the record with its reply must make true
     schema: dict[str, Any] | None = None  # JSON Schema the parsed reply must satisfy
     reask: int = 0  # times the same model is asked again with the problem, then the next
+    structured: bool = False  # the provider is asked to hold the reply to the schema
     system: str | None = None
     prompt: str | None = None
     output: str | None = None
@@ -657,6 +659,10 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
     reask = where.get("reask", int, default=0)
     if reask < 0:
         raise where.fail("must be 0 or more", "reask")
+    structured = where.get("structured", bool, default=False)
+    if structured and schema is None:
+        raise where.fail("asks the provider to hold replies to the `schema`: give one",
+                         "structured")
     params = {**defaults.params, **where.get_json("params", {})}
     retries = where.get("retries", int, default=defaults.retries)
     if retries < 0:
@@ -683,11 +689,13 @@ def _stage(path: Path, position: int, raw: Any, models: dict[str, ModelSpec],
                                                            for a in r.models]} for r in routes]
     if fields == "spread":
         definition["fields"] = fields
-    for key, value in (("accept", accept), ("schema", schema), ("reask", reask)):
+    for key, value in (("accept", accept), ("schema", schema), ("reask", reask),
+                       ("structured", structured)):
         if value:
             definition[key] = value
     return StageSpec(name=name, kind="llm", line=line, models=aliases, routes=routes,
                      spread=fields == "spread", accept=accept, schema=schema, reask=reask,
+                     structured=structured,
                      system=system,
                      prompt=prompt, output=output, parse=parse, params=params, retries=retries,
                      outage_timeout=outage_timeout, cache=cache, cache_namespace=namespace,

@@ -377,7 +377,8 @@ class LLMStage:
             messages.append({"role": "system", "content": self.system.render(record)})
         messages.append({"role": "user", "content": self.prompt.render(record)})
         return Request(messages=messages, params=self.spec.params,
-                       prompt_cache=self.spec.prompt_cache, static_prefix=self.static_prefix)
+                       prompt_cache=self.spec.prompt_cache, static_prefix=self.static_prefix,
+                       schema=self.spec.schema if self.spec.structured else None)
 
     def cache_key(self, client: "ModelClient", request: Request) -> bytes:
         return self.key_makers[client.spec.alias](request)

@@ -206,3 +206,48 @@ def test_a_schema_that_is_not_json_schema_is_refused(project):
                                                  "    parse: json\n    schema: {type: strin}"))
     with pytest.raises(ConfigError, match="stage 's': key 'schema': not a valid JSON Schema"):
         load(project / "p.yaml")
+
+
+def test_structured_requests_carry_each_providers_own_format(project, sim_server):
+    server = sim_server()
+    write_jsonl(project / "data.jsonl", [{"id": f"r{i}", "text": f"the lid leaks, awful {i}"}
+                                         for i in range(12)])
+    schema = "{type: object, required: [sentiment, summary, keywords]}"
+    for provider, stream in (("openai", ""), ("anthropic", ""), ("anthropic", ", stream: true")):
+        base = server.url + ("/v1" if provider == "openai" else "")
+        name = f"{provider}{'-sse' if stream else ''}"
+        (project / f"{name}.yaml").write_text(
+            f"name: {name}\ninput: data.jsonl\n"
+            f"models: {{m: {{provider: {provider}, model: sim-small, base_url: '{base}'}}}}\n"
+            "stages:\n  - name: facts\n    model: m\n    prompt: 'Extract as JSON: {{ text }}'\n"
+            f"    parse: json\n    schema: {schema}\n    structured: true\n"
+            f"    cache: false\n    params: {{max_tokens: 200{stream}}}\n")
+        before = server.stats()
+        result = chunbot("run", f"{name}.yaml", "-q", cwd=project)
+        assert result.returncode == 0, result.stderr.decode()
+        after = server.stats()
+        assert after["structured"] - before["structured"] == 12  # every request asked for it
+        facts = read_stage(project / f"runs/{name}", "facts")
+        assert len(facts) == 12 and all(set(r["facts"]) == {"sentiment", "summary", "keywords"}
+                                        for r in facts)
+    (project / "bad.yaml").write_text(BASE + "    structured: true\n")
+    with pytest.raises(ConfigError, match="key 'structured': asks the provider"):
+        load(project / "bad.yaml")
+
+
+def test_the_structured_bodies_are_the_vendors_own():
+    from chunbot_cli.config import ModelSpec
+    from chunbot_cli.llm import anthropic, openai
+    from chunbot_cli.llm.types import Request
+
+    schema = {"type": "object", "required": ["defect"]}
+    request = Request(messages=[{"role": "user", "content": "x"}], schema=schema)
+    sent = openai.body(ModelSpec(alias="o", provider="openai", model="gpt"), request)
+    assert sent["response_format"] == {"type": "json_schema", "json_schema": {
+        "name": "reply", "schema": schema, "strict": True}}
+    sent = anthropic.body(ModelSpec(alias="a", provider="anthropic", model="claude"), request)
+    assert sent["tools"][0]["input_schema"] == schema
+    assert sent["tool_choice"] == {"type": "tool", "name": sent["tools"][0]["name"]}
+    reply = anthropic.reply({"content": [{"type": "tool_use", "id": "t", "name": "reply",
+                                          "input": {"defect": "leaks"}}]}, "claude")
+    assert json.loads(reply.text) == {"defect": "leaks"}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 from ..config import ModelSpec
 from .types import ProviderError, Reply, Request, excerpt
 
@@ -36,8 +38,15 @@ def body(spec: ModelSpec, request: Request) -> dict[str, Any]:
         sent["system"] = "\n\n".join(system)
     if request.prompt_cache:
         _mark_cacheable(sent, request.static_prefix)
+    if request.schema is not None:  # structured: a forced tool whose input is the reply
+        sent["tools"] = [{"name": TOOL, "description": "Give the reply.",
+                          "input_schema": request.schema}]
+        sent["tool_choice"] = {"type": "tool", "name": TOOL}
     sent.update(request.params)
     return sent
+
+
+TOOL = "reply"
 
 
 def _mark_cacheable(sent: dict[str, Any], static_prefix: int) -> None:
@@ -56,13 +65,22 @@ def _mark_cacheable(sent: dict[str, Any], static_prefix: int) -> None:
 EPHEMERAL = {"type": "ephemeral"}
 
 
+def _text(block: dict[str, Any]) -> str:
+    """A content block's part of the reply: its text, or a tool use's input as JSON."""
+    if block.get("type") == "text":
+        return block.get("text", "")
+    if block.get("type") == "tool_use":
+        return orjson.dumps(block.get("input")).decode()
+    return ""
+
+
 def reply(data: dict[str, Any], model: str) -> Reply:
     content = data.get("content") if isinstance(data, dict) else None
     if not isinstance(content, list):
         raise ProviderError(f"reply has no content: {excerpt(data)}", retryable=False)
     usage = data.get("usage") or {}
     read, written = _cache_usage(usage)
-    return Reply(text="".join(b.get("text", "") for b in content if b.get("type") == "text"),
+    return Reply(text="".join(_text(b) for b in content if isinstance(b, dict)),
                  model=data.get("model") or model,
                  input_tokens=(usage.get("input_tokens") or 0) + read + written,
                  output_tokens=usage.get("output_tokens") or 0,
@@ -101,6 +119,8 @@ class Stream:
             delta = event.get("delta") or {}
             if delta.get("type") == "text_delta":
                 self.parts.append(delta.get("text", ""))
+            elif delta.get("type") == "input_json_delta":  # a forced tool's input
+                self.parts.append(delta.get("partial_json", ""))
         elif kind == "message_delta":
             self.finish_reason = (event.get("delta") or {}).get("stop_reason")
             self.output_tokens = (event.get("usage") or {}).get("output_tokens") or 0

@@ -57,6 +57,8 @@ class KeyMaker:
 
     def __call__(self, request: Request) -> bytes:
         messages = orjson.dumps(request.messages, option=orjson.OPT_SORT_KEYS)
+        if request.schema is not None:  # a structured request is another request
+            messages += orjson.dumps(request.schema, option=orjson.OPT_SORT_KEYS)
         return hashlib.sha256(self.prefix + messages).digest()
 
 

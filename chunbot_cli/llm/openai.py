@@ -25,7 +25,11 @@ def headers(spec: ModelSpec, api_key: str | None) -> dict[str, str]:
 
 
 def body(spec: ModelSpec, request: Request) -> dict[str, Any]:
-    return {"model": spec.model, "messages": request.messages, **request.params}
+    sent = {"model": spec.model, "messages": request.messages, **request.params}
+    if request.schema is not None:  # structured outputs: the server holds the reply to it
+        sent["response_format"] = {"type": "json_schema", "json_schema": {
+            "name": "reply", "schema": request.schema, "strict": True}}
+    return sent
 
 
 def reply(data: dict[str, Any], model: str) -> Reply:

@@ -14,6 +14,7 @@ class Request:
     params: dict[str, Any] = field(default_factory=dict)
     prompt_cache: bool = False  # ask the provider to cache the static prefix (Anthropic)
     static_prefix: int = 0  # characters at the start of the last message that never change
+    schema: dict[str, Any] | None = None  # `structured: true`: the provider enforces it
 
 
 @dataclass(frozen=True)

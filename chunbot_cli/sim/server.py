@@ -145,6 +145,7 @@ class Stats:
     in_flight: int = 0
     max_in_flight: int = 0
     streamed: int = 0
+    structured: int = 0  # requests asking for a schema: OpenAI json_schema, a forced tool
     cached_tokens: int = 0  # OpenAI cached_tokens + Anthropic cache reads
     cache_creation_tokens: int = 0
     hung: int = 0  # --hang-rate: requests held without an answer
@@ -167,7 +168,8 @@ class Stats:
                 "answered": self.answered, "unique": unique, "repeated": self.answered - unique,
                 "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
                 "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-                "streamed": self.streamed, "cached_tokens": self.cached_tokens,
+                "streamed": self.streamed, "structured": self.structured,
+                "cached_tokens": self.cached_tokens,
                 "cache_creation_tokens": self.cache_creation_tokens,
                 "hung": self.hung, "poisoned": self.poisoned,
                 "batches_created": self.batches_created, "batch_items": self.batch_items,
@@ -494,11 +496,30 @@ def anthropic_usage(answer: sim_model.SimReply, cache: CacheUse,
             "cache_read_input_tokens": cache.read, "output_tokens": output_tokens}
 
 
+def forced_tool(call: Call) -> str | None:
+    """The tool an Anthropic request forces (`tool_choice: {type: tool, name}`), if any."""
+    choice = call.params.get("tool_choice")
+    return choice.get("name") if isinstance(choice, dict) and choice.get("type") == "tool" \
+        else None
+
+
+def _tool_input(answer: sim_model.SimReply) -> dict[str, Any]:
+    try:
+        value = orjson.loads(answer.text)
+    except orjson.JSONDecodeError:
+        value = None
+    return value if isinstance(value, dict) else {"text": answer.text}
+
+
 def anthropic_json(reply_id: str, call: Call, answer: sim_model.SimReply, cache: CacheUse,
                    malformed: bool) -> bytes:
     body: dict[str, Any] = {"id": reply_id, "type": "message", "role": "assistant",
                             "model": call.model}
-    if not malformed:
+    tool = forced_tool(call)
+    if not malformed and tool is not None:  # the forced tool's input is the answer
+        body["content"] = [{"type": "tool_use", "id": "toolu_" + reply_id[4:], "name": tool,
+                            "input": _tool_input(answer)}]
+    elif not malformed:
         body["content"] = [{"type": "text", "text": answer.text}]
     body.update(stop_reason=_stop_reason(answer), stop_sequence=None,
                 usage=anthropic_usage(answer, cache, answer.output_tokens))
@@ -513,13 +534,22 @@ def anthropic_sse(reply_id: str, call: Call, answer: sim_model.SimReply, cache: 
     message = {"id": reply_id, "type": "message", "role": "assistant", "model": call.model,
                "content": [], "stop_reason": None, "stop_sequence": None,
                "usage": anthropic_usage(answer, cache, 1)}
+    tool = forced_tool(call)
+    block: dict[str, Any] = ({"type": "tool_use", "id": "toolu_" + reply_id[4:], "name": tool,
+                              "input": {}} if tool else {"type": "text", "text": ""})
     parts = [event("message_start", {"type": "message_start", "message": message}),
              event("content_block_start", {"type": "content_block_start", "index": 0,
-                                           "content_block": {"type": "text", "text": ""}}),
+                                           "content_block": block}),
              event("ping", {"type": "ping"})]
+    if tool:
+        text = orjson.dumps(_tool_input(answer)).decode()
+        deltas = [{"type": "input_json_delta", "partial_json": piece}
+                  for piece in split_words(text, seed)]
+    else:
+        deltas = [{"type": "text_delta", "text": piece}
+                  for piece in split_words(answer.text, seed)]
     parts += [event("content_block_delta", {"type": "content_block_delta", "index": 0,
-                                            "delta": {"type": "text_delta", "text": piece}})
-              for piece in split_words(answer.text, seed)]
+                                            "delta": delta}) for delta in deltas]
     parts += [event("content_block_stop", {"type": "content_block_stop", "index": 0}),
               event("message_delta", {"type": "message_delta",
                                       "delta": {"stop_reason": _stop_reason(answer),
@@ -1317,6 +1347,8 @@ class SimServer:
         answer, cache, reply_id = self.model_reply(dialect, call)
         stats = self.stats
         stats.answered += 1
+        stats.structured += forced_tool(call) is not None or (
+            (call.params.get("response_format") or {}).get("type") == "json_schema")
         stats.keys.add(seed)
         stats.tokens_in += answer.input_tokens
         stats.tokens_out += answer.output_tokens
