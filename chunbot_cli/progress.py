@@ -70,6 +70,10 @@ def stage_rows(run: "Run") -> list[dict[str, Any]]:
             "cost": round(counts.cost, 6), "cost_full": round(counts.cost_full, 6),
             "total": None, "pct": None, "eta_s": None,
         }
+        counted = counts.to_json()
+        for key in ("models", "escalations"):  # per model, when the stage mixes them
+            if key in counted:
+                row[key] = counted[key]
         lines = run.report.lines_read
         if total_lines and lines:
             # what reached this stage per input line so far, over the whole input
@@ -290,6 +294,8 @@ def _summary_footer(rows: list[dict[str, Any]], report: "RunReport") -> str:
     if full:
         lines.append(f"cost ${cost:,.4f}; without caches ${full:,.4f} "
                      f"(saved ${full - cost:,.4f})")
+    for row in rows:
+        lines += model_lines(row["stage"], row.get("models") or {}, row.get("escalations") or {})
     for failures in report.failures:
         lines += failure_lines(failures)
     lines += [f"error: {error}" for error in report.errors]
@@ -297,6 +303,20 @@ def _summary_footer(rows: list[dict[str, Any]], report: "RunReport") -> str:
     if report.failed_total:
         footer += f"; {report.failed_total:,} failed records in total"
     return "\n".join(lines + [footer])
+
+
+def model_lines(stage: str, models: dict[str, dict[str, Any]],
+                escalations: dict[str, int]) -> list[str]:
+    """Per model of a stage that mixes them: what each answered, asked and cost."""
+    if len(models) < 2 and not escalations and not any(m.get("reasks") for m in models.values()):
+        return []  # one model did it all: the stage's row says it
+    lines = [f"{stage}: model {alias}: {m['answered']:,} answered, {m['requests']:,} requests "
+             f"({m['reasks']:,} re-asks), {m['tokens_in']:,} / {m['tokens_out']:,} tokens"
+             + (f", ${m['cost']:,.4f}" if m["cost"] else "") for alias, m in models.items()]
+    if escalations:
+        lines.append(f"{stage}: escalations: " + ", ".join(f"{pair} {count:,}"
+                                                           for pair, count in escalations.items()))
+    return lines
 
 
 def failure_lines(failures: "StageFailures") -> list[str]:

@@ -10,7 +10,6 @@ library), and `InputOrder` holds either back into input order.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any, Callable, Protocol
@@ -89,7 +88,7 @@ class DiskStore:
         keys = None
         if downstream is not None and output.keys != list(range(len(output.keys))):
             keys = output.keys
-        entry = ShardEntry(source, token, dataclasses.replace(output.counts))
+        entry = ShardEntry(source, token, output.counts.copy())
         return asyncio.get_running_loop().run_in_executor(
             self.committer, self._persist, stage, shard, entry, data, trace, errors,
             output.ids, downstream, keys)

@@ -426,6 +426,19 @@ class LLMStage:
         refused: list[dict[str, Any]] = []
         sent = False  # whether this record cost a request (else the cache answered it all)
         cascade = self.cascade(record)[1]
+        usage: dict[str, dict[str, Any]] = {}  # per model, for the accounting
+
+        def used(client: "ModelClient") -> dict[str, Any]:
+            return usage.setdefault(client.spec.alias, {"requests": 0, "reasks": 0,
+                                                        "tokens_in": 0, "tokens_out": 0,
+                                                        "cost": 0.0})
+
+        def finished(entry: Entry) -> Entry:
+            if self.routes or len(cascade) > 1 or self.spec.reask:
+                entry.trace["models"] = {alias: {**u, "cost": round(u["cost"], 8)}
+                                         for alias, u in usage.items()}
+            return entry
+
         for n, client in enumerate(cascade):
             if n:
                 trace.setdefault("escalations", []).append(
@@ -435,6 +448,7 @@ class LLMStage:
                 if asked:
                     ask = _follow_up(ask, reply.text, why)
                     trace["reasks"] = trace.get("reasks", 0) + 1
+                    used(client)["reasks"] += 1
                 reply = None
                 cache_key = self.cache_key(client, ask) if self.cache is not None else None
                 # the first model's first reply was looked up with the shard; when it was
@@ -447,14 +461,20 @@ class LLMStage:
                     for attempt in result.attempts:
                         attempt["model"] = client.spec.alias
                     trace["attempts"] += result.attempts
+                    used(client)["requests"] += len(result.attempts) or 1
                     if result.reply is None:
                         error = f"model {client.spec.alias!r}: {result.error}"
                         break  # the next model
                     reply, sent = result.reply, True
                     for name, count in _tokens(reply).items():
                         tokens[name] += count
-                    cost += price(client.spec.provider, client.spec.price, reply)
+                    spent = price(client.spec.provider, client.spec.price, reply)
+                    cost += spent
                     cost_full += full_price(client.spec.price, reply)
+                    share = used(client)
+                    share["tokens_in"] += reply.input_tokens
+                    share["tokens_out"] += reply.output_tokens
+                    share["cost"] += spent
                     trace.update(endpoint=result.endpoint, latency_ms=result.latency_ms)
                     if cache_key is not None:  # refused ones too: a rerun refuses them again
                         self.cache.put(cache_key, reply)
@@ -472,14 +492,14 @@ class LLMStage:
                     trace["cache_hit"] = not sent
                     if refused:
                         trace["refused"] = refused
-                    return Entry(key, trace, out=value)
+                    return finished(Entry(key, trace, out=value))
                 refused.append({"model": client.spec.alias, "reply": reply.text[:2000],
                                 "why": why})
                 error = f"model {client.spec.alias!r}: {why}"
         trace.update(error=error, tokens=tokens, cost=round(cost, 8), cost_full=round(cost_full, 8))
         if refused:
             trace["refused"] = refused
-        return Entry(key, trace, error=error)
+        return finished(Entry(key, trace, error=error))
 
     def problem(self, record: dict[str, Any], value: Any) -> str | None:
         """Why a parsed reply is refused: what the schema says of it, or the `accept`

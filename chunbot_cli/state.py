@@ -20,6 +20,32 @@ STATE_VERSION = 1
 
 
 @dataclass
+class ModelCounts:
+    """What one model did for one stage: records it answered (its reply was kept),
+    requests sent to it, re-asks among them, their tokens and cost."""
+
+    answered: int = 0
+    requests: int = 0
+    reasks: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cost: float = 0.0
+
+    def add(self, other: "ModelCounts") -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: round(getattr(self, f.name), 8) if f.type == "float"
+                else getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "ModelCounts":
+        data = data if isinstance(data, dict) else {}
+        return cls(**{f.name: data.get(f.name, 0) for f in fields(cls)})
+
+
+@dataclass
 class Counters:
     """Per-stage totals: of a shard (in state.json), or live for progress and the summary."""
 
@@ -33,15 +59,37 @@ class Counters:
     cache_hits: int = 0  # records answered from the local cache: no request, no tokens
     cost: float = 0.0  # USD, when the models have prices
     cost_full: float = 0.0  # what it would have cost without any cache
+    models: dict[str, ModelCounts] = field(default_factory=dict)  # LLM stages, by alias
+    escalations: dict[str, int] = field(default_factory=dict)  # "small → big": records
 
     def add(self, other: "Counters") -> None:
-        for name in self.__dataclass_fields__:
+        for name in _PLAIN:
             setattr(self, name, getattr(self, name) + getattr(other, name))
+        for alias, counts in other.models.items():
+            self.model(alias).add(counts)
+        for pair, count in other.escalations.items():
+            self.escalations[pair] = self.escalations.get(pair, 0) + count
+
+    def model(self, alias: str) -> ModelCounts:
+        if alias not in self.models:
+            self.models[alias] = ModelCounts()
+        return self.models[alias]
+
+    def copy(self) -> "Counters":
+        copy = Counters()
+        copy.add(self)
+        return copy
 
     def to_json(self) -> dict[str, Any]:
         """The counts by the names state.json and `status --json` give them."""
-        return {_JSON_NAMES.get(f.name, f.name): round(getattr(self, f.name), 8)
-                if f.type == "float" else getattr(self, f.name) for f in fields(self)}
+        data: dict[str, Any] = {_JSON_NAMES.get(name, name): round(getattr(self, name), 8)
+                                if isinstance(getattr(self, name), float)
+                                else getattr(self, name) for name in _PLAIN}
+        if self.models:
+            data["models"] = {alias: counts.to_json() for alias, counts in self.models.items()}
+        if self.escalations:
+            data["escalations"] = dict(self.escalations)
+        return data
 
     def count(self, entry: "Entry") -> None:
         """One finished record of an LLM stage."""
@@ -60,10 +108,28 @@ class Counters:
             self.tokens_cached += tokens.get("cached", 0)
         self.cost += trace.get("cost", 0.0)
         self.cost_full += trace.get("cost_full", 0.0)
+        by_model = trace.get("models")
+        if isinstance(by_model, dict):  # a cascade, a route or re-asks: each model's share
+            for alias, used in by_model.items():
+                self.model(alias).add(ModelCounts.from_json(used))
+        elif trace.get("model"):  # one model did it all
+            counts = self.model(trace["model"])
+            if not trace.get("cache_hit"):
+                tokens = trace.get("tokens") or {}
+                counts.requests += len(trace.get("attempts") or ()) or 1
+                counts.tokens_in += tokens.get("in", 0)
+                counts.tokens_out += tokens.get("out", 0)
+                counts.cost += trace.get("cost", 0.0)
+        if not entry.failed and trace.get("model"):
+            self.model(trace["model"]).answered += 1
+        for pair in trace.get("escalations") or ():
+            self.escalations[pair] = self.escalations.get(pair, 0) + 1
 
 
 # Counters' fields as state.json names them
 _JSON_NAMES = {"records_in": "in", "records_out": "out"}
+_PLAIN = ("records_in", "records_out", "failed", "filtered", "tokens_in", "tokens_out",
+          "tokens_cached", "cache_hits", "cost", "cost_full")
 
 
 @dataclass
@@ -81,8 +147,11 @@ class ShardEntry:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ShardEntry":
-        counts = Counters(**{f.name: data.get(_JSON_NAMES.get(f.name, f.name), 0)
-                             for f in fields(Counters)})
+        counts = Counters(**{name: data.get(_JSON_NAMES.get(name, name), 0) for name in _PLAIN})
+        if isinstance(data.get("models"), dict):
+            counts.models = {str(k): ModelCounts.from_json(v) for k, v in data["models"].items()}
+        if isinstance(data.get("escalations"), dict):
+            counts.escalations = {str(k): int(v) for k, v in data["escalations"].items()}
         return cls(str(data.get("src", "")), str(data.get("token", "")), counts)
 
 

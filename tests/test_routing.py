@@ -251,3 +251,22 @@ def test_the_structured_bodies_are_the_vendors_own():
     reply = anthropic.reply({"content": [{"type": "tool_use", "id": "t", "name": "reply",
                                           "input": {"defect": "leaks"}}]}, "claude")
     assert json.loads(reply.text) == {"defect": "leaks"}
+
+
+def test_status_counts_per_model_what_the_models_saw(project):
+    write_jsonl(project / "data.jsonl", labelled(120))
+    (project / "p.yaml").write_text(CHECKED.format(wrong=0.4, accept="sentiment == gold",
+                                                   reask=1).replace("reask: 1", "reask: 1\n"
+                                                   "    route:\n      - {when: \"'#7' in text\""
+                                                   ", model: strong}\n      - {model: [weak, strong]}"))
+    result = chunbot("run", "p.yaml", "-q", cwd=project)
+    assert result.returncode == 0, result.stderr.decode()
+    status = chunbot("status", "p.yaml", "--json", cwd=project)
+    stage = json.loads(status.stdout)["stages"][0]
+    weak, strong = stage["models"]["weak"], stage["models"]["strong"]
+    assert weak["requests"] == logged(project, "weak.log")
+    assert strong["requests"] == logged(project, "strong.log")
+    assert weak["answered"] + strong["answered"] == 120
+    assert weak["reasks"] > 0 and weak["cost"] > 0 and strong["cost"] > 0
+    assert abs(weak["cost"] + strong["cost"] - stage["cost"]) < 1e-5
+    assert b"model weak:" in result.stderr and b"model strong:" in result.stderr  # the summary

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import Pipeline
 from ..plan import why_stale
+from ..progress import model_lines
 from ..state import Counters, StageState
 from ..store import Workdir
 
@@ -74,6 +75,8 @@ def render(report: dict[str, Any]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i < 2 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(r, widths))).rstrip() for r in rows]
+    for row in report["stages"]:
+        lines += model_lines(row["stage"], row.get("models") or {}, row.get("escalations") or {})
     for row in report["stages"]:
         if row["state"] != "fresh":
             lines.append(f"{row['stage']}: {row['state']}: {row['why']}")
