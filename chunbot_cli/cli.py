@@ -442,6 +442,11 @@ def serve(
     latency_ms: float = typer.Option(0.0, min=0, help="Delay before each answer."),
     jitter_ms: float = typer.Option(0.0, min=0, help="Uniform ± jitter on the delay."),
     error_rate: float = typer.Option(0.0, min=0, max=1, help="Share of requests answered 500/503."),
+    wrong_rate: float = typer.Option(0.0, min=0, max=1, help="Share of --wrong-model's first "
+                                     "answers that are wrong (a label that is not the right "
+                                     "one, a JSON object missing a key); right when asked "
+                                     "again after its own reply."),
+    wrong_model: str = typer.Option("sim-small", help="The model --wrong-rate applies to."),
     rpm: Optional[int] = typer.Option(None, min=1, help="Requests per minute, then 429."),
     tpm: Optional[int] = typer.Option(None, min=1,
                                       help="Tokens per minute (prompt + max_tokens), then 429."),
@@ -476,7 +481,8 @@ def serve(
     if fail_prompt == "":
         raise typer.BadParameter("must not be empty", param_hint="--fail-prompt")
     server.serve(server.Options(host=host, port=port, latency_ms=latency_ms, jitter_ms=jitter_ms,
-                                error_rate=error_rate, rpm=rpm, tpm=tpm, api_key=api_key,
+                                error_rate=error_rate, wrong_rate=wrong_rate,
+                                wrong_model=wrong_model, rpm=rpm, tpm=tpm, api_key=api_key,
                                 malformed=malformed.value if malformed else None, seed=seed,
                                 batch_delay_s=batch_delay_s, batch_error_rate=batch_error_rate,
                                 batch_expire_rate=batch_expire_rate, hang_rate=hang_rate,

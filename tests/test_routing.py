@@ -270,3 +270,19 @@ def test_status_counts_per_model_what_the_models_saw(project):
     assert weak["reasks"] > 0 and weak["cost"] > 0 and strong["cost"] > 0
     assert abs(weak["cost"] + strong["cost"] - stage["cost"]) < 1e-5
     assert b"model weak:" in result.stderr and b"model strong:" in result.stderr  # the summary
+
+
+def test_sim_serve_has_a_weak_model_too(project, sim_server):
+    server = sim_server("--wrong-rate", "1")
+    write_jsonl(project / "data.jsonl", labelled(9))
+    (project / "p.yaml").write_text(
+        "name: served\ninput: data.jsonl\n"
+        f"models: {{weak: {{provider: openai, model: sim-small, base_url: '{server.url}/v1'}}}}\n"
+        "stages:\n  - name: sentiment\n    model: weak\n"
+        "    prompt: 'Label the sentiment of: {{ text }}'\n    accept: 'sentiment == gold'\n"
+        "    reask: 1\n    cache: false\n")
+    result = chunbot("run", "p.yaml", "-q", cwd=project)
+    assert result.returncode == 0, result.stderr.decode()
+    assert server.stats()["answered"] == 18  # every first answer wrong, every re-ask right
+    assert all(r["sentiment"] == r["gold"] for r in read_stage(project / "runs/served",
+                                                               "sentiment"))

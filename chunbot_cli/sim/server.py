@@ -77,6 +77,8 @@ class Options:
     latency_ms: float = 0.0
     jitter_ms: float = 0.0
     error_rate: float = 0.0
+    wrong_rate: float = 0.0  # of --wrong-model's first answers: wrong (right when re-asked)
+    wrong_model: str = "sim-small"
     rpm: int | None = None
     tpm: int | None = None
     api_key: str | None = None
@@ -1406,7 +1408,8 @@ class SimServer:
                     call: Call) -> tuple[sim_model.SimReply, CacheUse, str]:
         """The model's answer to a request, its provider-cache use and its reply id: the one
         path of realtime requests and batch items, so both get the same text and usage."""
-        answer = sim_model.reply(call.model, call.messages, call.params)
+        wrong = self.options.wrong_rate if call.model == self.options.wrong_model else 0.0
+        answer = sim_model.reply(call.model, call.messages, call.params, wrong)
         cache = self.cache_use(dialect, call, answer)
         return answer, cache, f"{dialect.id_prefix}{self.boot}{next(self.ids):016x}"
 
