@@ -226,15 +226,21 @@ class BatchMode:
             for batch_id in ledger.batches:
                 results.update(await api.results(batch_id))
             retry: dict[Key, Request] = {}
+            refused: dict[Key, Request] = {}  # answered, but not as the stage accepts
             for key, request in requests.items():
                 result = results.get(ledger.custom_id(key), "not in the batch's results")
                 entry = (stage.answered(key, shard.records[key], request, client, result,
                                         "batch") if isinstance(result, Reply) else None)
                 if entry is not None:
                     shard.complete(entry)
+                elif isinstance(result, Reply) and stage.checks:
+                    refused[key] = request
                 else:
                     retry[key] = request
-                    ledger.errors[str(key)] = str(result)
+                    ledger.errors[str(key)] = (f"the reply does not parse: {result.text[:200]!r}"
+                                               if isinstance(result, Reply) else str(result))
+            if refused:  # re-asked and escalated in realtime, from the batch's reply
+                await shard.send(refused)
             if retry and (stage.spec.batch_fallback or ledger.past_deadline or realtime_rest):
                 await shard.send(retry)
             elif retry and ledger.rounds + 1 <= stage.spec.retries:

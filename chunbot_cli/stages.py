@@ -396,6 +396,8 @@ class LLMStage:
         """A journal entry for a reply that came from the local cache (`source` "cache":
         no cost) or from a provider batch ("batch": at the batch discount, and cached);
         None when it does not parse, so the request is sent again."""
+        if source == "batch" and self.cache is not None:  # refused ones too: `process` finds
+            self.cache.put(self.cache_key(client, request), reply)  # them and goes on
         try:
             value = self.parse(reply.text)
         except ValueError:
@@ -410,8 +412,6 @@ class LLMStage:
                      output=value, error=None, tokens=_tokens(reply), cost=round(cost, 8),
                      cost_full=round(full_price(prices, reply), 8))
         trace["cache_hit" if source == "cache" else "batch"] = True
-        if source == "batch" and self.cache is not None:
-            self.cache.put(self.cache_key(client, request), reply)
         return Entry(key, trace, out=value)
 
     async def process(self, key: Key, record: dict[str, Any],
