@@ -141,6 +141,14 @@ def show(found: dict[str, Any]) -> None:
         trace = step.get("trace") or {}
         for message in (trace.get("request") or {}).get("messages", []):
             lines.append(f"[bold]{message['role']}:[/] {escape(str(message['content']))}")
+        if trace.get("route"):
+            lines.append(f"[bold]route:[/] {escape(str(trace['route']))}")
+        for refusal in trace.get("refused") or ():  # replies a check refused, in order
+            lines.append(f"[yellow]refused[/] ({refusal.get('model')}): "
+                         f"{escape(str(refusal.get('reply')))} — {escape(str(refusal.get('why')))}")
+        if trace.get("escalations") or trace.get("reasks"):
+            lines.append(f"re-asks {trace.get('reasks', 0)}; escalations: "
+                         f"{', '.join(trace.get('escalations') or ()) or 'none'}")
         if "response" in trace:
             lines.append(f"[bold]reply[/] ({trace.get('model')} → {trace.get('model_name')}, "
                          f"{trace.get('endpoint') or ''} {trace.get('latency_ms', 0):.0f} ms, "
