@@ -226,6 +226,59 @@ def rerun(
 
 
 @app.command()
+def test(
+    pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
+    cases: Path = typer.Option(..., help="The test cases: JSONL records, each with an "
+                                         "optional `expect` object."),
+    stage: Optional[str] = typer.Option(None, help="Check this stage's output (default: the "
+                                                   "last stage's)."),
+    limit: Optional[int] = typer.Option(None, min=0, help="Only the first N cases."),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="Write the whole report "
+                                                                  "here as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of the live display."),
+) -> None:
+    """Run the pipeline over test cases in its own workdir (<workdir>/tests/<cases>/) and
+    check each case's output against the pipeline's `tests:` and the case's `expect`."""
+    from . import testbench
+
+    _keep_freed_memory()
+    _collect_garbage_rarely()
+    try:
+        report, ran = testbench.run_tests(config.load(pipeline), str(cases), stage, limit,
+                                          make_progress(quiet, "text"))
+    except (config.ConfigError, engine.InputError, engine.StoreError) as e:
+        raise _fail(str(e), engine.EXIT_USAGE) from None
+    except engine.Locked as e:
+        raise _fail(str(e), engine.EXIT_LATER) from None
+    except engine.Interrupted as e:
+        raise _fail(str(e), e.exit_code) from None
+    if json_file is not None:
+        import orjson
+
+        from .store import write_atomic
+
+        write_atomic(json_file, orjson.dumps(report.to_json(), default=str,
+                                             option=orjson.OPT_INDENT_2))
+    print(_test_summary(report), file=sys.stderr)
+    raise typer.Exit(engine.EXIT_OK if report.passed == len(report.cases) and report.cases
+                     else engine.EXIT_FAILED)
+
+
+def _test_summary(report: "testbench.Report") -> str:  # noqa: F821
+    lines = [f"cases {len(report.cases):,}: passed {report.passed:,}, failed "
+             f"{report.failed:,}, errors {report.errors:,} (pass rate "
+             f"{100 * report.pass_rate:.1f}%)"]
+    for label, (passed, checked) in report.by_assertion().items():
+        lines.append(f"  {label}: {passed:,} of {checked:,} ({100 * passed / checked:.1f}%)")
+    for case_id, outcome in report.first_failures():
+        lines.append(f"  FAIL {case_id}: {outcome.assertion.label}: expected "
+                     f"{outcome.expected!r}, got {outcome.got!r}")
+    errors = [c for c in report.cases if c.status == "error"][:10]
+    lines += [f"  ERROR {c.case_id}: {c.error}" for c in errors]
+    return "\n".join(lines)
+
+
+@app.command()
 def cancel(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
            stage: Optional[str] = typer.Option(None, help="Only this stage's batches.")) -> None:
     """Cancel the provider batches a pipeline waits for (batch mode). A later `run` collects

@@ -41,7 +41,7 @@ STAGE_KINDS = ("prompt", "filter", "python")
 BUILTIN_MODELS = {"sim": {"provider": "sim", "model": "sim-small"}}
 
 _PIPELINE_KEYS = {"name", "input", "output", "workdir", "id_field", "shard_size", "compress",
-                  "cache", "models", "defaults", "stages"}
+                  "cache", "models", "defaults", "stages", "tests"}
 _MODEL_KEYS = {"provider", "model", "base_url", "api_key_env", "endpoints", "max_concurrency",
                "rpm", "tpm", "price", "headers", "timeout", "max_tokens", "batch_api", "latency_ms",
                "jitter_ms", "error_rate", "wrong_rate", "request_log"}
@@ -165,6 +165,7 @@ class Pipeline:
     stages: list[StageSpec]
     cache: CacheSpec = field(default_factory=CacheSpec)
     output: Path | None = None  # the last stage's records, in input order, after a run
+    tests: tuple[Any, ...] = ()  # testbench.Assertion: what `chunbot test` checks per case
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:
@@ -396,7 +397,7 @@ def _pipeline(path: Path, data: Mapping[str, Any]) -> Pipeline:
         upstream = stage.fingerprint
     return Pipeline(path=path, name=name, input=input_spec, workdir=workdir, id_field=id_field,
                     shard_size=shard_size, compress=compress, models=models, stages=stages,
-                    cache=_cache(top), output=output)
+                    cache=_cache(top), output=output, tests=_tests(top))
 
 
 @dataclass(frozen=True)
@@ -511,6 +512,20 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
                      _beside(path.parent, where.get("request_log", str))),
         batch_api=where.get("batch_api", bool, default=vendor),
     )
+
+
+def _tests(top: "_Where") -> tuple[Any, ...]:
+    """`tests:`: the assertions `chunbot test` applies to every case."""
+    from .testbench import AssertionSpecError, parse_assertion
+
+    raw = top.get("tests", list, default=[])
+    found = []
+    for n, entry in enumerate(raw, 1):
+        try:
+            found.append(parse_assertion(entry))
+        except AssertionSpecError as e:
+            raise top.fail(f"entry #{n}: {e}", "tests") from None
+    return tuple(found)
 
 
 def _share(where: "_Where", key: str) -> float:
