@@ -489,6 +489,27 @@ def cache_clear(pipeline: Optional[Path] = _CACHE_OF,
 
 
 @sim_app.command()
+def gen(records: int = typer.Option(..., min=1, help="How many cases."),
+        hard: float = typer.Option(0.0, min=0, max=1, help="Share of cases the simulator "
+                                   "labels wrongly (sarcasm, negations): a test of a sim "
+                                   "pipeline passes 1 - HARD of them."),
+        words: int = typer.Option(0, min=0, help="Pad each text to about this many words."),
+        seed: int = typer.Option(0, help="The same seed gives the same cases.")) -> None:
+    """Write synthetic review cases with a gold `label` to stdout, as JSON lines."""
+    import orjson
+
+    from .sim.cases import cases
+
+    out = sys.stdout.buffer
+    try:
+        for case in cases(records, hard, seed, words):
+            out.write(orjson.dumps(case, option=orjson.OPT_APPEND_NEWLINE))
+        out.flush()
+    except BrokenPipeError:  # `| head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+@sim_app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8765, min=0, max=65535, help="Port; 0 picks a free one."),

@@ -131,3 +131,20 @@ def test_a_bad_expect_in_a_case_names_its_line_before_anything_runs(project):
     assert result.returncode == 2
     assert b"cases.jsonl:2: case 'b': key 'expect': regex does not compile" in result.stderr
     assert not (project / "requests.log").exists()
+
+
+def test_sim_gen_hard_share_is_the_share_a_test_finds_failing(project):
+    generated = chunbot("sim", "gen", "--records", "1000", "--hard", "0.1", "--seed", "3",
+                        cwd=project)
+    assert generated.returncode == 0
+    (project / "cases.jsonl").write_bytes(generated.stdout)
+    (project / "p.yaml").write_text(PIPELINE.replace("  - name: negatives\n    filter: "
+                                                     "\"sentiment == 'negative'\"\n", ""))
+    result = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "-q", "--json", "r.json",
+                     cwd=project)
+    assert result.returncode == 1
+    report = json.loads((project / "r.json").read_text())
+    assert report["cases"] == 1000 and abs(report["pass_rate"] - 0.9) <= 0.02
+    again = chunbot("sim", "gen", "--records", "1000", "--hard", "0.1", "--seed", "3",
+                    cwd=project)
+    assert again.stdout == generated.stdout  # the same seed, the same cases
