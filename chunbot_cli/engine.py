@@ -202,8 +202,6 @@ class Run:
         self.workdir = Workdir(pipeline.workdir, pipeline.compress)
         self.selected = selected_stages(pipeline, options)
         self.last = pipeline.stages.index(self.selected[-1])
-        if self.memory:
-            _check_memory(pipeline, options, self.selected)
         self.report = RunReport(stages={s.name: StageReport() for s in self.selected})
         self.rows = rows
         self.files = [] if rows is not None else resolve(pipeline.input)
@@ -214,6 +212,8 @@ class Run:
         self.clients: dict[str, Any] = {}  # the stage set's, for progress
         self.batching = batchmode.Batching(pipeline, self.workdir, options.mode, options.wait,
                                            BATCH_POLL_S, self.note, keep=not self.memory)
+        if self.memory:
+            _check_memory(options, self.selected, self.batching.batched)
         self.state = State()
         self.store: Store = MemoryStore()
         self.output = output
@@ -575,15 +575,14 @@ class Run:
             self.progress.update(self)
 
 
-def _check_memory(pipeline: Pipeline, options: RunOptions, selected: list[StageSpec]) -> None:
+def _check_memory(options: RunOptions, selected: list[StageSpec],
+                  batched: Callable[[StageSpec], bool]) -> None:
     """What `--storage memory` cannot do: it keeps nothing between runs."""
     if options.stage or options.rerun:
         raise ConfigError("--storage memory computes every stage from the input and keeps "
                           "nothing: use --until instead of --stage or rerun")
     for stage in selected:
-        mode = options.mode or stage.mode
-        if stage.kind == "llm" and mode == "batch" and not options.wait \
-                and pipeline.models[stage.models[0]].batch_api:
+        if stage.kind == "llm" and batched(stage) and not options.wait:
             raise ConfigError(f"stage {stage.name!r} is in batch mode: with --storage memory "
                               "nothing remembers its batches between runs; add --wait (or "
                               "--mode realtime)")

@@ -209,8 +209,7 @@ class InputOrder:
             # read whole come in order, without keys)
             keys = [key for _, batch in chunks for key in batch.keys]  # type: ignore[union-attr]
             records = [r for _, batch in chunks for r in batch.records]  # type: ignore[union-attr]
-            order = sorted(range(len(keys)), key=keys.__getitem__)
-            data, _ = in_key_order(b"".join(data for data, _ in chunks), keys)
+            data, order = in_key_order(b"".join(data for data, _ in chunks), keys)
             chunks = [(data, Batch([keys[i] for i in order], [records[i] for i in order]))]
         for data, batch in chunks:
             self.out.records(shard, data, batch)

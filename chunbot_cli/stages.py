@@ -151,7 +151,8 @@ class _Collected:
         if self.in_order:
             data = b"".join(self.chunks)
         else:
-            data, keys = in_key_order(b"".join(self.chunks), keys)
+            data, order = in_key_order(b"".join(self.chunks), keys)
+            keys = [keys[i] for i in order]
         self.chunks = []
         self.errors.sort(key=_first)
         out = StageOutput(data, keys, [error for _, error in self.errors], counts=self.counts)
@@ -161,11 +162,12 @@ class _Collected:
         return out
 
 
-def in_key_order(data: bytes, keys: list[Key]) -> tuple[bytes, list[Key]]:
-    """JSON lines (one per key, in the keys' order) sorted by key."""
+def in_key_order(data: bytes, keys: list[Key]) -> tuple[bytes, list[int]]:
+    """JSON lines (one per key, in the keys' order) sorted by key, and the order: the
+    places the sorted lines had."""
     lines = data.split(b"\n")
     order = sorted(range(len(keys)), key=keys.__getitem__)
-    return b"".join([lines[i] + b"\n" for i in order]), [keys[i] for i in order]
+    return b"".join([lines[i] + b"\n" for i in order]), order
 
 
 def _unwritable(stage: str, record: dict[str, Any], error: Exception) -> dict[str, Any]:
@@ -544,7 +546,6 @@ class LLMShard:
                  done: dict[Key, Entry], mode: str | None):
         self.stage, self.shard, self.source, self.outlet = stage, shard, source, outlet
         self.done, self.mode = done, mode
-        self.field = stage.spec.output or stage.spec.name
         self.records: dict[Key, dict[str, Any]] = {}
         self.finished: dict[Key, Entry] = {}
         self.trace: list[tuple[Key, dict[str, Any]]] = []
@@ -574,7 +575,7 @@ class LLMShard:
         if self.stage.spec.spread:  # the reply's keys, but the record keeps its id
             record.update({k: v for k, v in entry.out.items() if k != "_id"})
         else:
-            record[self.field] = entry.out
+            record[self.stage.field] = entry.out
         passed, data, change = self.out.encode(Batch([entry.key], [record]))
         self.outlet.emit(passed, data, change)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable
 
 KINDS = ("equals", "one_of", "contains", "icontains", "regex", "min", "max", "min_length",
@@ -113,10 +114,8 @@ def check(assertion: Assertion, record: dict[str, Any] | None, case: dict[str, A
     if record is None:
         return Outcome(assertion, False, wanted, "(filtered out)")
     if assertion.kind == "expr":
-        from . import templates
-
         try:
-            passed = templates.compile_expression(wanted)(record)
+            passed = _expression(wanted)(record)
         except Exception as e:  # an error in the user's expression fails the case
             return Outcome(assertion, False, wanted, f"{type(e).__name__}: {e}")
         return Outcome(assertion, bool(passed), wanted, None)
@@ -145,6 +144,14 @@ def check(assertion: Assertion, record: dict[str, Any] | None, case: dict[str, A
     except (TypeError, ValueError):
         passed = False
     return Outcome(assertion, bool(passed), wanted, got)
+
+
+@lru_cache(maxsize=256)
+def _expression(source: str) -> Callable[[dict[str, Any]], bool]:
+    """An `expr` compiled once, not once per case."""
+    from . import templates
+
+    return templates.compile_expression(source)
 
 
 @dataclass
