@@ -14,7 +14,7 @@ import signal
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import BinaryIO, Callable, Optional, TextIO
+from typing import Any, BinaryIO, Callable, Optional, TextIO
 
 import typer
 
@@ -233,8 +233,19 @@ def test(
     stage: Optional[str] = typer.Option(None, help="Check this stage's output (default: the "
                                                    "last stage's)."),
     limit: Optional[int] = typer.Option(None, min=0, help="Only the first N cases."),
+    repeat: int = typer.Option(1, min=1, max=1000, help="Run every case N times, with fresh "
+                               "samples; cases that pass and fail are listed as flaky."),
+    baseline: Optional[Path] = typer.Option(None, help="Compare with the results saved by "
+                                            "--save-baseline: exit 1 on any regression."),
+    save_baseline: Optional[Path] = typer.Option(None, help="Keep each case's result in "
+                                                 "this folder, for a later --baseline."),
+    fail_under: Optional[float] = typer.Option(None, min=0, max=1, help="Exit 1 only when "
+                                               "the pass rate is below R (0 to 1)."),
     json_file: Optional[Path] = typer.Option(None, "--json", help="Write the whole report "
                                                                   "here as JSON."),
+    junit: Optional[Path] = typer.Option(None, help="Write JUnit XML here, for CI systems."),
+    wait: bool = typer.Option(False, help="Batch-mode stages: wait for their batches "
+                                          "instead of exiting 75."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of the live display."),
 ) -> None:
     """Run the pipeline over test cases in its own workdir (<workdir>/tests/<cases>/) and
@@ -243,39 +254,78 @@ def test(
 
     _keep_freed_memory()
     _collect_garbage_rarely()
+    options = testbench.TestOptions(stage=stage, limit=limit, repeat=repeat, baseline=baseline,
+                                    wait=wait)
     try:
-        report, ran = testbench.run_tests(config.load(pipeline), str(cases), stage, limit,
-                                          make_progress(quiet, "text"))
+        report = testbench.run_tests(config.load(pipeline), str(cases), options,
+                                     make_progress(quiet, "text"))
     except (config.ConfigError, engine.InputError, engine.StoreError) as e:
         raise _fail(str(e), engine.EXIT_USAGE) from None
-    except engine.Locked as e:
+    except (engine.Locked, testbench.ComeBackLater) as e:
         raise _fail(str(e), engine.EXIT_LATER) from None
     except engine.Interrupted as e:
         raise _fail(str(e), e.exit_code) from None
-    if json_file is not None:
-        import orjson
+    try:
+        if json_file is not None:
+            report.write_json(json_file)
+        if junit is not None:
+            report.write_junit(junit)
+        if save_baseline is not None:
+            report.save_baseline(save_baseline)
+    except OSError as e:
+        raise _fail(f"{e.filename}: {e.strerror or e}", engine.EXIT_USAGE) from None
+    print(_test_summary(report, pipeline), file=sys.stderr)
+    raise typer.Exit(engine.EXIT_OK if report.ok(fail_under) else engine.EXIT_FAILED)
 
-        from .store import write_atomic
 
-        write_atomic(json_file, orjson.dumps(report.to_json(), default=str,
-                                             option=orjson.OPT_INDENT_2))
-    print(_test_summary(report), file=sys.stderr)
-    raise typer.Exit(engine.EXIT_OK if report.passed == len(report.cases) and report.cases
-                     else engine.EXIT_FAILED)
+def _test_summary(report: "testbench.Report", pipeline: Path) -> str:  # noqa: F821
+    from .testbench.report import wilson
 
-
-def _test_summary(report: "testbench.Report") -> str:  # noqa: F821
-    lines = [f"cases {len(report.cases):,}: passed {report.passed:,}, failed "
-             f"{report.failed:,}, errors {report.errors:,} (pass rate "
-             f"{100 * report.pass_rate:.1f}%)"]
-    for label, (passed, checked) in report.by_assertion().items():
+    t = report.tally
+    low, high = wilson(t.run_passes, t.runs)
+    runs = f" over {t.runs:,} runs" if report.repeat > 1 else ""
+    flaky = f", flaky {t.flaky:,}" if report.repeat > 1 else ""
+    lines = [f"cases {t.cases:,}: passed {t.passed:,}, failed {t.failed:,}{flaky}, errors "
+             f"{t.errors:,}; pass rate {100 * t.pass_rate:.1f}%{runs} (95% {100 * low:.1f}–"
+             f"{100 * high:.1f}%)"]
+    for label, (passed, checked) in t.assertions.items():
         lines.append(f"  {label}: {passed:,} of {checked:,} ({100 * passed / checked:.1f}%)")
-    for case_id, outcome in report.first_failures():
+        stats = t.categorical.get(label)
+        if stats is not None and stats.categorical and stats.top_confusions():
+            shown = ", ".join(f"{a} → {b} {n:,}" for a, b, n in stats.top_confusions(3))
+            lines.append(f"    top confusions (expected → got): {shown}")
+    u = report.usage
+    spent = f"requests {u.requests:,}, tokens {u.tokens_in:,} in + {u.tokens_out:,} out"
+    if u.cost:
+        spent += f", ${u.cost:,.4f}"
+    if report.latency_ms:
+        spent += f"; latency p50 {report.latency_ms[0]:,.0f} ms, p95 {report.latency_ms[1]:,.0f} ms"
+    lines.append(f"  {spent}")
+    if report.judges.requests or report.judges.tokens_in:
+        j = report.judges
+        lines.append(f"  judges: requests {j.requests:,}, tokens {j.tokens_in:,} in + "
+                     f"{j.tokens_out:,} out" + (f", ${j.cost:,.4f}" if j.cost else ""))
+    for n, (case_id, outcome) in enumerate(t.failures):
+        why = f" ({outcome.reason})" if outcome.reason else ""
         lines.append(f"  FAIL {case_id}: {outcome.assertion.label}: expected "
-                     f"{outcome.expected!r}, got {outcome.got!r}")
-    errors = [c for c in report.cases if c.status == "error"][:10]
-    lines += [f"  ERROR {c.case_id}: {c.error}" for c in errors]
+                     f"{_clip(outcome.expected)}, got {_clip(outcome.got)}{why}")
+        if n + 1 == len(t.failures) or t.failures[n + 1][0] != case_id:
+            lines.append(f"       {report.trace_command(pipeline, case_id)}")
+    lines += [f"  ERROR {case_id}: {error}" for case_id, error in t.error_cases]
+    lines += [f"  FLAKY {case_id}: passed {passes} of {runs}"
+              for case_id, passes, runs in t.flaky_cases]
+    if report.baseline is not None:
+        lines.append(f"  against {report.baseline}: {t.regressions:,} regressions, "
+                     f"{t.improvements:,} improvements, {t.new_cases:,} new cases")
+        lines += [f"  REGRESSED {case_id}" for case_id in t.regressed[:20]]
+        lines += [f"  IMPROVED {case_id}" for case_id in t.improved[:20]]
+    lines.append(f"  results: {report.results}")
     return "\n".join(lines)
+
+
+def _clip(value: Any, width: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @app.command()
@@ -320,13 +370,18 @@ def status(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
 @app.command()
 def trace(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
           record_id: str = typer.Argument(..., help="The record's _id."),
-          as_json: bool = typer.Option(False, "--json", help="One JSON object, for scripts.")
+          as_json: bool = typer.Option(False, "--json", help="One JSON object, for scripts."),
+          workdir: Optional[Path] = typer.Option(None, help="Look in this workdir instead of "
+                                                 "the pipeline's (a `chunbot test` one).")
           ) -> None:
     """One record through every stage: what went in, each request and reply, where it ended."""
     from .lookback import trace as lookback
 
     try:
-        found = lookback.find(config.load(pipeline), record_id)
+        loaded = config.load(pipeline)
+        if workdir is not None:
+            loaded = dataclasses.replace(loaded, workdir=workdir)
+        found = lookback.find(loaded, record_id)
     except (config.ConfigError, engine.StoreError) as e:
         raise _fail(str(e), engine.EXIT_USAGE) from None
     if found is None:
@@ -521,6 +576,9 @@ def serve(
                                      "one, a JSON object missing a key); right when asked "
                                      "again after its own reply."),
     wrong_model: str = typer.Option("sim-small", help="The model --wrong-rate applies to."),
+    flaky_rate: float = typer.Option(0.0, min=0, max=1, help="Share of answers that are "
+                                     "wrong at random, a fresh draw each time (as sampling "
+                                     "makes them): what `chunbot test --repeat` finds flaky."),
     rpm: Optional[int] = typer.Option(None, min=1, help="Requests per minute, then 429."),
     tpm: Optional[int] = typer.Option(None, min=1,
                                       help="Tokens per minute (prompt + max_tokens), then 429."),
@@ -556,7 +614,7 @@ def serve(
         raise typer.BadParameter("must not be empty", param_hint="--fail-prompt")
     server.serve(server.Options(host=host, port=port, latency_ms=latency_ms, jitter_ms=jitter_ms,
                                 error_rate=error_rate, wrong_rate=wrong_rate,
-                                wrong_model=wrong_model, rpm=rpm, tpm=tpm, api_key=api_key,
+                                wrong_model=wrong_model, flaky_rate=flaky_rate, rpm=rpm, tpm=tpm, api_key=api_key,
                                 malformed=malformed.value if malformed else None, seed=seed,
                                 batch_delay_s=batch_delay_s, batch_error_rate=batch_error_rate,
                                 batch_expire_rate=batch_expire_rate, hang_rate=hang_rate,

@@ -44,8 +44,9 @@ _PIPELINE_KEYS = {"name", "input", "output", "workdir", "id_field", "shard_size"
                   "cache", "models", "defaults", "stages", "tests"}
 _MODEL_KEYS = {"provider", "model", "base_url", "api_key_env", "endpoints", "max_concurrency",
                "rpm", "tpm", "price", "headers", "timeout", "max_tokens", "batch_api", "latency_ms",
-               "jitter_ms", "error_rate", "wrong_rate", "request_log"}
-_SIM_ONLY_KEYS = {"latency_ms", "jitter_ms", "error_rate", "wrong_rate", "request_log"}
+               "jitter_ms", "error_rate", "wrong_rate", "flaky_rate", "request_log"}
+_SIM_ONLY_KEYS = {"latency_ms", "jitter_ms", "error_rate", "wrong_rate", "flaky_rate",
+                  "request_log"}
 _HTTP_ONLY_KEYS = {"base_url", "api_key_env", "endpoints", "headers", "timeout", "max_tokens",
                    "batch_api"}
 _DEFAULTS_KEYS = {"model", "mode", "batch_fallback", "batch_deadline", "retries", "params", "outage_timeout", "cache",
@@ -85,6 +86,7 @@ class ModelSpec:
     jitter_ms: float = 0.0
     error_rate: float = 0.0
     wrong_rate: float = 0.0  # a share of first answers wrong (a re-ask gets them right)
+    flaky_rate: float = 0.0  # a share of answers wrong at random, as sampling makes them
     request_log: str | None = None
     batch_api: bool = False  # the server has the provider's batch API
 
@@ -166,6 +168,7 @@ class Pipeline:
     cache: CacheSpec = field(default_factory=CacheSpec)
     output: Path | None = None  # the last stage's records, in input order, after a run
     tests: tuple[Any, ...] = ()  # testbench.Assertion: what `chunbot test` checks per case
+    stage_defaults: Any = field(default=None, compare=False, repr=False)  # for extra_stage
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:
@@ -397,7 +400,8 @@ def _pipeline(path: Path, data: Mapping[str, Any]) -> Pipeline:
         upstream = stage.fingerprint
     return Pipeline(path=path, name=name, input=input_spec, workdir=workdir, id_field=id_field,
                     shard_size=shard_size, compress=compress, models=models, stages=stages,
-                    cache=_cache(top), output=output, tests=_tests(top))
+                    cache=_cache(top), output=output, tests=_tests(top, path.parent, models),
+                    stage_defaults=defaults)
 
 
 @dataclass(frozen=True)
@@ -508,21 +512,22 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
         jitter_ms=float(where.get("jitter_ms", (int, float), default=0)),
         error_rate=float(error_rate),
         wrong_rate=_share(where, "wrong_rate"),
+        flaky_rate=_share(where, "flaky_rate"),
         request_log=(where.get("request_log", str) and
                      _beside(path.parent, where.get("request_log", str))),
         batch_api=where.get("batch_api", bool, default=vendor),
     )
 
 
-def _tests(top: "_Where") -> tuple[Any, ...]:
+def _tests(top: "_Where", folder: Path, models: dict[str, ModelSpec]) -> tuple[Any, ...]:
     """`tests:`: the assertions `chunbot test` applies to every case."""
-    from .testbench import AssertionSpecError, parse_assertion
+    from .testbench.assertions import AssertionSpecError, parse_assertion
 
     raw = top.get("tests", list, default=[])
     found = []
     for n, entry in enumerate(raw, 1):
         try:
-            found.append(parse_assertion(entry))
+            found.append(parse_assertion(entry, folder, models))
         except AssertionSpecError as e:
             raise top.fail(f"entry #{n}: {e}", "tests") from None
     return tuple(found)
@@ -787,6 +792,12 @@ def _routes(where: "_Where", models: dict[str, ModelSpec]) -> tuple[Route, ...]:
         raise where.fail("needs a default: a last entry without `when`, for the records no "
                          "`when` holds for", "route")
     return tuple(routes)
+
+
+def extra_stage(pipeline: Pipeline, raw: dict[str, Any], upstream: str) -> StageSpec:
+    """A stage the pipeline file does not list (the test bench's judge), read by the same
+    rules and `defaults:` as the ones it does; `upstream` goes into its fingerprint."""
+    return _stage(pipeline.path, 0, raw, pipeline.models, pipeline.stage_defaults, upstream)
 
 
 def check_api_keys(pipeline: Pipeline, stages: list[StageSpec]) -> None:

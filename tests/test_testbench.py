@@ -9,7 +9,7 @@ import pytest
 from chunbot_cli.testbench import (AssertionSpecError, case_assertions, check,
                                    parse_assertion)
 
-from conftest import chunbot, write_jsonl
+from conftest import chunbot, read_jsonl, write_jsonl
 
 
 def render(template, case):
@@ -37,6 +37,10 @@ def render(template, case):
     ({"expr": "label == 'negative' and reply | length > 3"},
      {"label": "negative", "reply": "sorry"}, True),
     ({"expr": "missing.field"}, {"label": "x"}, False),
+    ({"field": "data", "json_schema": {"type": "object", "required": ["name"]}},
+     {"data": {"name": "x"}}, True),
+    ({"field": "data", "json_schema": {"type": "object", "required": ["name"]}},
+     {"data": {"title": "x"}}, False),
     ({"filtered": True}, None, True),
     ({"filtered": False}, None, False),
     ({"field": "label", "equals": "x"}, None, False),  # dropped: nothing to compare
@@ -54,13 +58,35 @@ def test_each_assertion_kind_passes_and_fails(raw, record, passed):
     ({"field": "x", "regex": "("}, "regex does not compile"),
     ({"field": "x", "one_of": "a"}, "takes a list"),
     ({"field": "x", "min": "a lot"}, None),
+    ({"field": "x", "json_schema": {"type": "nonsense"}}, "not a valid JSON Schema"),
+    ({"field": "x", "json_schema": {"file": "missing.json"}}, "cannot read"),
+    ({"python": "no_such_module:check"}, "cannot import 'no_such_module'"),
+    ({"field": "x", "judge": {"model": "big"}}, "needs a `rubric`"),
+    ({"field": "x", "judge": {"model": "nope", "rubric": "r"}}, "no model alias 'nope'"),
 ])
 def test_bad_assertions_are_refused(raw, message):
     if message is None:
-        parse_assertion(raw)  # a number as a string is left to the check
+        parse_assertion(raw, models={"big"})  # a number as a string is left to the check
         return
     with pytest.raises(AssertionSpecError, match=message):
-        parse_assertion(raw)
+        parse_assertion(raw, models={"big"})
+
+
+def test_a_python_check_returns_a_verdict_and_maybe_a_reason(tmp_path):
+    (tmp_path / "mychecks.py").write_text(
+        "def short(record, case):\n"
+        "    return len(record['reply']) <= case['most'], f\"{len(record['reply'])} chars\"\n"
+        "def polite(record, case):\n"
+        "    return 'sorry' in record['reply']\n"
+        "def broken(record, case):\n"
+        "    return record['nope']\n")
+    record, case = {"reply": "we are sorry"}, {"most": 5}
+    short = check(parse_assertion({"python": "mychecks:short"}, tmp_path), record, case, render)
+    assert (short.passed, short.reason) == (False, "12 chars")
+    polite = parse_assertion({"field": "reply", "python": "mychecks:polite"}, tmp_path)
+    assert check(polite, record, case, render).passed
+    broken = check(parse_assertion({"python": "mychecks:broken"}, tmp_path), record, case, render)
+    assert not broken.passed and broken.reason == "KeyError: 'nope'"
 
 
 def test_a_plain_expect_value_means_equals():
@@ -148,3 +174,185 @@ def test_sim_gen_hard_share_is_the_share_a_test_finds_failing(project):
     again = chunbot("sim", "gen", "--records", "1000", "--hard", "0.1", "--seed", "3",
                     cwd=project)
     assert again.stdout == generated.stdout  # the same seed, the same cases
+
+
+JUDGED = """
+name: judged
+input: unused.jsonl
+id_field: id
+models:
+  s: {provider: sim, model: sim-small, request_log: requests.log}
+  grader: {provider: sim, model: sim-large, request_log: judge.log}
+stages:
+  - name: reply
+    model: s
+    prompt: "Write a reply to the customer who wrote: {{ text }}"
+tests:
+  - {field: reply, judge: {model: grader, rubric: 'It names the "{{ part }}".'}}
+"""
+
+
+def test_a_judge_grades_each_case_once_and_its_verdicts_are_kept(project):
+    (project / "p.yaml").write_text(JUDGED)
+    write_jsonl(project / "cases.jsonl", [
+        {"id": "a", "text": "The battery died after a week.", "part": "battery"},
+        {"id": "b", "text": "The strap broke.", "part": "strap"},
+        {"id": "c", "text": "The lid leaks.", "part": "handle",  # the reply names the lid
+         "expect": {"reply": {"judge": {"model": "grader", "rubric": "It says 'sorry'."}}}}])
+    result = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "-q", "--json", "r.json",
+                     cwd=project)
+    assert result.returncode == 1, result.stderr.decode()
+    report = json.loads((project / "r.json").read_text())
+    assert (report["passed"], report["failed"]) == (2, 1)
+    assert report["judges"]["requests"] == 4  # one per case and judge assertion
+    assert len((project / "judge.log").read_text().splitlines()) == 4
+    c = next(r for r in report["results"] if r["id"] == "c")
+    assert c["failures"][0]["reason"] == "it does not say 'handle'"
+    assert c["failures"][0]["expected"] == 'It names the "handle".'  # the rubric, filled in
+    assert [j["verdict"] for j in c["judges"]] == ["fail", "pass"]
+    verdicts = [r["judgement"] for r in read_jsonl(
+        project / "runs/judged/tests/cases/.judge/judge/part-00000.jsonl")]
+    assert [v["verdict"] for v in verdicts] == ["pass", "pass", "fail", "pass"]
+
+    again = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "-q", "--json", "r2.json",
+                    cwd=project)
+    assert again.returncode == 1
+    assert len((project / "judge.log").read_text().splitlines()) == 4  # judged before
+    assert json.loads((project / "r2.json").read_text())["results"] == report["results"]
+
+
+FLAKY = PIPELINE.replace("request_log: requests.log}",
+                         "request_log: requests.log, flaky_rate: 0.3}").replace(
+    "  - name: negatives\n    filter: \"sentiment == 'negative'\"\n", "")
+
+
+def test_repeats_are_fresh_samples_cached_in_turn_and_flaky_cases_are_listed(project):
+    (project / "p.yaml").write_text(FLAKY)
+    generated = chunbot("sim", "gen", "--records", "60", "--seed", "5", cwd=project)
+    (project / "cases.jsonl").write_bytes(generated.stdout)
+    result = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "--repeat", "4", "-q",
+                     "--json", "r.json", cwd=project)
+    report = json.loads((project / "r.json").read_text())
+    assert report["repeat"] == 4 and report["runs"] == 240
+    assert len((project / "requests.log").read_text().splitlines()) == 240  # none shared
+    flaky = [r for r in report["results"] if r["status"] == "flaky"]
+    assert flaky and report["flaky"] == len(flaky)
+    assert all(0 < r["passes"] < 4 and r["runs"] == 4 for r in flaky)
+    low, high = report["pass_rate_95"]
+    assert low < report["pass_rate"] < high
+    assert abs(report["pass_rate"] - 0.7) < 0.12
+    assert f"FLAKY {flaky[0]['id']}: passed {flaky[0]['passes']} of 4" in result.stderr.decode()
+
+    again = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "--repeat", "4", "-q",
+                    "--json", "r2.json", cwd=project)
+    assert len((project / "requests.log").read_text().splitlines()) == 240  # from the cache
+    assert json.loads((project / "r2.json").read_text())["results"] == report["results"]
+    assert again.returncode == result.returncode == 1
+
+
+def test_junit_xml_has_a_testcase_per_case_with_failures_and_errors(project):
+    import xml.etree.ElementTree as ET
+
+    (project / "p.yaml").write_text(PIPELINE)
+    write_jsonl(project / "cases.jsonl", CASES)
+    chunbot("test", "p.yaml", "--cases", "cases.jsonl", "--stage", "sentiment", "-q",
+            "--junit", "junit.xml", cwd=project)
+    suite = ET.parse(project / "junit.xml").getroot().find("testsuite")
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("4", "1", "1")
+    cases = {c.get("name"): c for c in suite.findall("testcase")}
+    assert list(cases) == ["a", "b", "c", "d"]
+    assert not list(cases["a"]) and not list(cases["b"])
+    failure = cases["c"].find("failure")
+    assert "sentiment equals: expected 'positive', got 'neutral'" in failure.get("message")
+    assert cases["d"].find("error") is not None and cases["d"].find("failure") is None
+    assert "sentiment" in cases["d"].find("error").get("message")
+
+
+def test_a_regression_against_the_baseline_exits_1_and_names_the_case(project):
+    (project / "p.yaml").write_text(PIPELINE)
+    write_jsonl(project / "cases.jsonl", CASES)
+    saved = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "--stage", "sentiment", "-q",
+                    "--save-baseline", "base", cwd=project)
+    assert saved.returncode == 1  # c fails, d errs: the baseline keeps them as they are
+    same = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "--stage", "sentiment", "-q",
+                   "--baseline", "base", cwd=project)
+    assert same.returncode == 0, same.stderr.decode()  # no regression
+    changed = [dict(CASES[0], label="negative"), *CASES[1:3], dict(CASES[3], text="so bad")]
+    changed[2] = dict(changed[2], label="neutral")
+    write_jsonl(project / "cases.jsonl", changed)
+    result = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "--stage", "sentiment", "-q",
+                     "--baseline", "base", "--json", "r.json", cwd=project)
+    assert result.returncode == 1
+    baseline = json.loads((project / "r.json").read_text())["baseline"]
+    assert (baseline["regressions"], baseline["regressed"]) == (1, ["a"])
+    assert baseline["improved"] == ["c"]
+    assert "REGRESSED a" in result.stderr.decode()
+    assert "IMPROVED c" in result.stderr.decode()
+
+
+def test_fail_under_passes_a_pass_rate_at_or_above_it(project):
+    (project / "p.yaml").write_text(PIPELINE)
+    write_jsonl(project / "cases.jsonl", CASES)
+    args = ("test", "p.yaml", "--cases", "cases.jsonl", "--stage", "sentiment", "-q")
+    assert chunbot(*args, "--fail-under", "0.5", cwd=project).returncode == 0  # 2 of 4
+    assert chunbot(*args, "--fail-under", "0.6", cwd=project).returncode == 1
+    assert chunbot(*args, "--fail-under", "2", cwd=project).returncode == 2  # usage
+
+
+def test_a_second_test_sends_nothing_to_the_server(project, sim_server):
+    server = sim_server()
+    (project / "p.yaml").write_text(PIPELINE.replace(
+        "{provider: sim, model: sim-small, request_log: requests.log}",
+        f"{{provider: openai, model: sim-small, base_url: '{server.url}/v1'}}"))
+    write_jsonl(project / "cases.jsonl", CASES)
+    env = {"OPENAI_API_KEY": "sk-test"}
+    first = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "-q", "--json", "r1.json",
+                    cwd=project, env=env)
+    sent = server.stats()["answered"]
+    assert first.returncode == 1 and sent == 3  # d has no text: no request
+    second = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "-q", "--json", "r2.json",
+                     cwd=project, env=env)
+    assert second.returncode == 1 and server.stats()["answered"] == sent
+    results = [json.loads((project / f).read_text())["results"] for f in ("r1.json", "r2.json")]
+    assert results[0] == results[1]
+
+
+def test_kill_9_during_a_test_then_again_gives_the_same_report(project):
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    slow = FLAKY.replace("flaky_rate: 0.3}", "latency_ms: 20, max_concurrency: 4}").replace(
+        "input: unused.jsonl", "input: unused.jsonl\nshard_size: 50")
+    (project / "p.yaml").write_text(slow)
+    generated = chunbot("sim", "gen", "--records", "400", "--hard", "0.1", "--seed", "9",
+                        cwd=project)
+    (project / "cases.jsonl").write_bytes(generated.stdout)
+    process = subprocess.Popen([sys.executable, "-m", "chunbot_cli", "test", "p.yaml",
+                                "--cases", "cases.jsonl", "-q"], cwd=project,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = project / "requests.log"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (
+            not log.exists() or len(log.read_text().splitlines()) < 120):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    assert process.returncode == -9, "the test finished before the kill"
+    before = len(log.read_text().splitlines())
+    assert before < 400
+    resumed = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "-q", "--json", "r.json",
+                      cwd=project, timeout=120)
+    assert resumed.returncode == 1, resumed.stderr.decode()
+    assert len(log.read_text().splitlines()) <= 400 + 4  # only requests in flight again
+    shutil.rmtree(project / "runs")
+    shutil.rmtree(project / ".cache")
+    clean = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "-q", "--json", "clean.json",
+                    cwd=project, timeout=120)
+    assert clean.returncode == 1
+    report, expected = (json.loads((project / f).read_text()) for f in ("r.json", "clean.json"))
+    assert report["results"] == expected["results"]
+    assert (report["cases"], report["passed"]) == (expected["cases"], expected["passed"]) \
+        and report["cases"] == 400

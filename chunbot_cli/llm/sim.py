@@ -30,7 +30,8 @@ class SimProvider:
             await asyncio.sleep(max(0.0, delay) / 1000)
         if spec.error_rate and random.random() < spec.error_rate:
             raise ProviderError("sim: injected server error (HTTP 503)", retryable=True, status=503)
-        answer = sim_model.reply(spec.model, request.messages, request.params, spec.wrong_rate)
+        answer = sim_model.reply(spec.model, request.messages, request.params, spec.wrong_rate,
+                                   spec.flaky_rate)
         if self._log_fd is not None:
             key = sim_model.request_seed(spec.model, request.messages, request.params)
             os.write(self._log_fd, orjson.dumps({"key": f"{key:016x}"}) + b"\n")

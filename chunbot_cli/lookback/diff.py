@@ -426,6 +426,35 @@ class FieldStats:
         """same / present in both, for categorical fields."""
         return self.same / self.both if self.categorical and self.both else None
 
+    def note_category(self, value: Any) -> bool:
+        """Note a value of the field; False, and not categorical from now on, once a value
+        is no category (a long string, a number, a list) or there are too many."""
+        values = self.categories
+        if values is None:
+            return False
+        kind = type(value)
+        if (kind is str and len(value) <= MAX_CATEGORY_LEN) or value is None or kind is bool:
+            if value not in values:
+                values.add(value)
+                if len(values) > MAX_CATEGORIES:
+                    self.categories, self.confusions = None, Counter()
+                    return False
+            return True
+        self.categories, self.confusions = None, Counter()
+        return False
+
+    def compare(self, a: Any, b: Any) -> bool:
+        """Count one pair of values found on both sides; True when they are the same."""
+        self.both += 1
+        categorical = self.note_category(a) & self.note_category(b)
+        if _same(a, b):
+            self.same += 1
+            return True
+        self.changed += 1
+        if categorical:
+            self.confusions[(a, b)] += 1
+        return False
+
     def top_confusions(self, n: int = TOP_CONFUSIONS) -> list[tuple[Any, Any, int]]:
         return [(a, b, count) for (a, b), count in
                 sorted(self.confusions.items(), key=lambda item: (-item[1], repr(item[0])))[:n]]
@@ -550,16 +579,9 @@ class _Compare:
 
     def _track(self, name: str, value: Any) -> bool:
         """Note a value of a field; False once the field is not categorical."""
-        values = self.candidates.get(name)
-        if values is None:
+        if name not in self.candidates:
             return False
-        kind = type(value)
-        if (kind is str and len(value) <= MAX_CATEGORY_LEN) or value is None or kind is bool:
-            if value not in values:
-                values.add(value)
-                if len(values) > MAX_CATEGORIES:
-                    self._give_up(name)
-                    return False
+        if self.stats[name].note_category(value):
             return True
         self._give_up(name)
         return False
@@ -620,14 +642,11 @@ class _Compare:
                     stats.missing_b += 1
                     self._track(name, va)
             else:
-                stats.both += 1
-                categorical = self._track(name, va) & self._track(name, vb)
-                if _same(va, vb):
-                    stats.same += 1
+                same = stats.compare(va, vb)
+                if stats.categories is None and name in self.candidates:
+                    self._give_up(name)
+                if same:
                     continue
-                stats.changed += 1
-                if categorical:
-                    stats.confusions[(va, vb)] += 1
             changes[name] = (va, vb)
             if len(stats.examples) < EXAMPLES:
                 if key_value is MISSING:

@@ -2,13 +2,15 @@
 
 It recognises a few tasks from the prompt, so demos and tests produce meaningful data
 without a key or a network: sentiment labels by keyword counting, JSON extraction,
-summaries, apologies that name what went wrong, translations and plain text. Token counts
+summaries, apologies that name what went wrong, translations, a judge's verdict (a rubric
+whose quoted words the output must contain) and plain text. Token counts
 are about one per four characters, like real tokenizers on English.
 """
 
 from __future__ import annotations
 
 import hashlib
+import random
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -70,11 +72,13 @@ def sentiment(text: str) -> str:
 
 
 def reply(model: str, messages: list[dict[str, Any]], params: dict[str, Any],
-          wrong_rate: float = 0.0) -> SimReply:
+          wrong_rate: float = 0.0, flaky_rate: float = 0.0) -> SimReply:
     """`wrong_rate`: the share of requests (drawn from the request, so always the same
     ones) answered wrongly the first time — a sentiment label that is not the right one, a
     JSON object missing a key; asked again (the conversation holds its earlier reply), the
-    model answers right, as a weak model told its mistake often does."""
+    model answers right, as a weak model told its mistake often does. `flaky_rate`: a
+    share of answers wrong at random, a fresh draw each time, as sampling at a temperature
+    above 0 makes a model's answers to the same request differ."""
     asked = [m for m in messages if m.get("role") == "user"]
     reasked = any(m.get("role") == "assistant" for m in messages)
     prompt = "\n".join(str(m.get("content", "")) for m in messages if m.get("role") != "system")
@@ -83,6 +87,8 @@ def reply(model: str, messages: list[dict[str, Any]], params: dict[str, Any],
     seed = request_seed(model, messages, params)
     text = _answer(prompt, seed)
     if wrong_rate and not reasked and (seed % 10_000) < wrong_rate * 10_000:
+        text = _wrong(text)
+    elif flaky_rate and not reasked and random.random() < flaky_rate:
         text = _wrong(text)
     input_tokens = sum(count_tokens(str(m.get("content", ""))) + 4 for m in messages)
     limit = params.get("max_tokens") or params.get("max_completion_tokens")
@@ -105,6 +111,8 @@ def _wrong(text: str) -> str:
 
 def _answer(prompt: str, seed: int) -> str:
     lower = prompt.lower()
+    if "rubric:" in lower and "verdict" in lower:
+        return _verdict(prompt)
     subject = prompt.split(":", 1)[1].strip() if ":" in prompt else prompt
     if "json" in lower:
         words = [w for w in _WORD.findall(subject.lower()) if len(w) > 4]
@@ -122,6 +130,20 @@ def _answer(prompt: str, seed: int) -> str:
         return f"[{(language.group(1) if language else 'fr').lower()[:2]}] {subject}"
     count = 20 + seed % 40
     return " ".join(_VOCABULARY[(seed >> (i % 48)) % len(_VOCABULARY)] for i in range(count))
+
+
+def _verdict(prompt: str) -> str:
+    """A judge: the words the rubric quotes must all be in the output (the text after the
+    line that starts with "Output"), case aside."""
+    rubric = re.search(r"^Rubric:(.*)$", prompt, re.M | re.I)
+    output = re.search(r"^Output[^:\n]*:(.*)", prompt, re.M | re.I | re.S)
+    wanted = re.findall(r'"([^"]+)"|\'([^\']+)\'', rubric.group(1) if rubric else "")
+    got = (output.group(1) if output else "").lower()
+    missing = [a or b for a, b in wanted if (a or b).lower() not in got]
+    if missing:
+        return orjson.dumps({"verdict": "fail",
+                             "reason": f"it does not say {missing[0]!r}"}).decode()
+    return orjson.dumps({"verdict": "pass", "reason": "it does what the rubric asks"}).decode()
 
 
 def _first_words(text: str, n: int) -> str:

@@ -79,6 +79,7 @@ class Options:
     error_rate: float = 0.0
     wrong_rate: float = 0.0  # of --wrong-model's first answers: wrong (right when re-asked)
     wrong_model: str = "sim-small"
+    flaky_rate: float = 0.0  # of every model's answers: wrong at random, a fresh draw each
     rpm: int | None = None
     tpm: int | None = None
     api_key: str | None = None
@@ -1409,7 +1410,8 @@ class SimServer:
         """The model's answer to a request, its provider-cache use and its reply id: the one
         path of realtime requests and batch items, so both get the same text and usage."""
         wrong = self.options.wrong_rate if call.model == self.options.wrong_model else 0.0
-        answer = sim_model.reply(call.model, call.messages, call.params, wrong)
+        answer = sim_model.reply(call.model, call.messages, call.params, wrong,
+                                 self.options.flaky_rate)
         cache = self.cache_use(dialect, call, answer)
         return answer, cache, f"{dialect.id_prefix}{self.boot}{next(self.ids):016x}"
 
