@@ -57,7 +57,14 @@ class Locked(Exception):
 
 
 def dumps_lines(records: Iterable[Any]) -> bytes:
-    data = b"\n".join(map(orjson.dumps, records))
+    """JSON lines, joined a few hundred at a time: each bytes object orjson returns carries
+    a buffer well beyond its length (4 KB and up), so one alive per record of a shard, as a
+    single join of them all keeps, cost 19 KB a record for 2 KB traces."""
+    items = iter(records)
+    parts = []
+    while chunk := list(itertools.islice(items, 256)):
+        parts.append(b"\n".join(map(orjson.dumps, chunk)))
+    data = b"\n".join(parts)
     return data + b"\n" if data else data
 
 

@@ -356,3 +356,26 @@ def test_kill_9_during_a_test_then_again_gives_the_same_report(project):
     assert report["results"] == expected["results"]
     assert (report["cases"], report["passed"]) == (expected["cases"], expected["passed"]) \
         and report["cases"] == 400
+
+
+def test_the_wilson_interval_stays_inside_0_and_1_at_the_edges():
+    from chunbot_cli.testbench.report import wilson
+
+    low, high = wilson(8, 10)
+    assert (round(low, 3), round(high, 3)) == (0.49, 0.943)
+    assert wilson(0, 10)[0] == 0.0 and 0.2 < wilson(0, 10)[1] < 0.35
+    assert wilson(10, 10)[1] == 1.0 and wilson(0, 0) == (0.0, 0.0)
+
+
+def test_a_baseline_is_read_in_step_with_the_cases_and_holds_only_what_is_out_of_order(
+        tmp_path):
+    from chunbot_cli.testbench.report import Baseline
+
+    write_jsonl(tmp_path / "results.jsonl", [{"id": i, "status": "passed" if i % 2 else "failed"}
+                                             for i in range(6)])
+    baseline = Baseline(tmp_path)
+    assert [baseline.status(i) for i in (0, 1, 2)] == ["failed", "passed", "failed"]
+    assert not baseline.ahead  # in order: nothing held
+    assert baseline.status(4) == "failed" and list(baseline.ahead) == [3]
+    assert baseline.status(3) == "passed" and baseline.status("new") is None
+    baseline.close()
