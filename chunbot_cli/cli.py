@@ -246,6 +246,8 @@ def test(
     junit: Optional[Path] = typer.Option(None, help="Write JUnit XML here, for CI systems."),
     wait: bool = typer.Option(False, help="Batch-mode stages: wait for their batches "
                                           "instead of exiting 75."),
+    retry_errors: bool = typer.Option(False, help="Send the records that failed in earlier "
+                                                  "test runs (errors) again."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Plain log lines instead of the live display."),
 ) -> None:
     """Run the pipeline over test cases in its own workdir (<workdir>/tests/<cases>/) and
@@ -254,8 +256,10 @@ def test(
 
     _keep_freed_memory()
     _collect_garbage_rarely()
+    again = f"chunbot test {pipeline} --cases {cases}" + (f" --stage {stage}" if stage else "")
     options = testbench.TestOptions(stage=stage, limit=limit, repeat=repeat, baseline=baseline,
-                                    wait=wait)
+                                    wait=wait, retry_errors=retry_errors,
+                                    again=f"{again} --retry-errors")
     try:
         report = testbench.run_tests(config.load(pipeline), str(cases), options,
                                      make_progress(quiet, "text"))
@@ -295,7 +299,8 @@ def _test_summary(report: "testbench.Report", pipeline: Path) -> str:  # noqa: F
             shown = ", ".join(f"{a} → {b} {n:,}" for a, b, n in stats.top_confusions(3))
             lines.append(f"    top confusions (expected → got): {shown}")
     u = report.usage
-    spent = f"requests {u.requests:,}, tokens {u.tokens_in:,} in + {u.tokens_out:,} out"
+    spent = (f"requests {u.requests:,} (and {u.cache_hits:,} from the cache), tokens "
+             f"{u.tokens_in:,} in + {u.tokens_out:,} out")
     if u.cost:
         spent += f", ${u.cost:,.4f}"
     if report.latency_ms:

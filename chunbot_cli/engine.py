@@ -68,6 +68,8 @@ class RunOptions:
     rerun_ids: frozenset[str] | None = None  # only these records
     storage: str = "disk"  # "memory": nothing under the workdir, every stage computed
     order: str = "completion"  # of the output records: as they finish, or "input"
+    again: str | None = None  # the command that sends failed records again, for the summary
+    # (default: `chunbot rerun PIPELINE --stage S --failed`)
 
 
 @dataclass
@@ -555,9 +557,10 @@ class Run:
             reasons = self.reasons.get(stage.name, Counter())
             return StageFailures(stage.name, count, "", reasons.most_common(3), count, "")
         reasons, scanned = self.workdir.failure_reasons(stage.name)
-        rerun = (f"chunbot rerun {self.pipeline.path} --stage {stage.name} --failed"
-                 if stage.kind == "llm" else f"chunbot rerun {self.pipeline.path} "
-                 f"--stage {stage.name}")
+        rerun = self.options.again or (
+            f"chunbot rerun {self.pipeline.path} --stage {stage.name} --failed"
+            if stage.kind == "llm" else f"chunbot rerun {self.pipeline.path} "
+            f"--stage {stage.name}")
         return StageFailures(stage.name, count, str(self.workdir.errors_path(stage.name)),
                              reasons.most_common(3), scanned, rerun)
 

@@ -379,3 +379,30 @@ def test_a_baseline_is_read_in_step_with_the_cases_and_holds_only_what_is_out_of
     assert baseline.status(4) == "failed" and list(baseline.ahead) == [3]
     assert baseline.status(3) == "passed" and baseline.status("new") is None
     baseline.close()
+
+
+def test_errors_stay_errors_until_retried_and_the_summary_says_how(project):
+    import shutil
+
+    flaky_server = PIPELINE.replace("request_log: requests.log}",
+                                    "request_log: requests.log, error_rate: 0.5}").replace(
+        "tests:", "defaults: {retries: 0}\ntests:")
+    (project / "p.yaml").write_text(flaky_server)
+    write_jsonl(project / "cases.jsonl", CASES[:3])
+    args = ("test", "p.yaml", "--cases", "cases.jsonl", "--stage", "sentiment", "-q",
+            "--json", "r.json")
+    for _ in range(10):  # until a 503 has failed a case
+        first = chunbot(*args, cwd=project)
+        if json.loads((project / "r.json").read_text())["errors"]:
+            break
+        shutil.rmtree(project / "runs")
+    assert "chunbot test p.yaml --cases cases.jsonl --stage sentiment --retry-errors" \
+        in first.stderr.decode()
+    (project / "p.yaml").write_text(flaky_server.replace(", error_rate: 0.5", ""))
+    again = chunbot(*args, cwd=project)
+    assert json.loads((project / "r.json").read_text())["errors"]  # committed: still there
+    retried = chunbot(*args, "--retry-errors", cwd=project)
+    report = json.loads((project / "r.json").read_text())
+    assert (report["errors"], report["passed"], report["failed"]) == (0, 2, 1), \
+        retried.stderr.decode()
+    assert again.returncode == retried.returncode == 1

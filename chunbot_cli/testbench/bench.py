@@ -34,6 +34,8 @@ class TestOptions:
     repeat: int = 1  # run every case this many times, with fresh samples
     baseline: Path | None = None  # compare each case with the results saved here
     wait: bool = False  # batch-mode stages: wait for their batches instead of exit 75
+    retry_errors: bool = False  # send the failed records of the LLM stages again first
+    again: str | None = None  # the command that retries errors, for the run's summary
 
 
 @dataclass
@@ -65,13 +67,17 @@ def run_tests(pipeline: Any, cases: str, options: TestOptions | None = None,
     workdirs = [base] + [base / f".repeat-{k}" for k in range(2, options.repeat + 1)]
     stopped: list[str] = []  # what stopped a run before all its shards were done
     for k, workdir in enumerate(workdirs, 1):
-        repeat = _repeat(pipeline, cases, workdir, k)
-        ran = engine.run(repeat, engine.RunOptions(until=last.name, limit=options.limit,
-                                                   wait=options.wait), progress)
-        if ran.exit_code == engine.EXIT_LATER:
-            raise ComeBackLater(f"{workdir}: provider batches are still running; run `chunbot "
-                                "test` again later (or with --wait)")
-        stopped += ran.errors
+        repeat = _repeat(pipeline, cases, workdir, k, checked)
+        runs = [engine.RunOptions(limit=options.limit, wait=options.wait, again=options.again)]
+        if options.retry_errors:
+            runs += [dataclasses.replace(runs[0], rerun=spec.name, rerun_failed=True)
+                     for spec in checked if spec.kind == "llm" and _has_errors(workdir, spec)]
+        for run_options in runs:
+            ran = engine.run(repeat, run_options, progress)
+            if ran.exit_code == engine.EXIT_LATER:
+                raise ComeBackLater(f"{workdir}: provider batches are still running; run "
+                                    "`chunbot test` again later (or with --wait)")
+            stopped += ran.errors
         if has_judges:
             _judge(repeat, files, options.limit, last.name, workdir, k, progress)
     runs = [_RunOutputs(w, pipeline, checked, last.name, stopped) for w in workdirs]
@@ -103,15 +109,22 @@ def run_tests(pipeline: Any, cases: str, options: TestOptions | None = None,
                   time.monotonic() - started)
 
 
-def _repeat(pipeline: Any, cases: str, workdir: Path, k: int) -> Any:
-    """The pipeline as repeat k runs it: its LLM stages in a cache namespace of their own
-    after the first, so a repeat is a fresh sample."""
-    stages = pipeline.stages
+def _repeat(pipeline: Any, cases: str, workdir: Path, k: int, checked: list[Any]) -> Any:
+    """The pipeline as repeat k runs it: up to the checked stage, its LLM stages in a cache
+    namespace of their own after the first, so a repeat is a fresh sample."""
+    stages = checked
     if k > 1:
         stages = [dataclasses.replace(s, cache_namespace=f"{s.cache_namespace or ''}repeat-{k}")
                   if s.kind == "llm" else s for s in stages]
     return dataclasses.replace(pipeline, input=cases, workdir=workdir, output=None,
                                stages=stages)
+
+
+def _has_errors(workdir: Path, spec: Any) -> bool:
+    from ..store import Workdir
+
+    path = Workdir(workdir).errors_path(spec.name)
+    return path.exists() and path.stat().st_size > 0
 
 
 def _judge(repeat: Any, files: list[str], limit: int | None, last: str, workdir: Path,
@@ -220,6 +233,7 @@ class _RunOutputs:
                 into.tokens_in += counts.tokens_in
                 into.tokens_out += counts.tokens_out
                 into.cost += counts.cost
+                into.cache_hits += counts.cache_hits
                 into.requests += sum(m.requests for m in counts.models.values())
         for spec in self.stages:
             if spec.kind != "llm":

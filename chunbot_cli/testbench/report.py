@@ -62,14 +62,16 @@ def _failure(outcome: Outcome) -> dict[str, Any]:
 class Usage:
     """What the runs of a test spent: pipeline stages and judges apart."""
 
-    requests: int = 0
+    requests: int = 0  # sent to a model
+    cache_hits: int = 0  # answered by the local cache instead
     tokens_in: int = 0
     tokens_out: int = 0
     cost: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        return {"requests": self.requests, "tokens_in": self.tokens_in,
-                "tokens_out": self.tokens_out, "cost": round(self.cost, 6)}
+        return {"requests": self.requests, "cache_hits": self.cache_hits,
+                "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
+                "cost": round(self.cost, 6)}
 
 
 @dataclass
