@@ -50,6 +50,11 @@ class Storage(str, Enum):
     memory = "memory"
 
 
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
 class Malformed(str, Enum):
     not_json = "not-json"
     no_choices = "no-choices"
@@ -128,6 +133,12 @@ def run(
     errors: Optional[Path] = typer.Option(None, "--errors", help="--storage memory: write "
                                           "failed records here as JSON lines (default: "
                                           "stderr)."),
+    executor: Optional[Executor] = typer.Option(None, help="Where shard jobs run: local, or "
+                                                "ray (pip install 'chunbot[ray]'); default: "
+                                                "the pipeline's `executor:`."),
+    ray_address: Optional[str] = typer.Option(None, help="--executor ray: join this cluster "
+                                              "(auto or HOST:PORT); without it a local Ray "
+                                              "is started."),
 ) -> None:
     """Run the pipeline, or resume it: only stale stages and unfinished shards are computed."""
     if no_cache and refresh_cache:
@@ -138,7 +149,10 @@ def run(
     _execute(pipeline, engine.RunOptions(stage=stage, until=until, limit=limit,
                                          cache="off" if no_cache else "refresh" if refresh_cache
                                          else "use", mode=mode.value if mode else None,
-                                         wait=wait, storage=storage.value, order=order.value),
+                                         wait=wait, storage=storage.value, order=order.value,
+                                         executor=executor.value if executor else
+                                         "ray" if ray_address else None,
+                                         ray_address=ray_address),
              quiet, log_format, input, workdir, stream or storage is Storage.memory, errors)
 
 

@@ -41,7 +41,7 @@ STAGE_KINDS = ("prompt", "filter", "python")
 BUILTIN_MODELS = {"sim": {"provider": "sim", "model": "sim-small"}}
 
 _PIPELINE_KEYS = {"name", "input", "output", "workdir", "id_field", "shard_size", "compress",
-                  "cache", "models", "defaults", "stages", "tests"}
+                  "cache", "models", "defaults", "stages", "tests", "executor"}
 _MODEL_KEYS = {"provider", "model", "base_url", "api_key_env", "endpoints", "max_concurrency",
                "rpm", "tpm", "price", "headers", "timeout", "max_tokens", "batch_api", "latency_ms",
                "jitter_ms", "error_rate", "wrong_rate", "flaky_rate", "request_log"}
@@ -169,6 +169,8 @@ class Pipeline:
     output: Path | None = None  # the last stage's records, in input order, after a run
     tests: tuple[Any, ...] = ()  # testbench.Assertion: what `chunbot test` checks per case
     stage_defaults: Any = field(default=None, compare=False, repr=False)  # for extra_stage
+    executor: str = "local"  # or "ray": where shard jobs run
+    ray_address: str | None = None  # the Ray cluster to join ("auto", HOST:PORT); None: a new one
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:
@@ -401,7 +403,7 @@ def _pipeline(path: Path, data: Mapping[str, Any]) -> Pipeline:
     return Pipeline(path=path, name=name, input=input_spec, workdir=workdir, id_field=id_field,
                     shard_size=shard_size, compress=compress, models=models, stages=stages,
                     cache=_cache(top), output=output, tests=_tests(top, path.parent, models),
-                    stage_defaults=defaults)
+                    stage_defaults=defaults, **_executor(top))
 
 
 @dataclass(frozen=True)
@@ -531,6 +533,19 @@ def _tests(top: "_Where", folder: Path, models: dict[str, ModelSpec]) -> tuple[A
         except AssertionSpecError as e:
             raise top.fail(f"entry #{n}: {e}", "tests") from None
     return tuple(found)
+
+
+def _executor(top: "_Where") -> dict[str, Any]:
+    """`executor: local | ray | {ray: ADDRESS}` (ADDRESS: "auto" or HOST:PORT)."""
+    value = top.get("executor", (str, dict), default="local")
+    if isinstance(value, dict):
+        if set(value) != {"ray"} or not isinstance(value["ray"], str):
+            raise top.fail("must be local, ray or {ray: ADDRESS} (auto or HOST:PORT)",
+                           "executor")
+        return {"executor": "ray", "ray_address": value["ray"]}
+    if value not in ("local", "ray"):
+        raise top.fail("must be local, ray or {ray: ADDRESS} (auto or HOST:PORT)", "executor")
+    return {"executor": value}
 
 
 def _share(where: "_Where", key: str) -> float:

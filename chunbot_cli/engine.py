@@ -69,6 +69,8 @@ class RunOptions:
     storage: str = "disk"  # "memory": nothing under the workdir, every stage computed
     order: str = "completion"  # of the output records: as they finish, or "input"
     again: str | None = None  # the command that sends failed records again, for the summary
+    executor: str | None = None  # "local" or "ray" (None: the pipeline's `executor:`)
+    ray_address: str | None = None  # "auto" or HOST:PORT: join that cluster, else start one
     # (default: `chunbot rerun PIPELINE --stage S --failed`)
 
 
@@ -145,6 +147,7 @@ def run(pipeline: Pipeline, options: RunOptions | None = None,
     """
     options = options or RunOptions()
     check_api_keys(pipeline, selected_stages(pipeline, options))
+    _check_executor(pipeline, options)
     work = Run(pipeline, options, progress, output, errors, rows, traces)
     try:
         return asyncio.run(work.execute(signals=True))
@@ -164,6 +167,7 @@ async def arun(pipeline: Pipeline, options: RunOptions | None = None,
     """`run` in a running event loop (a notebook's, a program's); no signal handlers."""
     options = options or RunOptions()
     check_api_keys(pipeline, selected_stages(pipeline, options))
+    _check_executor(pipeline, options)
     try:
         return await Run(pipeline, options, progress, output, errors, rows, traces).execute()
     except OSError as e:
@@ -228,7 +232,8 @@ class Run:
         self.stopping = False  # a fault of the workdir: read no more input
         self.planner: Planner | None = None  # what is stale (disk storage)
         self.task: asyncio.Task[Any] | None = None
-        self.executor: LocalExecutor | None = None
+        self.executor: Any = None  # LocalExecutor or rayexec.RayExecutor
+        self.ray_started = False  # this run started a local Ray: it shuts it down
 
     async def execute(self, signals: bool = False) -> RunReport:
         self.task = asyncio.current_task()
@@ -281,6 +286,10 @@ class Run:
             if stages is not None:
                 self.report.errors += await stages.close()
                 self.report.cache_hits, self.report.cache_misses = stages.cache_counts()
+            if self.ray_started:
+                import ray
+
+                ray.shutdown()
         self._finish()
 
     def stop(self, signum: int) -> None:
@@ -331,10 +340,8 @@ class Run:
         elif position == 0:
             job_input = Lines(shard.lines, shard.start, shard.origins, self.pipeline.id_field)
         else:
-            upstream = self.pipeline.stages[position - 1]
-            keys = self.workdir.read_keys(todo[0].name, shard.index, source)
-            job_input = Part(str(self.workdir.part_path(upstream.name, shard.index)),
-                             self.pipeline.compress, keys)
+            job_input = self._part_input(todo[0].name, shard.index, source)
+            keys = job_input.keys
         work = []
         for stage in todo:
             if stage.kind == "llm":
@@ -348,6 +355,34 @@ class Run:
             source = token
         return ShardJob(shard.index, job_input, work)
 
+    def _part_input(self, stage: str, shard: int, source: str) -> Part:
+        """What a stage reads when the stage before it is committed: that one's part file,
+        with the keys its records go by."""
+        upstream = self.pipeline.stages[self.pipeline.stages.index(self.pipeline.stage(stage))
+                                        - 1]
+        return Part(str(self.workdir.part_path(upstream.name, shard)), self.pipeline.compress,
+                    self.workdir.read_keys(stage, shard, source))
+
+    def _executor(self, stages: dict[str, Stage]) -> Any:
+        """The run's executor: the local window, or Ray (DESIGN.md, "Many machines")."""
+        local = LocalExecutor(stages, self, self._window(stages), self._job_ended)
+        if (self.options.executor or self.pipeline.executor) != "ray":
+            return local
+        from . import rayexec
+
+        ray, self.ray_started = rayexec.start(self.options.ray_address or
+                                              self.pipeline.ray_address)
+        blueprint = rayexec.blueprint(self.pipeline, self.selected, self.options.cache,
+                                      self.options.rerun, self.options.mode)
+        window = 2 * rayexec.cluster_cpus(ray)  # a task holds a CPU while its shard runs
+        self.note(f"executor: Ray, {rayexec.cluster_cpus(ray)} CPUs, {window} shards in flight")
+        return rayexec.RayExecutor(
+            blueprint, self, window, self._job_ended, local,
+            lambda job, committed, received: rayexec.resumed(
+                job, committed, received,
+                lambda work, shard: self._part_input(work.stage, shard, work.source)),
+            self.note)
+
     # the shard walk
     def _shards(self) -> Iterator[tuple[Shard, list[dict[str, Any]] | None]]:
         if self.rows is not None:
@@ -357,8 +392,7 @@ class Run:
             yield shard, None
 
     async def _walk(self, stages: dict[str, Stage]) -> None:
-        executor = self.executor = LocalExecutor(stages, self, self._window(stages),
-                                                 self._job_ended)
+        executor = self.executor = self._executor(stages)
         count = 0
         read_through = False
         if self.options.limit is None and not self.memory:
@@ -589,6 +623,18 @@ def _check_memory(options: RunOptions, selected: list[StageSpec],
             raise ConfigError(f"stage {stage.name!r} is in batch mode: with --storage memory "
                               "nothing remembers its batches between runs; add --wait (or "
                               "--mode realtime)")
+
+
+def _check_executor(pipeline: Pipeline, options: RunOptions) -> None:
+    """Ray is there when the run asks for it, and the run keeps a workdir."""
+    if (options.executor or pipeline.executor) != "ray":
+        return
+    if options.storage == "memory":
+        raise ConfigError("--executor ray needs disk storage: the driver journals what the "
+                          "workers finish")
+    from .rayexec import import_ray
+
+    import_ray()
 
 
 def _input_size(files: list[str]) -> int | None:

@@ -265,6 +265,15 @@ class Cache:
         self._flushes.append(asyncio.get_running_loop().run_in_executor(
             self._io, self.store.put_many, items))
 
+    async def flush(self) -> None:
+        """Write what is buffered now (a Ray worker, whose cache outlives each job)."""
+        if self._pending:
+            self._flush()
+        for outcome in await asyncio.gather(*self._flushes, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                self._failed = self._failed or outcome
+        self._flushes = []
+
     async def close(self) -> None:
         """Write what is buffered, note this run's hits and misses, let go of the store;
         raises the first write that failed (the replies are in the run's output all the

@@ -28,7 +28,8 @@ arrive with more load are not mistaken for queueing. `max_concurrency: N` pins t
 taking more than is there reserves future refill, and the taker sleeps until then, which
 paces requests evenly at 98% of the limit instead of bursting into 429s. Its rate comes
 from `rpm` / `tpm` in the YAML and from the limits a server announces in its
-`x-ratelimit-*` / `anthropic-ratelimit-*` headers, whichever is lower.
+`x-ratelimit-*` / `anthropic-ratelimit-*` headers, whichever is lower; a process that
+is one of N Ray workers at the same model takes 1/N of it (`share`).
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ class Budget:
     configured: float | None = None  # per minute, from the YAML
     announced: float | None = None  # per minute, from the server's headers
     rate: float | None = None  # per second, what is enforced
+    share: float = 1.0  # of the rate that is this process's: 1/N with N Ray workers at it
     level: float = 0.0
     stamp: float = field(default=0.0)
 
@@ -206,12 +208,17 @@ class Budget:
                   if v]
         if not limits:
             return
-        rate = min(limits) / 60
+        rate = min(limits) * self.share / 60
         first = self.rate is None
         self._refill()
         self.rate = rate
         if first:
             self.level = rate * BURST_S
+
+    def set_share(self, share: float) -> None:
+        if share != self.share:
+            self.share = share
+            self._update()
 
     def _refill(self) -> None:
         now = self.clock()

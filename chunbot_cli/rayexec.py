@@ -1,0 +1,341 @@
+"""Shard jobs on a Ray cluster: `run --executor ray` (DESIGN.md, "Many machines").
+
+The driver — this process — plans, journals and commits exactly as a local run does. A job
+goes to the cluster as a Ray generator task. The worker process builds the run's stages
+once (their own model clients, session and cache, on an event loop of its own), runs the job
+there, and streams back what it reports — records finished, records out, a stage's shard
+whole — a few dozen events at a time. The driver hands them to the engine's `JobEvents` in
+order, so the journal has every finished record within moments, and commits stay upstream
+first. A worker that dies costs only its requests in flight: the job goes again from what
+the driver journalled, without the stages it had already committed. Jobs with batch-mode
+stages run on the driver, so provider batches are created and collected there only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import os
+import queue
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from .config import ConfigError
+from .flow import JobEvents, ShardJob, StageWork, run_job
+
+LOST_WORKER_RETRIES = 5  # times one job goes again after the worker running it died
+DRAIN_S = 0.02  # a worker sends what its job reported at least this often
+SHARE_S = 0.5  # a worker running a job asks the board for its share this often
+_RAY_ENV = {"RAY_AUTH_MODE": "disabled",  # token auth makes joining hang for ~30 s
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+
+
+class RayMissing(ConfigError):
+    """Ray is not installed: `pip install 'chunbot[ray]'`."""
+
+
+def import_ray() -> Any:
+    for name, value in _RAY_ENV.items():
+        os.environ.setdefault(name, value)
+    try:
+        import ray
+    except ImportError:
+        raise RayMissing("--executor ray needs Ray: pip install 'chunbot[ray]'") from None
+    return ray
+
+
+@dataclasses.dataclass(frozen=True)
+class Blueprint:
+    """What a worker needs to build the run's stages: plain, picklable data."""
+
+    pipeline: Any  # config.Pipeline, with an absolute path and no `tests:`
+    selected: tuple[str, ...]
+    cache: str
+    rerun: str | None
+    mode: str | None
+    cwd: str  # the driver's: `python:` stages are imported from it too
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        return (self.pipeline.path, tuple(s.fingerprint for s in self.pipeline.stages),
+                self.selected, self.cache, self.rerun, self.mode)
+
+
+class RayExecutor:
+    """Runs shard jobs as Ray tasks; `local` runs those that must stay on the driver.
+    The interface is LocalExecutor's."""
+
+    def __init__(self, blueprint: Blueprint, events: JobEvents, window: int,
+                 ended: Callable[[ShardJob, BaseException | None], None],
+                 local: Any, resume: Callable[[ShardJob, set[str], dict[str, dict]], ShardJob],
+                 note: Callable[[str], None]):
+        self.ray = import_ray()
+        self.blueprint, self.events, self.ended = blueprint, events, ended
+        self.local, self.resume, self.note = local, resume, note
+        self.remote = self.ray.remote(max_retries=0)(_run_remote)
+        self.board = self.ray.remote(num_cpus=0)(Board).remote()
+        self.cpus = cluster_cpus(self.ray)
+        self.running = 0  # jobs on the cluster: tasks queued or at work
+        self.window = asyncio.Semaphore(window)
+        self.jobs: dict[asyncio.Task[None], ShardJob] = {}
+
+    async def submit(self, job: ShardJob) -> None:
+        if any(work.mode is not None for work in job.stages):  # provider batches
+            await self.local.submit(job)
+            return
+        await self.window.acquire()
+        task = asyncio.create_task(self._drive(job))
+        self.jobs[task] = job
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        job = self.jobs.pop(task)
+        self.window.release()
+        self.ended(job, None if task.cancelled() else task.exception())
+
+    async def _drive(self, job: ShardJob) -> None:
+        """Run the job remotely, handing its events over in order; after a lost worker,
+        run what is left of it again."""
+        ray = self.ray
+        attempt = job
+        committed: set[str] = set()
+        received: dict[str, dict[Any, Any]] = {work.stage: {} for work in job.stages}
+        self._count(+1)
+        try:
+            for lost in range(LOST_WORKER_RETRIES + 1):
+                try:
+                    async for ref in self.remote.remote(self.blueprint, attempt, self.board):
+                        for event in await ref:
+                            await self._hand_over(attempt, event, committed, received)
+                    return
+                except ray.exceptions.RayTaskError as e:  # the job raised, as a local one
+                    raise e.as_instanceof_cause() from None
+                except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                        ray.exceptions.ObjectLostError, ray.exceptions.RaySystemError) as e:
+                    if lost == LOST_WORKER_RETRIES or len(committed) == len(job.stages):
+                        raise
+                    self.note(f"shard {job.shard}: its worker was lost "
+                              f"({type(e).__name__}); it goes again from what was journalled")
+                    attempt = self.resume(job, committed, received)
+        finally:
+            self._count(-1)
+
+    def _count(self, change: int) -> None:
+        """Tell the board how many workers are at this run's jobs."""
+        self.running += change
+        self.board.expect.remote(min(self.running, self.cpus))
+
+    async def _hand_over(self, job: ShardJob, event: tuple[Any, ...], committed: set[str],
+                         received: dict[str, dict[Any, Any]]) -> None:
+        kind = event[0]
+        if kind == "entry":
+            _, stage, shard, entry, new = event
+            received[stage][entry.key] = entry
+            self.events.entry(stage, shard, entry, new)
+        elif kind == "passed":
+            self.events.passed(*event[1:])
+        elif kind == "fed":
+            self.events.fed(*event[1:])
+        elif kind == "done":
+            _, position, output = event
+            commit = self.events.done(job, position, output)
+            if commit is not None:
+                await commit  # committed before anything that comes after it
+            committed.add(job.stages[position].stage)
+        elif kind == "pending":
+            self.events.pending(*event[1:])
+        elif kind == "note":
+            self.note(event[1])
+
+    async def join(self) -> None:
+        while self.jobs:
+            await asyncio.wait(list(self.jobs))
+        await self.local.join()
+
+    def stop(self) -> None:
+        for task in self.jobs:
+            task.cancel()
+        self.local.stop()
+
+    async def cancel(self) -> None:
+        jobs = list(self.jobs)
+        self.stop()
+        await asyncio.gather(*jobs, return_exceptions=True)
+        await self.local.cancel()
+
+
+def start(address: str | None) -> tuple[Any, bool]:
+    """Ray, joined to the cluster at `address` ("auto", "HOST:PORT") or to a local one it
+    starts; and whether it started it (so shuts it down after the run)."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray, False
+    options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                               "configure_logging": False}
+    if address is None:
+        options.update(object_store_memory=int(1e8),
+                       _temp_dir=os.environ.get("CHUNBOT_RAY_TEMP", "/tmp/chunbot-ray"))
+    ray.init(address=address, **options)
+    return ray, address is None
+
+
+def cluster_cpus(ray: Any) -> int:
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+class Board:
+    """A Ray actor: the run's shared view of its models. It knows how many workers run
+    the run's jobs at once (the driver counts them) and the request and token limits the
+    servers announced to any of them, so a worker that starts knows them before its first
+    request. Each worker takes 1/N of every model's budgets, so together they stay under
+    the server's limits; concurrency limits stay each worker's own (like TCP flows, their
+    AIMD finds each its share)."""
+
+    def __init__(self) -> None:
+        self.workers = 1
+        self.limits: dict[str, tuple[float | None, float | None]] = {}  # per minute
+        self.calls = 0
+
+    def expect(self, workers: int) -> None:
+        self.workers = max(1, workers)
+
+    def share(self, learned: dict[str, tuple[float | None, float | None]]
+              ) -> tuple[int, dict[str, tuple[float | None, float | None]]]:
+        """What a worker learned (alias: requests, tokens per minute) in; the workers at
+        work and what every worker learned out."""
+        self.calls += 1
+        for alias, (requests, tokens) in learned.items():
+            known = self.limits.get(alias, (None, None))
+            self.limits[alias] = (requests or known[0], tokens or known[1])
+        return self.workers, self.limits
+
+
+# ---------------------------------------------------------------------------------------
+# the worker's side
+
+class _Recorder:
+    """JobEvents on a worker: what the job reports, queued for the driver."""
+
+    def __init__(self, out: "queue.SimpleQueue[tuple[Any, ...]]"):
+        self.out = out
+
+    def fed(self, stage: str, count: int) -> None:
+        self.out.put(("fed", stage, count))
+
+    def entry(self, stage: str, shard: int, entry: Any, new: bool) -> None:
+        self.out.put(("entry", stage, shard, entry, new))
+
+    def passed(self, stage: str, shard: int, batch: Any, data: bytes, counts: Any) -> None:
+        self.out.put(("passed", stage, shard, batch, data, counts))
+
+    def done(self, job: ShardJob, position: int, output: Any) -> None:
+        self.out.put(("done", position, output))
+
+    def pending(self, stage: str, shard: int) -> None:
+        self.out.put(("pending", stage, shard))
+
+
+class _Runtime:
+    """A worker process's event loop (on a thread) and the run's stages built on it."""
+
+    def __init__(self, blueprint: Blueprint):
+        from .stageset import StageSet
+
+        if blueprint.cwd not in sys.path:
+            sys.path.insert(0, blueprint.cwd)
+        self.notes: "queue.SimpleQueue[str]" = queue.SimpleQueue()
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True,
+                         name="chunbot-worker").start()
+        pipeline = blueprint.pipeline
+        selected = [pipeline.stage(name) for name in blueprint.selected]
+
+        async def build() -> Any:
+            return StageSet(pipeline, selected, self.notes.put, blueprint.cache,
+                            blueprint.rerun, blueprint.mode)
+
+        self.stageset = asyncio.run_coroutine_threadsafe(build(), self.loop).result()
+        self.stages: Mapping[str, Any] = self.stageset.stages
+        self.workers = 1
+
+    async def take_share(self, board: Any) -> None:
+        """Tell the board the limits this worker's servers announced; take the ones any
+        worker learned, and 1/N of every budget, N the workers at work. Awaited on the
+        loop: a blocking ray.get would lend this task's CPU to another one meanwhile."""
+        clients = self.stageset.clients
+        learned = {alias: (c.request_budget.announced, c.token_budget.announced)
+                   for alias, c in clients.items()}
+        try:
+            workers, limits = await asyncio.wait_for(board.share.remote(learned), 10)
+        except Exception:  # the board is gone (the driver ended): keep what it has
+            return
+        for alias, client in clients.items():
+            requests, tokens = limits.get(alias, (None, None))
+            for budget, announced in ((client.request_budget, requests),
+                                      (client.token_budget, tokens)):
+                budget.set_share(1 / max(1, workers))
+                if announced:
+                    budget.announce(announced)
+
+
+_runtimes: dict[tuple[Any, ...], _Runtime] = {}
+
+
+def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any) -> Any:
+    """The Ray task: run the job on this worker's loop, yielding its events as they come."""
+    import time
+
+    runtime = _runtimes.get(blueprint.key)
+    if runtime is None:
+        runtime = _runtimes[blueprint.key] = _Runtime(blueprint)
+    events: "queue.SimpleQueue[tuple[Any, ...]]" = queue.SimpleQueue()
+
+    async def shared_then_run() -> None:
+        await runtime.take_share(board)  # before its first request
+        await run_job(job, runtime.stages, _Recorder(events))
+
+    future = asyncio.run_coroutine_threadsafe(shared_then_run(), runtime.loop)
+    asked = time.monotonic()
+    while True:
+        finished = future.done()
+        batch = []
+        while not events.empty():
+            batch.append(events.get())
+        while not runtime.notes.empty():
+            batch.append(("note", runtime.notes.get()))
+        if batch:
+            yield batch
+        if finished:
+            break
+        concurrent.futures.wait([future], timeout=DRAIN_S)
+        if time.monotonic() - asked > SHARE_S:
+            asyncio.run_coroutine_threadsafe(runtime.take_share(board), runtime.loop)
+            asked = time.monotonic()
+    if runtime.stageset.cache is not None:  # the replies it got, for the jobs after it
+        asyncio.run_coroutine_threadsafe(runtime.stageset.cache.flush(), runtime.loop).result()
+    future.result()  # the job's error, after what it sent
+
+
+def blueprint(pipeline: Any, selected: list[Any], cache: str, rerun: str | None,
+              mode: str | None) -> Blueprint:
+    shipped = dataclasses.replace(pipeline, path=Path(pipeline.path).resolve(), tests=(),
+                                  workdir=Path(pipeline.workdir).resolve())
+    return Blueprint(shipped, tuple(s.name for s in selected), cache, rerun, mode,
+                     str(Path.cwd()))
+
+
+def resumed(job: ShardJob, committed: set[str], received: dict[str, dict[Any, Any]],
+            part_input: Callable[[StageWork, int], Any]) -> ShardJob:
+    """What is left of a job whose worker died: the stages not committed yet, each with
+    the records the driver received from it as done, reading the last committed stage's
+    part file (`part_input`) or the job's own input."""
+    left = [work for work in job.stages if work.stage not in committed]
+    first = job.stages.index(left[0])
+    source = job.input if first == 0 else part_input(left[0], job.shard)
+    return ShardJob(job.shard, source,
+                    [dataclasses.replace(work, done={**work.done, **received[work.stage]})
+                     for work in left])

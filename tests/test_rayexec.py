@@ -1,0 +1,208 @@
+"""rayexec.py and `run --executor ray`: shard jobs on a real local Ray cluster, started by
+the run itself on this machine; every process a test starts is killed by pid at its end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import chunbot, read_stage, write_jsonl
+
+ray = pytest.importorskip("ray")
+
+PIPELINE = """
+name: spread
+input: data.jsonl
+id_field: id
+shard_size: 25
+models:
+  small: {{provider: sim, model: sim-small, latency_ms: {latency}, max_concurrency: 8,
+          request_log: requests.log}}
+stages:
+  - name: sentiment
+    model: small
+    prompt: "Label the sentiment of: {{{{ text }}}}"
+  - name: negatives
+    filter: "sentiment == 'negative'"
+  - name: reply
+    model: small
+    prompt: "Write an apology for: {{{{ text }}}}"
+"""
+TEXTS = ["great, I love it", "it broke, terrible", "okay I guess"]
+ENV = {"CHUNBOT_RAY_TEMP": "/tmp/cbray"}  # socket paths must stay short
+
+
+def make(project: Path, n: int = 300, latency: int = 5) -> Path:
+    write_jsonl(project / "data.jsonl",
+                [{"id": f"r{i:04d}", "text": f"{TEXTS[i % 3]} #{i}"} for i in range(n)])
+    (project / "p.yaml").write_text(PIPELINE.format(latency=latency))
+    return project / "p.yaml"
+
+
+def logged(project: Path) -> list[str]:
+    log = project / "requests.log"
+    return [json.loads(line)["key"] for line in log.read_text().splitlines()] \
+        if log.exists() else []
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process under `pid`, from /proc (Ray's raylet, GCS and workers)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def kill_all(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def start(project: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "chunbot_cli", *args], cwd=project,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, **ENV})
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def expected_ids(n: int = 300) -> tuple[list[str], list[str]]:
+    ids = [f"r{i:04d}" for i in range(n)]
+    return ids, ids[1::3]
+
+
+def test_a_ray_run_writes_what_a_local_run_writes(project):
+    pipeline = make(project)
+    ran = chunbot("run", str(pipeline), "--executor", "ray", "-q", "--no-cache", cwd=project,
+                  timeout=180, env=ENV)
+    assert ran.returncode == 0, ran.stderr.decode()
+    assert b"executor: Ray" in ran.stderr
+    local = chunbot("run", str(pipeline), "-q", "--no-cache", "--workdir", "local",
+                    cwd=project)
+    assert local.returncode == 0
+    for stage in ("sentiment", "reply"):
+        assert chunbot("diff", f"runs/spread/{stage}", f"local/{stage}",
+                       cwd=project).returncode == 0
+        parts = sorted((project / "runs/spread" / stage).glob("part-*.jsonl"))
+        assert [p.read_bytes() for p in parts] == \
+            [(project / "local" / stage / p.name).read_bytes() for p in parts]
+    status = chunbot("status", str(pipeline), "--json", cwd=project)
+    assert all(s["state"] == "fresh" for s in json.loads(status.stdout)["stages"])
+    again = chunbot("run", str(pipeline), "-q", cwd=project)  # moves to the local executor
+    assert again.returncode == 0 and b"nothing to do" in again.stderr
+
+
+def test_without_ray_the_flag_names_the_install_command(project):
+    blocker = project / "noray" / "ray"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError('no ray here')\n")
+    pipeline = make(project, n=3)
+    result = chunbot("run", str(pipeline), "--executor", "ray", cwd=project,
+                     env={"PYTHONPATH": str(project / "noray")})
+    assert result.returncode == 2
+    assert b"pip install 'chunbot[ray]'" in result.stderr
+    assert b"Traceback" not in result.stderr
+    assert not logged(project)
+
+
+def test_a_worker_killed_mid_run_costs_only_its_requests_in_flight(project):
+    pipeline = make(project, latency=40)
+    process = start(project, "run", str(pipeline), "--executor", "ray", "-q")
+    started: list[int] = []
+    try:
+        wait_for(lambda: len(logged(project)) >= 60, timeout=90)
+        started = descendants(process.pid)
+        workers = [p for p in started if "ray::_run_remote" in command_line(p)]  # busy ones
+        assert workers, [command_line(p) for p in started]
+        os.kill(workers[0], signal.SIGKILL)
+        _, err = process.communicate(timeout=180)
+    finally:
+        kill_all([process.pid, *started, *descendants(process.pid)])
+    assert process.returncode == 0, err.decode()
+    assert b"worker was lost" in err
+    ids, replies = expected_ids()
+    assert [r["_id"] for r in read_stage(project / "runs/spread", "sentiment")] == ids
+    assert [r["_id"] for r in read_stage(project / "runs/spread", "reply")] == replies
+    sent = logged(project)
+    assert len(sent) - len(set(sent)) <= 8 * 2  # at most the killed worker's in flight
+
+
+def test_a_driver_killed_mid_run_is_finished_by_a_local_run(project):
+    pipeline = make(project, latency=40)
+    process = start(project, "run", str(pipeline), "--executor", "ray", "-q")
+    started: list[int] = []
+    try:
+        wait_for(lambda: len(logged(project)) >= 60, timeout=90)
+        started = descendants(process.pid)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=30)
+    finally:
+        kill_all([*started, *descendants(process.pid)])
+    assert process.returncode == -9
+    before = logged(project)
+    assert len(before) < 300 + 100, "the kill should land mid-run"
+    finished = chunbot("run", str(pipeline), "-q", cwd=project, timeout=120)
+    assert finished.returncode == 0, finished.stderr.decode()
+    ids, replies = expected_ids()
+    assert [r["_id"] for r in read_stage(project / "runs/spread", "sentiment")] == ids
+    assert [r["_id"] for r in read_stage(project / "runs/spread", "reply")] == replies
+    sent = logged(project)
+    assert len(sent) - len(set(sent)) <= 2 * 2 * 8  # only what was in flight went again
+
+
+def test_workers_share_a_servers_announced_rate_limit(project, sim_server):
+    server = sim_server("--rpm", "2400")  # 40 requests a second, announced in its headers
+    write_jsonl(project / "data.jsonl",
+                [{"id": f"r{i:04d}", "text": f"{TEXTS[i % 3]} #{i}"} for i in range(600)])
+    (project / "p.yaml").write_text(f"""
+name: limited
+input: data.jsonl
+shard_size: 25
+models:
+  m: {{provider: openai, model: sim-small, base_url: "{server.url}/v1"}}
+stages:
+  - {{name: sentiment, model: m, prompt: "Label the sentiment of: {{{{ text }}}}"}}
+""")
+    ran = chunbot("run", "p.yaml", "--executor", "ray", "-q", "--no-cache", cwd=project,
+                  timeout=180, env={**ENV, "OPENAI_API_KEY": "sk-test"})
+    assert ran.returncode == 0, ran.stderr.decode()
+    stats = server.stats()
+    throttled = stats["by_status"].get("429", 0)
+    assert stats["answered"] == 600
+    # two workers at one budget: the first requests of each, sent before any reply told
+    # them the limit, may meet 429s; after that, 1/2 each keeps them under it
+    assert throttled <= 2 * 16 + 0.02 * 600, stats["by_status"]
+    seconds = float(ran.stderr.decode().rsplit("s, exit", 1)[0].rsplit()[-1])
+    assert seconds > 600 / 40 * 0.8  # and it was the limit that paced them
