@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 from .config import ConfigError
 from .flow import JobEvents, ShardJob, StageWork, run_job
+from .stages import Batch
 
 LOST_WORKER_RETRIES = 5  # times one job goes again after the worker running it died
 DRAIN_S = 0.02  # a worker sends what its job reported at least this often
@@ -104,13 +105,15 @@ class RayExecutor:
         attempt = job
         committed: set[str] = set()
         received: dict[str, dict[Any, Any]] = {work.stage: {} for work in job.stages}
+        passed: dict[str, set[Any]] = {work.stage: set() for work in job.stages}
         self._count(+1)
         try:
             for lost in range(LOST_WORKER_RETRIES + 1):
                 try:
                     async for ref in self.remote.remote(self.blueprint, attempt, self.board):
                         for event in await ref:
-                            await self._hand_over(attempt, event, committed, received)
+                            await self._hand_over(attempt, event, committed, received,
+                                                  passed)
                     return
                 except ray.exceptions.RayTaskError as e:  # the job raised, as a local one
                     raise e.as_instanceof_cause() from None
@@ -130,14 +133,23 @@ class RayExecutor:
         self.board.expect.remote(min(self.running, self.cpus))
 
     async def _hand_over(self, job: ShardJob, event: tuple[Any, ...], committed: set[str],
-                         received: dict[str, dict[Any, Any]]) -> None:
+                         received: dict[str, dict[Any, Any]], passed: dict[str, set[Any]]
+                         ) -> None:
         kind = event[0]
         if kind == "entry":
             _, stage, shard, entry, new = event
             received[stage][entry.key] = entry
             self.events.entry(stage, shard, entry, new)
         elif kind == "passed":
-            self.events.passed(*event[1:])
+            _, stage, shard, batch, data, counts = event
+            seen = passed[stage]
+            if seen.intersection(batch.keys):  # a job that went again passes them again
+                keep = [i for i, key in enumerate(batch.keys) if key not in seen]
+                lines = data.split(b"\n")
+                batch = Batch([batch.keys[i] for i in keep], [batch.records[i] for i in keep])
+                data = b"".join(lines[i] + b"\n" for i in keep)
+            seen.update(batch.keys)
+            self.events.passed(stage, shard, batch, data, counts)
         elif kind == "fed":
             self.events.fed(*event[1:])
         elif kind == "done":
@@ -180,7 +192,26 @@ def start(address: str | None) -> tuple[Any, bool]:
         options.update(object_store_memory=int(1e8),
                        _temp_dir=os.environ.get("CHUNBOT_RAY_TEMP", "/tmp/chunbot-ray"))
     ray.init(address=address, **options)
+    _news_to_stderr()
     return ray, address is None
+
+
+def _news_to_stderr() -> None:
+    """Ray prints the cluster's news ("a worker died…") on the driver's stdout, which is
+    the records' with --stream: send it to stderr, with the logs."""
+    try:
+        from ray._private import worker
+    except ImportError:
+        return
+    show = worker.print_to_stdstream
+    if getattr(show, "chunbot", False):
+        return
+
+    def to_stderr(data: dict[str, Any], ignore_prefix: bool) -> None:
+        show({**data, "is_err": True}, ignore_prefix)
+
+    to_stderr.chunbot = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = to_stderr
 
 
 def cluster_cpus(ray: Any) -> int:

@@ -256,3 +256,14 @@ stages:
 """)).stages[1].fingerprint  # the same pipeline either way
     with pytest.raises(chunbot.ConfigError, match="<pipeline>: stage 's': key 'promt'"):
         chunbot.load({"name": "t", "input": "d.jsonl", "stages": [{"name": "s", "promt": "x"}]})
+
+
+def test_the_executor_key_names_ray_and_its_address_or_is_refused(project):
+    base = "name: e\nstages:\n  - {name: a, prompt: 'x {{ t }}'}\n"
+    assert load(write(project, base)).executor == "local"
+    ray = load(write(project, base + "executor: ray\n"))
+    assert (ray.executor, ray.ray_address) == ("ray", None)
+    joined = load(write(project, base + "executor: {ray: '127.0.0.1:6380'}\n"))
+    assert (joined.executor, joined.ray_address) == ("ray", "127.0.0.1:6380")
+    message = refused(project, base + "executor: kubernetes\n")
+    assert "key 'executor'" in message and "local, ray or {ray: ADDRESS}" in message

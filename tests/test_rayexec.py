@@ -120,8 +120,15 @@ def test_a_ray_run_writes_what_a_local_run_writes(project):
             [(project / "local" / stage / p.name).read_bytes() for p in parts]
     status = chunbot("status", str(pipeline), "--json", cwd=project)
     assert all(s["state"] == "fresh" for s in json.loads(status.stdout)["stages"])
+    traced = json.loads(chunbot("trace", str(pipeline), "r0001", "--json", cwd=project).stdout)
+    assert [s["stage"] for s in traced["stages"]] == ["sentiment", "negatives", "reply"]
+    assert traced["stages"][0]["trace"]["request"]["messages"]
     again = chunbot("run", str(pipeline), "-q", cwd=project)  # moves to the local executor
     assert again.returncode == 0 and b"nothing to do" in again.stderr
+    rerun = chunbot("rerun", str(pipeline), "--stage", "reply", "-q", cwd=project)
+    assert rerun.returncode == 0
+    assert chunbot("diff", "runs/spread/reply.prev", "runs/spread/reply",
+                   cwd=project).returncode == 0
 
 
 def test_without_ray_the_flag_names_the_install_command(project):
@@ -139,7 +146,10 @@ def test_without_ray_the_flag_names_the_install_command(project):
 
 def test_a_worker_killed_mid_run_costs_only_its_requests_in_flight(project):
     pipeline = make(project, latency=40)
-    process = start(project, "run", str(pipeline), "--executor", "ray", "-q")
+    process = subprocess.Popen([sys.executable, "-m", "chunbot_cli", "run", str(pipeline),
+                                "--executor", "ray", "-q", "--stream"], cwd=project,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, **ENV})
     started: list[int] = []
     try:
         wait_for(lambda: len(logged(project)) >= 60, timeout=90)
@@ -147,12 +157,16 @@ def test_a_worker_killed_mid_run_costs_only_its_requests_in_flight(project):
         workers = [p for p in started if "ray::_run_remote" in command_line(p)]  # busy ones
         assert workers, [command_line(p) for p in started]
         os.kill(workers[0], signal.SIGKILL)
-        _, err = process.communicate(timeout=180)
+        out, err = process.communicate(timeout=180)
     finally:
         kill_all([process.pid, *started, *descendants(process.pid)])
     assert process.returncode == 0, err.decode()
     assert b"worker was lost" in err
     ids, replies = expected_ids()
+    bad = [line for line in out.splitlines() if not line.startswith(b"{")]
+    assert not bad, bad[:3]
+    streamed = [json.loads(line)["_id"] for line in out.splitlines()]
+    assert sorted(streamed) == replies  # --stream: each record once, the lost job's too
     assert [r["_id"] for r in read_stage(project / "runs/spread", "sentiment")] == ids
     assert [r["_id"] for r in read_stage(project / "runs/spread", "reply")] == replies
     sent = logged(project)
@@ -206,3 +220,35 @@ stages:
     assert throttled <= 2 * 16 + 0.02 * 600, stats["by_status"]
     seconds = float(ran.stderr.decode().rsplit("s, exit", 1)[0].rsplit()[-1])
     assert seconds > 600 / 40 * 0.8  # and it was the limit that paced them
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_run_joins_a_two_node_cluster_by_its_address(project):
+    from ray.cluster_utils import Cluster
+
+    for name, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}.items():
+        os.environ.setdefault(name, value)
+    Path("/tmp/ray").mkdir(exist_ok=True)  # where Ray notes the address of its last cluster
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": False,
+        "object_store_memory": 100 * 1024 * 1024, "temp_dir": "/tmp/cbray2"})
+    try:
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 1024 * 1024)
+        cluster.wait_for_nodes(timeout=60)
+        pipeline = make(project, n=200)
+        ran = chunbot("run", str(pipeline), "--ray-address", cluster.address, "-q",
+                      "--no-cache", cwd=project, timeout=180, env=ENV)
+        assert ran.returncode == 0, ran.stderr.decode()
+        assert b"executor: Ray, 2 CPUs" in ran.stderr
+        ids, replies = expected_ids(200)
+        assert [r["_id"] for r in read_stage(project / "runs/spread", "sentiment")] == ids
+        assert [r["_id"] for r in read_stage(project / "runs/spread", "reply")] == replies
+    finally:
+        cluster.shutdown()
