@@ -372,7 +372,7 @@ class Run:
 
         ray, self.ray_started = rayexec.start(self.options.ray_address or
                                               self.pipeline.ray_address)
-        blueprint = rayexec.blueprint(self.pipeline, self.selected, self.options.cache,
+        blueprint = rayexec.blueprint_of(self.pipeline, self.selected, self.options.cache,
                                       self.options.rerun, self.options.mode)
         window = 2 * rayexec.cluster_cpus(ray)  # a task holds a CPU while its shard runs
         self.note(f"executor: Ray, {rayexec.cluster_cpus(ray)} CPUs, {window} shards in flight")

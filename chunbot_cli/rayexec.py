@@ -229,7 +229,7 @@ class Board:
     def __init__(self) -> None:
         self.workers = 1
         self.limits: dict[str, tuple[float | None, float | None]] = {}  # per minute
-        self.calls = 0
+        self.calls = 0  # share() calls answered: what bench/ray.py counts
 
     def expect(self, workers: int) -> None:
         self.workers = max(1, workers)
@@ -291,7 +291,6 @@ class _Runtime:
 
         self.stageset = asyncio.run_coroutine_threadsafe(build(), self.loop).result()
         self.stages: Mapping[str, Any] = self.stageset.stages
-        self.workers = 1
 
     async def take_share(self, board: Any) -> None:
         """Tell the board the limits this worker's servers announced; take the ones any
@@ -312,17 +311,33 @@ class _Runtime:
                 if announced:
                     budget.announce(announced)
 
+    def close(self) -> None:
+        try:
+            asyncio.run_coroutine_threadsafe(self.stageset.close(), self.loop).result(timeout=30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
 
-_runtimes: dict[tuple[Any, ...], _Runtime] = {}
+
+_runtimes: dict[tuple[Any, ...], _Runtime] = {}  # this worker process's: at most one
+
+
+def _runtime(blueprint: Blueprint) -> _Runtime:
+    """The worker's runtime for this run's pipeline; another pipeline's is closed first
+    (a worker of a long-lived cluster serves one run after another)."""
+    runtime = _runtimes.get(blueprint.key)
+    if runtime is None:
+        for old in _runtimes.values():
+            old.close()
+        _runtimes.clear()
+        runtime = _runtimes[blueprint.key] = _Runtime(blueprint)
+    return runtime
 
 
 def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any) -> Any:
     """The Ray task: run the job on this worker's loop, yielding its events as they come."""
     import time
 
-    runtime = _runtimes.get(blueprint.key)
-    if runtime is None:
-        runtime = _runtimes[blueprint.key] = _Runtime(blueprint)
+    runtime = _runtime(blueprint)
     events: "queue.SimpleQueue[tuple[Any, ...]]" = queue.SimpleQueue()
 
     async def shared_then_run() -> None:
@@ -351,7 +366,7 @@ def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any) -> Any:
     future.result()  # the job's error, after what it sent
 
 
-def blueprint(pipeline: Any, selected: list[Any], cache: str, rerun: str | None,
+def blueprint_of(pipeline: Any, selected: list[Any], cache: str, rerun: str | None,
               mode: str | None) -> Blueprint:
     shipped = dataclasses.replace(pipeline, path=Path(pipeline.path).resolve(), tests=(),
                                   workdir=Path(pipeline.workdir).resolve())
