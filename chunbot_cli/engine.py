@@ -373,7 +373,9 @@ class Run:
         ray, self.ray_started = rayexec.start(self.options.ray_address or
                                               self.pipeline.ray_address)
         blueprint = rayexec.blueprint_of(self.pipeline, self.selected, self.options.cache,
-                                      self.options.rerun, self.options.mode)
+                                         self.options.rerun, self.options.mode,
+                                         records=self.output is not None
+                                         and self.output.needs_records)
         window = 2 * rayexec.cluster_cpus(ray)  # a task holds a CPU while its shard runs
         self.note(f"executor: Ray, {rayexec.cluster_cpus(ray)} CPUs, {window} shards in flight")
         return rayexec.RayExecutor(
@@ -634,7 +636,7 @@ def _check_executor(pipeline: Pipeline, options: RunOptions) -> None:
                           "workers finish")
     from .rayexec import import_ray
 
-    import_ray()
+    import_ray(local=(options.ray_address or pipeline.ray_address) is None)
 
 
 def _input_size(files: list[str]) -> int | None:

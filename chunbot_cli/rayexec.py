@@ -30,17 +30,19 @@ from .stages import Batch
 LOST_WORKER_RETRIES = 5  # times one job goes again after the worker running it died
 DRAIN_S = 0.02  # a worker sends what its job reported at least this often
 SHARE_S = 0.5  # a worker running a job asks the board for its share this often
-_RAY_ENV = {"RAY_AUTH_MODE": "disabled",  # token auth makes joining hang for ~30 s
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+# a Ray this run starts serves this machine only: on loopback (Ray's own switch for that,
+# read when Ray is imported), so with no token (which makes joins hang for ~30 s)
+_LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled"}
 
 
 class RayMissing(ConfigError):
     """Ray is not installed: `pip install 'chunbot[ray]'`."""
 
 
-def import_ray() -> Any:
-    for name, value in _RAY_ENV.items():
+def import_ray(local: bool = True) -> Any:
+    """Ray, imported; `local`: for a Ray this process starts, not a cluster it joins."""
+    for name, value in {**_RAY_ENV, **(_LOCAL_RAY_ENV if local else {})}.items():
         os.environ.setdefault(name, value)
     try:
         import ray
@@ -59,6 +61,7 @@ class Blueprint:
     rerun: str | None
     mode: str | None
     cwd: str  # the driver's: `python:` stages are imported from it too
+    records: bool = False  # the driver hands records out (not only their JSON lines)
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -74,7 +77,7 @@ class RayExecutor:
                  ended: Callable[[ShardJob, BaseException | None], None],
                  local: Any, resume: Callable[[ShardJob, set[str], dict[str, dict]], ShardJob],
                  note: Callable[[str], None]):
-        self.ray = import_ray()
+        self.ray = sys.modules["ray"]  # imported by start()
         self.blueprint, self.events, self.ended = blueprint, events, ended
         self.local, self.resume, self.note = local, resume, note
         self.remote = self.ray.remote(max_retries=0)(_run_remote)
@@ -154,6 +157,9 @@ class RayExecutor:
             self.events.fed(*event[1:])
         elif kind == "done":
             _, position, output = event
+            if output.trace == []:  # the traces came with the entries: not twice
+                finished = received[job.stages[position].stage]
+                output.trace = [finished[key].trace for key in sorted(finished)]
             commit = self.events.done(job, position, output)
             if commit is not None:
                 await commit  # committed before anything that comes after it
@@ -183,7 +189,7 @@ class RayExecutor:
 def start(address: str | None) -> tuple[Any, bool]:
     """Ray, joined to the cluster at `address` ("auto", "HOST:PORT") or to a local one it
     starts; and whether it started it (so shuts it down after the run)."""
-    ray = import_ray()
+    ray = import_ray(local=address is None)
     if ray.is_initialized():
         return ray, False
     options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
@@ -249,10 +255,12 @@ class Board:
 # the worker's side
 
 class _Recorder:
-    """JobEvents on a worker: what the job reports, queued for the driver."""
+    """JobEvents on a worker: what the job reports, queued for the driver — each thing
+    once: a stage's traces went with its entries, a batch's records with their JSON lines
+    unless the driver hands out records."""
 
-    def __init__(self, out: "queue.SimpleQueue[tuple[Any, ...]]"):
-        self.out = out
+    def __init__(self, out: "queue.SimpleQueue[tuple[Any, ...]]", records: bool):
+        self.out, self.records = out, records
 
     def fed(self, stage: str, count: int) -> None:
         self.out.put(("fed", stage, count))
@@ -261,9 +269,13 @@ class _Recorder:
         self.out.put(("entry", stage, shard, entry, new))
 
     def passed(self, stage: str, shard: int, batch: Any, data: bytes, counts: Any) -> None:
+        if not self.records:
+            batch = Batch(batch.keys, [])
         self.out.put(("passed", stage, shard, batch, data, counts))
 
     def done(self, job: ShardJob, position: int, output: Any) -> None:
+        if output.trace is not None:
+            output = dataclasses.replace(output, trace=[])
         self.out.put(("done", position, output))
 
     def pending(self, stage: str, shard: int) -> None:
@@ -342,7 +354,7 @@ def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any) -> Any:
 
     async def shared_then_run() -> None:
         await runtime.take_share(board)  # before its first request
-        await run_job(job, runtime.stages, _Recorder(events))
+        await run_job(job, runtime.stages, _Recorder(events, blueprint.records))
 
     future = asyncio.run_coroutine_threadsafe(shared_then_run(), runtime.loop)
     asked = time.monotonic()
@@ -367,11 +379,11 @@ def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any) -> Any:
 
 
 def blueprint_of(pipeline: Any, selected: list[Any], cache: str, rerun: str | None,
-              mode: str | None) -> Blueprint:
+                 mode: str | None, records: bool) -> Blueprint:
     shipped = dataclasses.replace(pipeline, path=Path(pipeline.path).resolve(), tests=(),
                                   workdir=Path(pipeline.workdir).resolve())
     return Blueprint(shipped, tuple(s.name for s in selected), cache, rerun, mode,
-                     str(Path.cwd()))
+                     str(Path.cwd()), records)
 
 
 def resumed(job: ShardJob, committed: set[str], received: dict[str, dict[Any, Any]],

@@ -143,6 +143,8 @@ class MemoryStore:
 class Output(Protocol):
     """Takes the last selected stage's records as they finish."""
 
+    needs_records: bool  # the dicts, not only their JSON lines (a Ray run ships them then)
+
     def records(self, shard: int, data: bytes, batch: Batch | None) -> None: ...
     # `data`: the records as JSON lines; `batch`: as dicts with their keys (None: records
     # read back from a part file, in order)
@@ -153,6 +155,8 @@ class Output(Protocol):
 class JsonLinesOut:
     """Each batch of records as JSON lines on a binary stream, flushed at once (raises
     BrokenPipeError when the reader has gone away)."""
+
+    needs_records = False
 
     def __init__(self, stream: IO[bytes]):
         self.stream = stream
@@ -168,6 +172,8 @@ class JsonLinesOut:
 
 class RecordsOut:
     """Each record as a dict to a function."""
+
+    needs_records = True
 
     def __init__(self, take: Callable[[dict[str, Any]], None]):
         self.take = take
@@ -190,6 +196,7 @@ class InputOrder:
 
     def __init__(self, out: Output, first: int = 0):
         self.out, self.next = out, first
+        self.needs_records = out.needs_records
         self.held: dict[int, list[tuple[bytes, Batch | None]]] = {}
         self.finished: set[int] = set()
 

@@ -15,6 +15,10 @@ import pytest
 
 from conftest import chunbot, read_stage, write_jsonl
 
+# before Ray is imported: every Ray process of these tests on loopback, with no token
+for _name, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
+                      "RAY_USAGE_STATS_ENABLED": "0"}.items():
+    os.environ.setdefault(_name, _value)
 ray = pytest.importorskip("ray")
 
 PIPELINE = """
@@ -118,6 +122,12 @@ def test_a_ray_run_writes_what_a_local_run_writes(project):
         parts = sorted((project / "runs/spread" / stage).glob("part-*.jsonl"))
         assert [p.read_bytes() for p in parts] == \
             [(project / "local" / stage / p.name).read_bytes() for p in parts]
+        traces = sorted((project / "runs/spread" / stage).glob("trace-*.jsonl"))
+        assert [[(t["_id"], t["request"]) for t in map(json.loads, p.read_text().splitlines())]
+                for p in traces] == \
+            [[(t["_id"], t["request"]) for t in map(json.loads, (
+                project / "local" / stage / p.name).read_text().splitlines())] for p in traces]
+        assert len(traces) == len(parts)
     status = chunbot("status", str(pipeline), "--json", cwd=project)
     assert all(s["state"] == "fresh" for s in json.loads(status.stdout)["stages"])
     traced = json.loads(chunbot("trace", str(pipeline), "r0001", "--json", cwd=project).stdout)
@@ -233,8 +243,6 @@ def free_port() -> int:
 def test_a_run_joins_a_two_node_cluster_by_its_address(project):
     from ray.cluster_utils import Cluster
 
-    for name, value in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-        os.environ.setdefault(name, value)
     Path("/tmp/ray").mkdir(exist_ok=True)  # where Ray notes the address of its last cluster
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "gcs_server_port": free_port(), "include_dashboard": False,
