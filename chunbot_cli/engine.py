@@ -372,18 +372,20 @@ class Run:
 
         ray, self.ray_started = rayexec.start(self.options.ray_address or
                                               self.pipeline.ray_address)
+        cpus = rayexec.cluster_cpus(ray)
         blueprint = rayexec.blueprint_of(self.pipeline, self.selected, self.options.cache,
                                          self.options.rerun, self.options.mode,
                                          records=self.output is not None
-                                         and self.output.needs_records)
-        window = 2 * rayexec.cluster_cpus(ray)  # a task holds a CPU while its shard runs
-        self.note(f"executor: Ray, {rayexec.cluster_cpus(ray)} CPUs, {window} shards in flight")
-        return rayexec.RayExecutor(
-            blueprint, self, window, self._job_ended, local,
-            lambda job, committed, received: rayexec.resumed(
-                job, committed, received,
-                lambda work, shard: self._part_input(work.stage, shard, work.source)),
-            self.note)
+                                         and self.output.needs_records, workers=cpus)
+        window = 2 * cpus  # a task holds a CPU while its shard runs
+        self.note(f"executor: Ray, {cpus} CPUs, {window} shards in flight")
+
+        def resume(job: ShardJob, committed: set[str], received: dict[str, dict]) -> ShardJob:
+            return rayexec.resumed(job, committed, received, lambda work, shard:
+                                   self._part_input(work.stage, shard, work.source))
+
+        return rayexec.RayExecutor(blueprint, self, window, self._job_ended, local, resume,
+                                   self.note)
 
     # the shard walk
     def _shards(self) -> Iterator[tuple[Shard, list[dict[str, Any]] | None]]:

@@ -28,8 +28,12 @@ from .flow import JobEvents, ShardJob, StageWork, run_job
 from .stages import Batch
 
 LOST_WORKER_RETRIES = 5  # times one job goes again after the worker running it died
-DRAIN_S = 0.02  # a worker sends what its job reported at least this often
-SHARE_S = 0.5  # a worker running a job asks the board for its share this often
+DRAIN_S = 0.02  # a worker sends what its job reported at least this often…
+SHARE_S = 0.5  # …and asks the board for its share this often, on a small cluster
+# On a large one, less often: measured here, a driver takes ~2,400 event batches a second
+# and the board answers 666–2,108 calls a second (bench/ray.py): the cluster together sends
+# at most about this many of each per second
+YIELDS_PER_S = SHARES_PER_S = 1000
 _RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
 # a Ray this run starts serves this machine only: on loopback (Ray's own switch for that,
 # read when Ray is imported), so with no token (which makes joins hang for ~30 s)
@@ -62,6 +66,8 @@ class Blueprint:
     mode: str | None
     cwd: str  # the driver's: `python:` stages are imported from it too
     records: bool = False  # the driver hands records out (not only their JSON lines)
+    drain_s: float = DRAIN_S  # how often a worker sends its job's events…
+    share_s: float = SHARE_S  # …and asks the board for its share: longer on a big cluster
 
     @property
     def key(self) -> tuple[Any, ...]:
@@ -369,8 +375,8 @@ def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any) -> Any:
             yield batch
         if finished:
             break
-        concurrent.futures.wait([future], timeout=DRAIN_S)
-        if time.monotonic() - asked > SHARE_S:
+        concurrent.futures.wait([future], timeout=blueprint.drain_s)
+        if time.monotonic() - asked > blueprint.share_s:
             asyncio.run_coroutine_threadsafe(runtime.take_share(board), runtime.loop)
             asked = time.monotonic()
     if runtime.stageset.cache is not None:  # the replies it got, for the jobs after it
@@ -379,11 +385,12 @@ def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any) -> Any:
 
 
 def blueprint_of(pipeline: Any, selected: list[Any], cache: str, rerun: str | None,
-                 mode: str | None, records: bool) -> Blueprint:
+                 mode: str | None, records: bool, workers: int) -> Blueprint:
     shipped = dataclasses.replace(pipeline, path=Path(pipeline.path).resolve(), tests=(),
                                   workdir=Path(pipeline.workdir).resolve())
     return Blueprint(shipped, tuple(s.name for s in selected), cache, rerun, mode,
-                     str(Path.cwd()), records)
+                     str(Path.cwd()), records, max(DRAIN_S, workers / YIELDS_PER_S),
+                     max(SHARE_S, workers / SHARES_PER_S))
 
 
 def resumed(job: ShardJob, committed: set[str], received: dict[str, dict[Any, Any]],
