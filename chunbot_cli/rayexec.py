@@ -118,12 +118,16 @@ class RayExecutor:
         self._count(+1)
         try:
             for lost in range(LOST_WORKER_RETRIES + 1):
+                events = self.remote.remote(self.blueprint, attempt, self.board)
                 try:
-                    async for ref in self.remote.remote(self.blueprint, attempt, self.board):
+                    async for ref in events:
                         for event in await ref:
                             await self._hand_over(attempt, event, committed, received,
                                                   passed)
                     return
+                except asyncio.CancelledError:  # the run stops: so does the job, out there
+                    ray.cancel(events)
+                    raise
                 except ray.exceptions.RayTaskError as e:  # the job raised, as a local one
                     raise e.as_instanceof_cause() from None
                 except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
