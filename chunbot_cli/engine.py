@@ -370,22 +370,11 @@ class Run:
             return local
         from . import rayexec
 
-        ray, self.ray_started = rayexec.start(self.options.ray_address or
-                                              self.pipeline.ray_address)
-        cpus = rayexec.cluster_cpus(ray)
-        blueprint = rayexec.blueprint_of(self.pipeline, self.selected, self.options.cache,
-                                         self.options.rerun, self.options.mode,
-                                         records=self.output is not None
-                                         and self.output.needs_records, workers=cpus)
-        window = 2 * cpus  # a task holds a CPU while its shard runs
-        self.note(f"executor: Ray, {cpus} CPUs, {window} shards in flight")
-
-        def resume(job: ShardJob, committed: set[str], received: dict[str, dict]) -> ShardJob:
-            return rayexec.resumed(job, committed, received, lambda work, shard:
-                                   self._part_input(work.stage, shard, work.source))
-
-        return rayexec.RayExecutor(blueprint, self, window, self._job_ended, local, resume,
-                                   self.note)
+        executor, self.ray_started = rayexec.for_run(
+            self.pipeline, self.selected, self.options, self, self._job_ended, local,
+            lambda work, shard: self._part_input(work.stage, shard, work.source),
+            records=self.output is not None and self.output.needs_records, note=self.note)
+        return executor
 
     # the shard walk
     def _shards(self) -> Iterator[tuple[Shard, list[dict[str, Any]] | None]]:

@@ -196,6 +196,25 @@ class RayExecutor:
         await self.local.cancel()
 
 
+def for_run(pipeline: Any, selected: list[Any], options: Any, events: JobEvents,
+            ended: Callable[[ShardJob, BaseException | None], None], local: Any,
+            part_input: Callable[[StageWork, int], Any], records: bool,
+            note: Callable[[str], None]) -> tuple["RayExecutor", bool]:
+    """A run's Ray executor (its engine.RunOptions say where the cluster is), and whether
+    it started a Ray of its own, to shut down after the run."""
+    ray, started = start(options.ray_address or pipeline.ray_address)
+    cpus = cluster_cpus(ray)
+    blueprint = blueprint_of(pipeline, selected, options.cache, options.rerun, options.mode,
+                             records, workers=cpus)
+    window = 2 * cpus  # a task holds a CPU while its shard runs
+    note(f"executor: Ray, {cpus} CPUs, {window} shards in flight")
+
+    def resume(job: ShardJob, committed: set[str], received: dict[str, dict]) -> ShardJob:
+        return resumed(job, committed, received, part_input)
+
+    return RayExecutor(blueprint, events, window, ended, local, resume, note), started
+
+
 def start(address: str | None) -> tuple[Any, bool]:
     """Ray, joined to the cluster at `address` ("auto", "HOST:PORT") or to a local one it
     starts; and whether it started it (so shuts it down after the run)."""
