@@ -381,27 +381,25 @@ def test_a_baseline_is_read_in_step_with_the_cases_and_holds_only_what_is_out_of
     baseline.close()
 
 
-def test_errors_stay_errors_until_retried_and_the_summary_says_how(project):
-    import shutil
-
-    flaky_server = PIPELINE.replace("request_log: requests.log}",
-                                    "request_log: requests.log, error_rate: 0.5}").replace(
-        "tests:", "defaults: {retries: 0}\ntests:")
-    (project / "p.yaml").write_text(flaky_server)
+def test_errors_stay_errors_until_retried_and_the_summary_says_how(project, sim_server):
+    server = sim_server("--fail-prompt", "broke")  # answers 500 to case b's prompt
+    (project / "p.yaml").write_text(PIPELINE.replace(
+        "{provider: sim, model: sim-small, request_log: requests.log}",
+        f"{{provider: openai, model: sim-small, base_url: '{server.url}/v1'}}").replace(
+        "tests:", "defaults: {retries: 0}\ntests:"))
     write_jsonl(project / "cases.jsonl", CASES[:3])
     args = ("test", "p.yaml", "--cases", "cases.jsonl", "--stage", "sentiment", "-q",
             "--json", "r.json")
-    for _ in range(10):  # until a 503 has failed a case
-        first = chunbot(*args, cwd=project)
-        if json.loads((project / "r.json").read_text())["errors"]:
-            break
-        shutil.rmtree(project / "runs")
+    env = {"OPENAI_API_KEY": "sk-test"}
+    first = chunbot(*args, cwd=project, env=env)
+    assert json.loads((project / "r.json").read_text())["errors"] == 1
     assert "chunbot test p.yaml --cases cases.jsonl --stage sentiment --retry-errors" \
         in first.stderr.decode()
-    (project / "p.yaml").write_text(flaky_server.replace(", error_rate: 0.5", ""))
-    again = chunbot(*args, cwd=project)
-    assert json.loads((project / "r.json").read_text())["errors"]  # committed: still there
-    retried = chunbot(*args, "--retry-errors", cwd=project)
+    server.kill()
+    sim_server(port=server.port)  # the same server, mended
+    again = chunbot(*args, cwd=project, env=env)
+    assert json.loads((project / "r.json").read_text())["errors"] == 1  # committed: kept
+    retried = chunbot(*args, "--retry-errors", cwd=project, env=env)
     report = json.loads((project / "r.json").read_text())
     assert (report["errors"], report["passed"], report["failed"]) == (0, 2, 1), \
         retried.stderr.decode()
