@@ -20,6 +20,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -376,8 +377,6 @@ def _runtime(blueprint: Blueprint) -> _Runtime:
 
 def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any) -> Any:
     """The Ray task: run the job on this worker's loop, yielding its events as they come."""
-    import time
-
     runtime = _runtime(blueprint)
     events: "queue.SimpleQueue[tuple[Any, ...]]" = queue.SimpleQueue()
 
@@ -387,21 +386,25 @@ def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any) -> Any:
 
     future = asyncio.run_coroutine_threadsafe(shared_then_run(), runtime.loop)
     asked = time.monotonic()
-    while True:
-        finished = future.done()
-        batch = []
-        while not events.empty():
-            batch.append(events.get())
-        while not runtime.notes.empty():
-            batch.append(("note", runtime.notes.get()))
-        if batch:
-            yield batch
-        if finished:
-            break
-        concurrent.futures.wait([future], timeout=blueprint.drain_s)
-        if time.monotonic() - asked > blueprint.share_s:
-            asyncio.run_coroutine_threadsafe(runtime.take_share(board), runtime.loop)
-            asked = time.monotonic()
+    try:
+        while True:
+            finished = future.done()
+            batch = []
+            while not events.empty():
+                batch.append(events.get())
+            while not runtime.notes.empty():
+                batch.append(("note", runtime.notes.get()))
+            if batch:
+                yield batch
+            if finished:
+                break
+            concurrent.futures.wait([future], timeout=blueprint.drain_s)
+            if time.monotonic() - asked > blueprint.share_s:
+                asyncio.run_coroutine_threadsafe(runtime.take_share(board), runtime.loop)
+                asked = time.monotonic()
+    finally:  # cancelled by the driver (the run stopped): the job stops sending too
+        if not future.done():
+            future.cancel()
     if runtime.stageset.cache is not None:  # the replies it got, for the jobs after it
         asyncio.run_coroutine_threadsafe(runtime.stageset.cache.flush(), runtime.loop).result()
     future.result()  # the job's error, after what it sent
