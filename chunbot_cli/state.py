@@ -176,6 +176,13 @@ class StageState:
     def failed(self) -> int:
         return sum(entry.counts.failed for entry in self.shards.values())
 
+    def totals(self) -> Counters:
+        """The counts of every committed shard, added up."""
+        counts = Counters()
+        for entry in self.shards.values():
+            counts.add(entry.counts)
+        return counts
+
     def to_json(self) -> dict[str, Any]:
         return {"fingerprint": self.fingerprint, "definition": self.definition,
                 "errors_bytes": self.errors_bytes, "epoch": self.epoch,

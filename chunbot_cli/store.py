@@ -210,6 +210,18 @@ class Workdir:
         return self.path / stage / "errors.jsonl"
 
     # state
+    def errors_by_id(self, stage: str) -> dict[Any, str]:
+        """Why each record in a stage's errors.jsonl failed, by its _id (the first reason)."""
+        found: dict[Any, str] = {}
+        try:
+            lines = self.errors_path(stage).read_bytes().splitlines()
+        except FileNotFoundError:
+            return found
+        for line in lines:
+            error = orjson.loads(line)
+            found.setdefault(error.get("_id"), str(error.get("error")))
+        return found
+
     def load_state(self) -> State:
         path = self.path / "state.json"
         try:

@@ -13,7 +13,7 @@ from typing import Any
 from ..config import Pipeline
 from ..plan import why_stale
 from ..progress import model_lines
-from ..state import Counters, StageState
+from ..state import StageState
 from ..store import Workdir
 
 
@@ -35,10 +35,7 @@ def status(pipeline: Pipeline) -> dict[str, Any]:
             continue
         shards = saved.shards
         row["shards_done"] = len(shards)
-        counts = Counters()
-        for entry in shards.values():
-            counts.add(entry.counts)
-        row.update(counts.to_json())
+        row.update(saved.totals().to_json())
         row["cost"], row["cost_full"] = round(row["cost"], 6), round(row["cost_full"], 6)
         missing = sum(1 for k in shards if not workdir.part_path(stage.name, k).exists())
         why = why_stale(stage, saved, upstream, upstream_stale, missing)

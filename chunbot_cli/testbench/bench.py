@@ -169,13 +169,8 @@ class _RunOutputs:
         self.stopped = stopped[0] if stopped else "the run stopped before it"
         self.failed: dict[Any, str] = {}
         for spec in stages:
-            try:
-                lines = self.store.errors_path(spec.name).read_bytes().splitlines()
-            except FileNotFoundError:
-                continue
-            for line in lines:
-                error = orjson.loads(line)
-                self.failed.setdefault(error.get("_id"), f"{spec.name}: {error.get('error')}")
+            for record_id, why in self.store.errors_by_id(spec.name).items():
+                self.failed.setdefault(record_id, f"{spec.name}: {why}")
         self.verdicts = judges.Verdicts(workdir / judges.FOLDER, pipeline.compress)
 
     def shard(self, index: int) -> dict[Any, dict[str, Any]] | None:
@@ -218,8 +213,6 @@ class _RunOutputs:
 
     def usage(self, pipeline: Usage, judging: Usage, latencies: array) -> None:
         """Add what this repeat spent (state.json's counts) and its request latencies."""
-        from ..state import Counters
-
         for store, names, into in ((self.store, [s.name for s in self.stages], pipeline),
                                    (self.verdicts.store, ["judge"], judging)):
             state = store.load_state()
@@ -227,9 +220,7 @@ class _RunOutputs:
                 saved = state.stages.get(name)
                 if saved is None:
                     continue
-                counts = Counters()
-                for entry in saved.shards.values():
-                    counts.add(entry.counts)
+                counts = saved.totals()
                 into.tokens_in += counts.tokens_in
                 into.tokens_out += counts.tokens_out
                 into.cost += counts.cost

@@ -94,13 +94,7 @@ class Verdicts:
         from ..store import Workdir
 
         self.store = Workdir(workdir, compress)
-        self.failed: dict[str, str] = {}
-        try:
-            for line in self.store.errors_path("judge").read_bytes().splitlines():
-                error = orjson.loads(line)
-                self.failed[str(error.get("_id"))] = str(error.get("error"))
-        except FileNotFoundError:
-            pass
+        self.failed = {str(task): why for task, why in self.store.errors_by_id("judge").items()}
         self.answers = self._answers()
         self.ahead: tuple[str, Any] | None = None
 
