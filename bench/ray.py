@@ -33,8 +33,8 @@ Scenarios:
      cost per commit and a cost per record, and the records/s it could take by shard size.
   D  the Board actor (chunbot_cli.rayexec.Board, as `ray.remote(num_cpus=0)(Board)`) on a
      local Ray started by a snippet (bench/out/ray/board.py, run by the venv's python,
-     both cores): `share.remote({"m": (30000.0, None)})` K times one after another from
-     the driver (ray.get each), K at once from the driver, and from 2 worker tasks at once
+     both cores): `share.remote("w", {"m": (30000.0, None)}, {}, 2.0)` K times one
+     after another from the driver (ray.get each), K at once from the driver, and from 2 worker tasks at once
      each awaiting its calls one by one on an event loop as workers do (rayexec's
      take_share); calls/s and ms per call, the actor's call counter checked. Also the
      driver's rate of taking a generator task's yields (rayexec's event batches: a worker
@@ -157,16 +157,16 @@ class CountedBoard(rayexec.Board):
 
 board = ray.remote(num_cpus=0)(CountedBoard).remote()
 ray.get(board.expect.remote(2))
-ray.get([board.share.remote(learned) for _ in range(200)])  # the actor is up and warm
+ray.get([board.share.remote("w", learned, {}, 2.0) for _ in range(200)])  # the actor is up and warm
 out = {"warm-up calls": 200}
 
 started = time.perf_counter()
 for _ in range(calls):
-    ray.get(board.share.remote(learned))
+    ray.get(board.share.remote("w", learned, {}, 2.0))
 out["sequential"] = time.perf_counter() - started
 
 started = time.perf_counter()
-ray.get([board.share.remote(learned) for _ in range(calls)])
+ray.get([board.share.remote("w", learned, {}, 2.0) for _ in range(calls)])
 out["burst"] = time.perf_counter() - started
 
 
@@ -178,7 +178,7 @@ def caller(board, n, at):
             await asyncio.sleep(0.001)
         began = time.perf_counter()
         for _ in range(n):
-            await asyncio.wait_for(board.share.remote(learned), 10)
+            await asyncio.wait_for(board.share.remote("w", learned, {}, 2.0), 10)
         return time.time() - (time.perf_counter() - began), time.time()
     return asyncio.run(go())
 

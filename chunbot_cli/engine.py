@@ -285,7 +285,9 @@ class Run:
             self.store.shutdown()
             if stages is not None:
                 self.report.errors += await stages.close()
-                self.report.cache_hits, self.report.cache_misses = stages.cache_counts()
+                hits, misses = stages.cache_counts()  # the driver's (Ray's workers add theirs)
+                self.report.cache_hits += hits
+                self.report.cache_misses += misses
             if self.ray_started:
                 import ray
 
@@ -373,7 +375,9 @@ class Run:
         executor, self.ray_started = rayexec.for_run(
             self.pipeline, self.selected, self.options, self, self._job_ended, local,
             lambda work, shard: self._part_input(work.stage, shard, work.source),
-            records=self.output is not None and self.output.needs_records, note=self.note)
+            output=None if self.output is None
+            else "records" if self.output.needs_records else "lines", note=self.note,
+            report=self.report)
         return executor
 
     # the shard walk

@@ -18,6 +18,7 @@ import concurrent.futures
 import dataclasses
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -66,7 +67,8 @@ class Blueprint:
     rerun: str | None
     mode: str | None
     cwd: str  # the driver's: `python:` stages are imported from it too
-    records: bool = False  # the driver hands records out (not only their JSON lines)
+    output: str | None = None  # what the driver hands out of the last stage as records
+    # finish: None (nothing), "lines" (their JSON lines) or "records" (them too)
     drain_s: float = DRAIN_S  # how often a worker sends its job's events…
     share_s: float = SHARE_S  # …and asks the board for its share: longer on a big cluster
 
@@ -83,10 +85,11 @@ class RayExecutor:
     def __init__(self, blueprint: Blueprint, events: JobEvents, window: int,
                  ended: Callable[[ShardJob, BaseException | None], None],
                  local: Any, resume: Callable[[ShardJob, set[str], dict[str, dict]], ShardJob],
-                 note: Callable[[str], None]):
+                 note: Callable[[str], None], report: Any):
         self.ray = sys.modules["ray"]  # imported by start()
         self.blueprint, self.events, self.ended = blueprint, events, ended
         self.local, self.resume, self.note = local, resume, note
+        self.report = report  # the run's engine.RunReport: the workers' cache use adds up
         self.remote = self.ray.remote(max_retries=0)(_run_remote)
         self.board = self.ray.remote(num_cpus=0)(Board).remote()
         self.cpus = cluster_cpus(self.ray)
@@ -179,6 +182,12 @@ class RayExecutor:
             self.events.pending(*event[1:])
         elif kind == "note":
             self.note(event[1])
+        elif kind == "cache":
+            _, hits, misses, failure = event
+            self.report.cache_hits += hits
+            self.report.cache_misses += misses
+            if failure is not None and failure not in self.report.errors:
+                self.report.errors.append(failure)
 
     async def join(self) -> None:
         while self.jobs:
@@ -199,21 +208,21 @@ class RayExecutor:
 
 def for_run(pipeline: Any, selected: list[Any], options: Any, events: JobEvents,
             ended: Callable[[ShardJob, BaseException | None], None], local: Any,
-            part_input: Callable[[StageWork, int], Any], records: bool,
-            note: Callable[[str], None]) -> tuple["RayExecutor", bool]:
+            part_input: Callable[[StageWork, int], Any], output: str | None,
+            note: Callable[[str], None], report: Any) -> tuple["RayExecutor", bool]:
     """A run's Ray executor (its engine.RunOptions say where the cluster is), and whether
     it started a Ray of its own, to shut down after the run."""
     ray, started = start(options.ray_address or pipeline.ray_address)
     cpus = cluster_cpus(ray)
     blueprint = blueprint_of(pipeline, selected, options.cache, options.rerun, options.mode,
-                             records, workers=cpus)
+                             output, workers=cpus)
     window = 2 * cpus  # a task holds a CPU while its shard runs
     note(f"executor: Ray, {cpus} CPUs, {window} shards in flight")
 
     def resume(job: ShardJob, committed: set[str], received: dict[str, dict]) -> ShardJob:
         return resumed(job, committed, received, part_input)
 
-    return RayExecutor(blueprint, events, window, ended, local, resume, note), started
+    return RayExecutor(blueprint, events, window, ended, local, resume, note, report), started
 
 
 def start(address: str | None) -> tuple[Any, bool]:
@@ -254,31 +263,50 @@ def cluster_cpus(ray: Any) -> int:
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
+Learned = dict[str, tuple[float | None, float | None]]  # alias: requests, tokens a minute
+Concurrency = dict[tuple[str, str], float]  # (alias, endpoint URL): concurrency limit
+
+
 class Board:
     """A Ray actor: the run's shared view of its models. It knows how many workers run
-    the run's jobs at once (the driver counts them) and the request and token limits the
-    servers announced to any of them, so a worker that starts knows them before its first
-    request. Each worker takes 1/N of every model's budgets, so together they stay under
-    the server's limits; concurrency limits stay each worker's own (like TCP flows, their
+    the run's jobs at once (the driver counts them), the request and token limits the
+    servers announced to any of them, and each worker's concurrency limit at each
+    endpoint. So a worker that starts knows the limits before its first request, and
+    starts at its share of the concurrency the others found instead of slow start. Each
+    worker takes 1/N of every model's budgets, so together they stay under the server's
+    limits; concurrency limits stay each worker's own after that (like TCP flows, their
     AIMD finds each its share)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self.workers = 1
-        self.limits: dict[str, tuple[float | None, float | None]] = {}  # per minute
+        self.limits: Learned = {}
+        self.concurrency: dict[str, tuple[float, Concurrency]] = {}  # worker: when, what
         self.calls = 0  # share() calls answered: what bench/ray.py counts
 
     def expect(self, workers: int) -> None:
         self.workers = max(1, workers)
 
-    def share(self, learned: dict[str, tuple[float | None, float | None]]
-              ) -> tuple[int, dict[str, tuple[float | None, float | None]]]:
-        """What a worker learned (alias: requests, tokens per minute) in; the workers at
-        work and what every worker learned out."""
+    def share(self, worker: str, learned: Learned, concurrency: Concurrency, stale_s: float
+              ) -> tuple[int, Learned, Concurrency]:
+        """What a worker learned in: the limits its servers announced, its concurrency
+        limits found (none while it has had no reply); out: the workers at work, what
+        every worker learned, and the other workers' concurrency limits added up per
+        endpoint (those heard from in the last `stale_s` seconds: the ones at work)."""
         self.calls += 1
         for alias, (requests, tokens) in learned.items():
             known = self.limits.get(alias, (None, None))
             self.limits[alias] = (requests or known[0], tokens or known[1])
-        return self.workers, self.limits
+        now = self.clock()
+        self.concurrency[worker] = (now, concurrency)
+        others: Concurrency = {}
+        for name, (heard, limits) in list(self.concurrency.items()):
+            if now - heard > stale_s:
+                del self.concurrency[name]
+            elif name != worker:
+                for endpoint, limit in limits.items():
+                    others[endpoint] = others.get(endpoint, 0.0) + limit
+        return self.workers, self.limits, others
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,11 +314,13 @@ class Board:
 
 class _Recorder:
     """JobEvents on a worker: what the job reports, queued for the driver — each thing
-    once: a stage's traces went with its entries, a batch's records with their JSON lines
-    unless the driver hands out records."""
+    once, and only what the driver uses: a stage's traces went with its entries; records
+    out of a stage only when they are the run's output, as JSON lines, as records too if
+    the driver hands out records; otherwise only their counts (the part file has them)."""
 
-    def __init__(self, out: "queue.SimpleQueue[tuple[Any, ...]]", records: bool):
-        self.out, self.records = out, records
+    def __init__(self, out: "queue.SimpleQueue[tuple[Any, ...]]", output: str | None,
+                 last: str):
+        self.out, self.output, self.last = out, output, last
 
     def fed(self, stage: str, count: int) -> None:
         self.out.put(("fed", stage, count))
@@ -299,7 +329,11 @@ class _Recorder:
         self.out.put(("entry", stage, shard, entry, new))
 
     def passed(self, stage: str, shard: int, batch: Any, data: bytes, counts: Any) -> None:
-        if not self.records:
+        if self.output is None or stage != self.last:
+            if counts is not None:
+                self.out.put(("passed", stage, shard, Batch([], []), b"", counts))
+            return
+        if self.output != "records":
             batch = Batch(batch.keys, [])
         self.out.put(("passed", stage, shard, batch, data, counts))
 
@@ -321,6 +355,7 @@ class _Runtime:
         if blueprint.cwd not in sys.path:
             sys.path.insert(0, blueprint.cwd)
         self.notes: "queue.SimpleQueue[str]" = queue.SimpleQueue()
+        self.name = f"{socket.gethostname()}/{os.getpid()}"  # this worker, to the board
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True,
                          name="chunbot-worker").start()
@@ -334,15 +369,20 @@ class _Runtime:
         self.stageset = asyncio.run_coroutine_threadsafe(build(), self.loop).result()
         self.stages: Mapping[str, Any] = self.stageset.stages
 
-    async def take_share(self, board: Any) -> None:
-        """Tell the board the limits this worker's servers announced; take the ones any
-        worker learned, and 1/N of every budget, N the workers at work. Awaited on the
-        loop: a blocking ray.get would lend this task's CPU to another one meanwhile."""
+    async def take_share(self, board: Any, stale_s: float) -> None:
+        """Tell the board the limits this worker's servers announced and the concurrency
+        it found; take the limits any worker learned, 1/N of every budget (N the workers at
+        work), and, at an endpoint it has had no reply from yet, its share of what the
+        others found. Awaited on the loop: a blocking ray.get would lend this task's CPU
+        to another task meanwhile."""
         clients = self.stageset.clients
         learned = {alias: (c.request_budget.announced, c.token_budget.announced)
                    for alias, c in clients.items()}
+        found = {(alias, e.url): e.limiter.limit for alias, c in clients.items()
+                 for e in c.pool.endpoints if e.limiter.answered}
         try:
-            workers, limits = await asyncio.wait_for(board.share.remote(learned), 10)
+            workers, limits, others = await asyncio.wait_for(
+                board.share.remote(self.name, learned, found, stale_s), 10)
         except Exception:  # the board is gone (the driver ended): keep what it has
             return
         for alias, client in clients.items():
@@ -352,6 +392,9 @@ class _Runtime:
                 budget.set_share(1 / max(1, workers))
                 if announced:
                     budget.announce(announced)
+            for endpoint in client.pool.endpoints:
+                if (alias, endpoint.url) in others:
+                    endpoint.limiter.join(others[alias, endpoint.url] / max(1, workers))
 
     def close(self) -> None:
         try:
@@ -378,11 +421,14 @@ def _runtime(blueprint: Blueprint) -> _Runtime:
 def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any) -> Any:
     """The Ray task: run the job on this worker's loop, yielding its events as they come."""
     runtime = _runtime(blueprint)
+    hits, misses = runtime.stageset.cache_counts()
     events: "queue.SimpleQueue[tuple[Any, ...]]" = queue.SimpleQueue()
+    stale_s = 4 * blueprint.share_s  # a worker not heard from for longer is not at work
 
     async def shared_then_run() -> None:
-        await runtime.take_share(board)  # before its first request
-        await run_job(job, runtime.stages, _Recorder(events, blueprint.records))
+        await runtime.take_share(board, stale_s)  # before its first request
+        await run_job(job, runtime.stages, _Recorder(events, blueprint.output,
+                                                         blueprint.selected[-1]))
 
     future = asyncio.run_coroutine_threadsafe(shared_then_run(), runtime.loop)
     asked = time.monotonic()
@@ -400,22 +446,30 @@ def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any) -> Any:
                 break
             concurrent.futures.wait([future], timeout=blueprint.drain_s)
             if time.monotonic() - asked > blueprint.share_s:
-                asyncio.run_coroutine_threadsafe(runtime.take_share(board), runtime.loop)
+                asyncio.run_coroutine_threadsafe(runtime.take_share(board, stale_s),
+                                             runtime.loop)
                 asked = time.monotonic()
     finally:  # cancelled by the driver (the run stopped): the job stops sending too
         if not future.done():
             future.cancel()
-    if runtime.stageset.cache is not None:  # the replies it got, for the jobs after it
-        asyncio.run_coroutine_threadsafe(runtime.stageset.cache.flush(), runtime.loop).result()
+    cache = runtime.stageset.cache
+    if cache is not None:  # the replies it got, for the jobs after it; and how it served
+        failure = None
+        try:
+            asyncio.run_coroutine_threadsafe(cache.flush(), runtime.loop).result()
+        except Exception as e:  # a full disk, a Redis gone away: the run's error, as locally
+            failure = (f"the response cache could not store replies on worker "
+                       f"{runtime.name}: {type(e).__name__}: {e}")
+        yield [("cache", cache.hits - hits, cache.misses - misses, failure)]
     future.result()  # the job's error, after what it sent
 
 
 def blueprint_of(pipeline: Any, selected: list[Any], cache: str, rerun: str | None,
-                 mode: str | None, records: bool, workers: int) -> Blueprint:
+                 mode: str | None, output: str | None, workers: int) -> Blueprint:
     shipped = dataclasses.replace(pipeline, path=Path(pipeline.path).resolve(), tests=(),
                                   workdir=Path(pipeline.workdir).resolve())
     return Blueprint(shipped, tuple(s.name for s in selected), cache, rerun, mode,
-                     str(Path.cwd()), records, max(DRAIN_S, workers / YIELDS_PER_S),
+                     str(Path.cwd()), output, max(DRAIN_S, workers / YIELDS_PER_S),
                      max(SHARE_S, workers / SHARES_PER_S))
 
 

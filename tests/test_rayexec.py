@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -20,6 +21,10 @@ for _name, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE":
                       "RAY_USAGE_STATS_ENABLED": "0"}.items():
     os.environ.setdefault(_name, _value)
 ray = pytest.importorskip("ray")
+
+from chunbot_cli import rayexec  # noqa: E402
+from chunbot_cli.stages import Batch  # noqa: E402
+from chunbot_cli.state import Counters  # noqa: E402
 
 PIPELINE = """
 name: spread
@@ -107,6 +112,34 @@ def expected_ids(n: int = 300) -> tuple[list[str], list[str]]:
     return ids, ids[1::3]
 
 
+def test_the_board_adds_up_the_other_workers_concurrency_and_forgets_idle_ones():
+    now = [0.0]
+    board = rayexec.Board(clock=lambda: now[0])
+    board.expect(3)
+    endpoint = ("m", "http://127.0.0.1:9/v1")
+    board.share("a", {"m": (600.0, None)}, {endpoint: 120.0}, stale_s=2.0)
+    board.share("b", {}, {endpoint: 80.0}, stale_s=2.0)
+    # a third worker, before its first reply: the limit a server announced to one of
+    # them, and the others' concurrency (its share of it: 200 / 3)
+    assert board.share("c", {}, {}, stale_s=2.0) == (3, {"m": (600.0, None)},
+                                                      {endpoint: 200.0})
+    now[0] = 3.0  # a and b have not been heard from for longer than stale_s: not at work
+    assert board.share("c", {}, {endpoint: 70.0}, stale_s=2.0)[2] == {}
+
+
+def test_a_worker_sends_the_records_out_of_a_stage_only_when_they_are_the_output():
+    sent: queue.SimpleQueue = queue.SimpleQueue()
+    batch, counts = Batch([0, 1], [{"a": 1}, {"a": 2}]), Counters()
+    rayexec._Recorder(sent, None, "last").passed("last", 0, batch, b"lines", counts)
+    rayexec._Recorder(sent, "lines", "last").passed("first", 0, batch, b"lines", None)
+    rayexec._Recorder(sent, "lines", "last").passed("last", 0, batch, b"lines", None)
+    rayexec._Recorder(sent, "records", "last").passed("last", 0, batch, b"lines", None)
+    assert [sent.get_nowait() for _ in range(sent.qsize())] == [
+        ("passed", "last", 0, Batch([], []), b"", counts),  # counted, nothing streamed
+        ("passed", "last", 0, Batch([0, 1], []), b"lines", None),
+        ("passed", "last", 0, batch, b"lines", None)]
+
+
 def test_a_ray_run_writes_what_a_local_run_writes(project):
     pipeline = make(project)
     ran = chunbot("run", str(pipeline), "--executor", "ray", "-q", "--no-cache", cwd=project,
@@ -139,6 +172,20 @@ def test_a_ray_run_writes_what_a_local_run_writes(project):
     assert rerun.returncode == 0
     assert chunbot("diff", "runs/spread/reply.prev", "runs/spread/reply",
                    cwd=project).returncode == 0
+
+
+def test_the_workers_cache_adds_up_in_the_summary_and_serves_the_next_run(project):
+    pipeline = make(project)
+    first = chunbot("run", str(pipeline), "--executor", "ray", cwd=project, timeout=180,
+                    env=ENV)
+    assert first.returncode == 0, first.stderr.decode()
+    assert b"local cache: 0 of 400 requests answered (0%)" in first.stderr
+    sent = len(logged(project))
+    again = chunbot("run", str(pipeline), "--executor", "ray", "--workdir", "again",
+                    cwd=project, timeout=180, env=ENV)
+    assert again.returncode == 0, again.stderr.decode()
+    assert b"local cache: 400 of 400 requests answered (100%)" in again.stderr
+    assert len(logged(project)) == sent  # every reply came from what the workers stored
 
 
 def test_without_ray_the_flag_names_the_install_command(project):

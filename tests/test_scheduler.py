@@ -37,6 +37,19 @@ def test_slow_start_doubles_the_limit_each_full_window_up_to_the_maximum():
     assert seen[-1] == MAX_LIMIT
 
 
+def test_a_limiter_joining_others_starts_at_its_share_then_grows_additively():
+    joined = Limiter()
+    joined.join(100.0)  # what the other workers at this endpoint found, over their number
+    assert joined.limit == 100 and not joined.slow_start
+    window(joined)
+    assert joined.limit == 110  # + sqrt(limit) a full window, not doubling
+    joined.join(500.0)  # after a reply, its limit is its own
+    assert joined.limit == 110
+    pinned = Limiter(pinned=8)
+    pinned.join(100.0)
+    assert pinned.limit == 8
+
+
 def test_a_window_that_never_fills_the_limit_leaves_it_alone():
     limiter = Limiter()
     window(limiter, full=False)

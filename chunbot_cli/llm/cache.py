@@ -266,13 +266,17 @@ class Cache:
             self._io, self.store.put_many, items))
 
     async def flush(self) -> None:
-        """Write what is buffered now (a Ray worker, whose cache outlives each job)."""
+        """Write what is buffered now (a Ray worker, whose cache outlives each job); raises
+        the first write that failed since the last flush."""
         if self._pending:
             self._flush()
         for outcome in await asyncio.gather(*self._flushes, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 self._failed = self._failed or outcome
         self._flushes = []
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
 
     async def close(self) -> None:
         """Write what is buffered, note this run's hits and misses, let go of the store;

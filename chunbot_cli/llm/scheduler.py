@@ -74,6 +74,7 @@ class Limiter:
     _trial: tuple[float, bool, float, float] | None = None  # what a cut for overload
     # answers changed, and their share it was made for; judged by the sample after next
     _trial_samples: int = 0
+    answered: bool = False  # a reply has come: the limit is this limiter's own finding
 
     def __post_init__(self) -> None:
         if self.pinned is not None:
@@ -95,6 +96,7 @@ class Limiter:
         was overloaded or did not answer in time, `throttled` when it rate limited (429)."""
         if self.pinned is not None:
             return
+        self.answered = True
         self._replies += 1
         if throttled:
             self._throttled += 1
@@ -110,6 +112,15 @@ class Limiter:
                 self.limit = min(MAX_LIMIT, self.limit + 1)
         if self._count + self._throttled + self._overloads >= self._window:
             self._close_window()
+
+    def join(self, limit: float) -> None:
+        """Start at `limit` — the share of the endpoint that others sending to it found
+        (a Ray worker joining a run) — instead of slow start from INITIAL_LIMIT; from
+        there, additive increase. Only before the first reply: after it, the limit is
+        this limiter's own."""
+        if self.pinned is None and not self.answered:
+            self.limit = self._window = self.threshold = min(MAX_LIMIT, max(MIN_LIMIT, limit))
+            self.slow_start = False
 
     def _cut(self, decrease: float) -> None:
         if not self._cut_before:
