@@ -24,7 +24,7 @@ from .store import Entry, Key
 
 if TYPE_CHECKING:
     from .config import Pipeline, StageSpec
-    from .llm.batch import Batches, BatchState
+    from .llm.batch import BatchAPI, BatchState
     from .stages import LLMShard
     from .store import Workdir
 
@@ -134,10 +134,10 @@ class Batching:
         """The stage's BatchMode, when any of its shards may need one."""
         if not self.batched(stage) and not (self.keep and self._ledgers(stage).shards):
             return None
-        from .llm.batch import Batches
+        from .llm.batch import batch_api
 
         return BatchMode(self._ledgers(stage),
-                         Batches(self.pipeline.models[stage.models[0]], session),
+                         batch_api(self.pipeline.models[stage.models[0]], session),
                          {"chunbot_pipeline": self.pipeline.name, "chunbot_stage": stage.name},
                          self.wait, self.poll_s)
 
@@ -163,7 +163,7 @@ class BatchMode:
     """How one LLM stage's shards go through the provider's batch API: its ledgers, the
     API, and whether a run waits for the batches (`--wait`) or leaves them pending."""
 
-    def __init__(self, ledgers: Ledgers, api: "Batches", metadata: dict[str, str],
+    def __init__(self, ledgers: Ledgers, api: "BatchAPI", metadata: dict[str, str],
                  wait: bool = False, poll_s: float = 30.0):
         self.ledgers, self.api, self.metadata = ledgers, api, metadata
         self.wait, self.poll_s = wait, poll_s
@@ -281,7 +281,7 @@ def pending_batches(pipeline: "Pipeline", stage: str | None = None,
             keyless[spec.name] = str(e)
 
     async def ask() -> list[dict[str, Any]]:
-        from .llm.batch import Batches
+        from .llm.batch import batch_api
         from .llm.http import open_session
         from .llm.types import ProviderError
 
@@ -296,7 +296,7 @@ def pending_batches(pipeline: "Pipeline", stage: str | None = None,
                         if spec.name in keyless:
                             row.update(status="unknown", error=keyless[spec.name])
                             continue
-                        api = api or Batches(pipeline.models[spec.models[0]], session)
+                        api = api or batch_api(pipeline.models[spec.models[0]], session)
                         try:
                             state = await (api.cancel(batch_id) if cancel
                                            else api.state(batch_id))

@@ -28,11 +28,12 @@ class ConfigError(Exception):
     """A pipeline file that cannot be run; the message is meant for the user as is."""
 
 
-PROVIDERS = ("sim", "openai", "anthropic")
+PROVIDERS = ("sim", "openai", "anthropic", "gemini")
 # Where a provider's vendor lives and which variable holds its key, when the YAML says nothing.
 VENDOR_DEFAULTS = {
     "openai": ("https://api.openai.com/v1", "OPENAI_API_KEY"),
     "anthropic": ("https://api.anthropic.com", "ANTHROPIC_API_KEY"),
+    "gemini": ("https://generativelanguage.googleapis.com", "GEMINI_API_KEY"),
 }
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_OUTAGE_TIMEOUT_S = 600.0
@@ -466,7 +467,7 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
             raise where.fail("is only for the sim provider", key)
     else:
         for key in _HTTP_ONLY_KEYS & set(spec):
-            raise where.fail("is only for the openai and anthropic providers", key)
+            raise where.fail("is only for the HTTP providers (openai, anthropic, gemini)", key)
     max_concurrency = where.get("max_concurrency", (int, str), default="auto")
     if max_concurrency == "auto":
         max_concurrency = None
@@ -484,6 +485,10 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
             if provider == "anthropic" and url.rstrip("/").endswith("/v1"):
                 raise where.fail(f"{shown!r}: an anthropic URL is the server's root, without "
                                  "/v1 (requests go to {url}/v1/messages)", key)
+            if provider == "gemini" and url.rstrip("/").endswith(("/v1beta", "/v1")):
+                raise where.fail(f"{shown!r}: a gemini URL is the server's root, without "
+                                 "/v1beta (requests go to {url}/v1beta/models/MODEL:"
+                                 "generateContent)", key)
     vendor = False  # every request goes to the vendor's own API: its key, its batch API
     if provider in VENDOR_DEFAULTS:
         vendor_url, vendor_key_env = VENDOR_DEFAULTS[provider]

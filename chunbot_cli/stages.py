@@ -642,5 +642,6 @@ def full_price(prices: dict[str, float], reply: Reply) -> float:
 
 
 # The price of a cached input token against a plain one, unless `price.cached_input` says:
-# Anthropic charges a tenth for cache reads; OpenAI half on most models.
-CACHED_SHARE = {"anthropic": 0.1, "openai": 0.5}
+# Anthropic charges a tenth for cache reads; OpenAI half on most models; Gemini 2.5 a
+# quarter for its implicit caching.
+CACHED_SHARE = {"anthropic": 0.1, "openai": 0.5, "gemini": 0.25}

@@ -8,7 +8,7 @@ import asyncio
 import aiohttp
 
 from chunbot_cli.config import ModelSpec
-from chunbot_cli.llm.batch import Batches, split
+from chunbot_cli.llm.batch import batch_api, split
 from chunbot_cli.llm.http import HTTPProvider
 from chunbot_cli.llm.types import Reply, Request
 
@@ -29,7 +29,7 @@ def spec(provider: str, url: str) -> ModelSpec:
 
 async def cycle(model: ModelSpec, items: list[tuple[str, Request]]):
     async with aiohttp.ClientSession() as session:
-        batches = Batches(model, session)
+        batches = batch_api(model, session)
         batch_id = await batches.submit(items, {"pipeline": "t", "stage": "label", "shard": "0"})
         for _ in range(200):
             state = await batches.state(batch_id)

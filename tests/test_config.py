@@ -91,7 +91,7 @@ def test_a_stage_without_model_uses_the_builtin_sim(project):
                   "endpoints: [gpu-a:8000]"),
      "model 'small': key 'endpoints': 'gpu-a:8000' is not an http:// or https:// URL"),
     (GOOD.replace("max_concurrency: 8", "base_url: 'http://x'"),
-     "model 'small': key 'base_url': is only for the openai and anthropic providers"),
+     "model 'small': key 'base_url': is only for the HTTP providers (openai, anthropic, gemini)"),
     (GOOD.replace("defaults: {", "defaults: {outage_timeout: soon, "),
      "defaults: key 'outage_timeout': must be a duration such as 30s, 10m or 2h, not 'soon'"),
 ])

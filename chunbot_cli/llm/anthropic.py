@@ -12,13 +12,21 @@ from typing import Any
 import orjson
 
 from ..config import ModelSpec
-from .types import ProviderError, Reply, Request, excerpt
+from .types import ProviderError, RateLimits, Reply, Request, excerpt
 
 PATH = "/v1/messages"
 VERSION = "2023-06-01"
 
 # The rate limits a server announces, per minute: requests, tokens
 LIMIT_HEADERS = ("anthropic-ratelimit-requests-limit", "anthropic-ratelimit-tokens-limit")
+
+
+def path(spec: ModelSpec, streaming: bool) -> str:
+    return PATH
+
+
+def error_hints(data: bytes) -> tuple[float | None, RateLimits | None]:
+    return None, None  # Anthropic says it in headers
 
 
 def headers(spec: ModelSpec, api_key: str | None) -> dict[str, str]:

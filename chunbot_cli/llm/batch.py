@@ -1,31 +1,30 @@
-"""Provider batch APIs: OpenAI's Batch API (a JSONL file of requests, then a batch) and
-Anthropic's Message Batches. Half the price, far larger quotas, answers within hours.
+"""Provider batch APIs: OpenAI's Batch API (a JSONL file of requests, then a batch),
+Anthropic's Message Batches and Gemini's Batch Mode. Half the price, far larger quotas,
+answers within hours.
 
-This module speaks the two protocols: submit a list of (custom_id, Request), read a
-batch's state, fetch its results as custom_id → Reply or error text, list recent
+One protocol, `BatchAPI`, one class per vendor: submit a list of (custom_id, Request), read
+a batch's state, fetch its results as custom_id → Reply or error text, list recent
 batches (to reconcile after a crash), cancel. Each request's body is the one the
-realtime path sends (openai.body / anthropic.body), and each result is parsed by the
-realtime parsers, so a stage gives the same output either way. Deciding what to submit
-and when, and remembering batch ids, is the engine's job.
+realtime path sends (openai.body / anthropic.body / gemini.body), and each result is
+parsed by the realtime parsers, so a stage gives the same output either way. Deciding
+what to submit and when, and remembering batch ids, is the engine's job (batchmode.py).
 """
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import orjson
 
 from ..config import ModelSpec, redact_url
-from . import anthropic, openai
+from . import anthropic, gemini, openai
 from .http import RETRYABLE_STATUS, api_key
 from .types import ProviderError, Reply, Request, excerpt
-
-# Per batch: (most requests, most bytes of request bodies)
-LIMITS = {"openai": (50_000, 200 * 2**20), "anthropic": (100_000, 256 * 2**20)}
-DONE_STATES = {"completed", "failed", "expired", "cancelled", "ended"}
 
 
 @dataclass
@@ -46,13 +45,12 @@ class BatchState:
 
 def split(items: list[tuple[str, Request]], spec: ModelSpec) -> list[list[tuple[str, Request]]]:
     """Cut a list of requests into batches within the provider's count and size limits."""
-    most, most_bytes = LIMITS[spec.provider]
-    body = openai.body if spec.provider == "openai" else anthropic.body
+    api = API[spec.provider]
     batches: list[list[tuple[str, Request]]] = [[]]
     size = 0
     for item in items:
-        item_size = len(orjson.dumps(body(spec, item[1]))) + 200  # + the line's envelope
-        if batches[-1] and (len(batches[-1]) >= most or size + item_size > most_bytes):
+        item_size = len(orjson.dumps(api.protocol.body(spec, item[1]))) + 200  # + envelope
+        if batches[-1] and (len(batches[-1]) >= api.most or size + item_size > api.most_bytes):
             batches.append([])
             size = 0
         batches[-1].append(item)
@@ -60,21 +58,53 @@ def split(items: list[tuple[str, Request]], spec: ModelSpec) -> list[list[tuple[
     return [batch for batch in batches if batch]
 
 
-class Batches:
+def batch_api(spec: ModelSpec, session: aiohttp.ClientSession) -> "BatchAPI":
     """The batch API of one model alias."""
+    if spec.provider not in API:
+        raise ValueError(f"provider {spec.provider!r} has no batch API")
+    return API[spec.provider](spec, session)
+
+
+class BatchAPI:
+    """What every vendor's batch API does; the HTTP exchange is shared."""
+
+    protocol: ClassVar[Any]  # the realtime wire format module
+    most: ClassVar[int]  # requests in one batch
+    most_bytes: ClassVar[int]  # bytes of request bodies in one batch
 
     def __init__(self, spec: ModelSpec, session: aiohttp.ClientSession):
-        if spec.provider not in LIMITS:
-            raise ValueError(f"provider {spec.provider!r} has no batch API")
         self.spec = spec
         self.session = session
         self.key = api_key(spec)
-        self.protocol = openai if spec.provider == "openai" else anthropic
         self.headers = self.protocol.headers(spec, self.key)
         self.root = spec.base_url or ""
 
+    async def submit(self, items: list[tuple[str, Request]], metadata: dict[str, str]) -> str:
+        """Create one batch; returns its id."""
+        raise NotImplementedError
+
+    async def state(self, batch_id: str) -> BatchState:
+        raise NotImplementedError
+
+    async def results(self, batch_id: str) -> dict[str, Reply | str]:
+        """custom_id → the parsed reply, or why that item has none. Items missing from
+        the results (a cancelled batch) are simply absent."""
+        raise NotImplementedError
+
+    async def recent(self, limit: int = 100) -> list[BatchState]:
+        """The newest batches of this account, for reconciling after a crash."""
+        raise NotImplementedError
+
+    async def cancel(self, batch_id: str) -> BatchState:
+        raise NotImplementedError
+
     async def _call(self, method: str, path: str, raw: bool = False, **kwargs: Any) -> Any:
         """One API call; the decoded JSON reply, or its bytes when `raw`."""
+        data, _ = await self._exchange(method, path, **kwargs)
+        return data if raw else orjson.loads(data)
+
+    async def _exchange(self, method: str, path: str, **kwargs: Any) -> tuple[bytes, Any]:
+        """One API call: the reply's bytes and headers, or a ProviderError without the key."""
         url = path if path.startswith("http") else self.root + path
         headers = kwargs.pop("headers", self.headers)
         try:
@@ -88,19 +118,18 @@ class Batches:
                                         f"{redact_url(url)}: {text}",
                                         retryable=response.status in RETRYABLE_STATUS
                                         or response.status >= 500, status=response.status)
-                return data if raw else orjson.loads(data)
+                return data, response.headers
         except aiohttp.ClientError as e:
             raise ProviderError(f"batch API: {redact_url(url)}: {redact_url(str(e))}",
                                 retryable=True) from None
 
+
+class OpenAIBatches(BatchAPI):
+    protocol = openai
+    most, most_bytes = 50_000, 200 * 2**20
+    DONE = frozenset({"completed", "failed", "expired", "cancelled"})
+
     async def submit(self, items: list[tuple[str, Request]], metadata: dict[str, str]) -> str:
-        """Create one batch; returns its id."""
-        if self.spec.provider == "anthropic":
-            requests = [{"custom_id": custom_id, "params": anthropic.body(self.spec, request)}
-                        for custom_id, request in items]
-            created = await self._call("POST", "/v1/messages/batches",
-                                       data=orjson.dumps({"requests": requests}))
-            return created["id"]
         lines = b"".join(orjson.dumps({"custom_id": custom_id, "method": "POST",
                                        "url": "/v1/chat/completions",
                                        "body": openai.body(self.spec, request)},
@@ -118,28 +147,10 @@ class Batches:
         return created["id"]
 
     async def state(self, batch_id: str) -> BatchState:
-        if self.spec.provider == "anthropic":
-            data = await self._call("GET", f"/v1/messages/batches/{batch_id}")
-            return _anthropic_state(data)
-        return _openai_state(await self._call("GET", f"/batches/{batch_id}"))
+        return self._state(await self._call("GET", f"/batches/{batch_id}"))
 
     async def results(self, batch_id: str) -> dict[str, Reply | str]:
-        """custom_id → the parsed reply, or why that item has none. Items missing from
-        the results (a cancelled batch) are simply absent."""
         found: dict[str, Reply | str] = {}
-        if self.spec.provider == "anthropic":
-            state = await self._call("GET", f"/v1/messages/batches/{batch_id}")
-            data = await self._call("GET", state["results_url"], raw=True)
-            for line in data.splitlines():
-                item = orjson.loads(line)
-                result = item.get("result") or {}
-                if result.get("type") == "succeeded":
-                    found[item["custom_id"]] = _parsed(anthropic.reply, result["message"],
-                                                       self.spec.model)
-                else:
-                    found[item["custom_id"]] = f"batch item {result.get('type')}: " \
-                                               f"{excerpt(result.get('error') or '')}"
-            return found
         state = await self._call("GET", f"/batches/{batch_id}")
         for file_key in ("output_file_id", "error_file_id"):
             if state.get(file_key):
@@ -158,18 +169,171 @@ class Batches:
         return found
 
     async def recent(self, limit: int = 100) -> list[BatchState]:
-        """The newest batches of this account, for reconciling after a crash."""
-        if self.spec.provider == "anthropic":
-            data = await self._call("GET", f"/v1/messages/batches?limit={limit}")
-            return [_anthropic_state(b) for b in data.get("data", [])]
         data = await self._call("GET", f"/batches?limit={limit}")
-        return [_openai_state(b) for b in data.get("data", [])]
+        return [self._state(b) for b in data.get("data", [])]
 
     async def cancel(self, batch_id: str) -> BatchState:
-        if self.spec.provider == "anthropic":
-            return _anthropic_state(await self._call(
-                "POST", f"/v1/messages/batches/{batch_id}/cancel"))
-        return _openai_state(await self._call("POST", f"/batches/{batch_id}/cancel"))
+        return self._state(await self._call("POST", f"/batches/{batch_id}/cancel"))
+
+    def _state(self, data: dict[str, Any]) -> BatchState:
+        status = data.get("status", "")
+        return BatchState(data["id"], status, status in self.DONE,
+                          dict(data.get("request_counts") or {}),
+                          dict(data.get("metadata") or {}), float(data.get("created_at") or 0))
+
+
+class AnthropicBatches(BatchAPI):
+    protocol = anthropic
+    most, most_bytes = 100_000, 256 * 2**20
+
+    async def submit(self, items: list[tuple[str, Request]], metadata: dict[str, str]) -> str:
+        requests = [{"custom_id": custom_id, "params": anthropic.body(self.spec, request)}
+                    for custom_id, request in items]
+        created = await self._call("POST", "/v1/messages/batches",
+                                   data=orjson.dumps({"requests": requests}))
+        return created["id"]
+
+    async def state(self, batch_id: str) -> BatchState:
+        return self._state(await self._call("GET", f"/v1/messages/batches/{batch_id}"))
+
+    async def results(self, batch_id: str) -> dict[str, Reply | str]:
+        found: dict[str, Reply | str] = {}
+        state = await self._call("GET", f"/v1/messages/batches/{batch_id}")
+        data = await self._call("GET", state["results_url"], raw=True)
+        for line in data.splitlines():
+            item = orjson.loads(line)
+            result = item.get("result") or {}
+            if result.get("type") == "succeeded":
+                found[item["custom_id"]] = _parsed(anthropic.reply, result["message"],
+                                                   self.spec.model)
+            else:
+                found[item["custom_id"]] = f"batch item {result.get('type')}: " \
+                                           f"{excerpt(result.get('error') or '')}"
+        return found
+
+    async def recent(self, limit: int = 100) -> list[BatchState]:
+        data = await self._call("GET", f"/v1/messages/batches?limit={limit}")
+        return [self._state(b) for b in data.get("data", [])]
+
+    async def cancel(self, batch_id: str) -> BatchState:
+        return self._state(await self._call("POST",
+                                            f"/v1/messages/batches/{batch_id}/cancel"))
+
+    @staticmethod
+    def _state(data: dict[str, Any]) -> BatchState:
+        status = data.get("processing_status", "")
+        return BatchState(data["id"], status, status == "ended",
+                          dict(data.get("request_counts") or {}),
+                          created=_unix_time(data.get("created_at")))
+
+
+class GeminiBatches(BatchAPI):
+    """Gemini's Batch Mode: the requests inline while they are under 20 MB, else a JSONL
+    file through the Files API (resumable upload); a batch is a long-running operation
+    `batches/…`. Gemini keeps no metadata on a batch but its display name, so the intent
+    and the rest of `metadata` travel in it."""
+
+    protocol = gemini
+    most, most_bytes = 1_000_000, 2 * 2**30  # no count limit is documented; files ≤ 2 GB
+    INLINE_BYTES = 20 * 2**20
+    DONE = frozenset({"BATCH_STATE_SUCCEEDED", "BATCH_STATE_FAILED", "BATCH_STATE_CANCELLED",
+                      "BATCH_STATE_EXPIRED"})
+    NAMED = "chunbot:"  # display names chunbot gives: "chunbot:key=value;key=value"
+
+    async def submit(self, items: list[tuple[str, Request]], metadata: dict[str, str]) -> str:
+        lines = [orjson.dumps({"key": custom_id, "request": gemini.body(self.spec, request)})
+                 for custom_id, request in items]
+        name = self.NAMED + ";".join(f"{k}={urllib.parse.quote(str(v), safe='')}"
+                                     for k, v in metadata.items())
+        if sum(map(len, lines)) < self.INLINE_BYTES:
+            source: dict[str, Any] = {"requests": {"requests": [
+                {"request": gemini.body(self.spec, request), "metadata": {"key": custom_id}}
+                for custom_id, request in items]}}
+        else:
+            source = {"fileName": await self._upload(b"\n".join(lines) + b"\n", name)}
+        created = await self._call("POST", gemini.path(self.spec, False).replace(
+            ":generateContent", ":batchGenerateContent"),
+            data=orjson.dumps({"batch": {"displayName": name, "inputConfig": source}}))
+        return created["name"]
+
+    async def _upload(self, data: bytes, name: str) -> str:
+        """A file through the Files API's resumable upload; its name, `files/…`."""
+        _, started = await self._exchange(
+            "POST", "/upload/v1beta/files", data=orjson.dumps({"file": {"displayName": name}}),
+            headers={**self.headers, "X-Goog-Upload-Protocol": "resumable",
+                     "X-Goog-Upload-Command": "start",
+                     "X-Goog-Upload-Header-Content-Length": str(len(data)),
+                     "X-Goog-Upload-Header-Content-Type": "application/jsonl"})
+        target = started.get("X-Goog-Upload-URL")
+        if not target:
+            raise ProviderError("batch API: the Files API gave no upload URL", retryable=True)
+        if not target.startswith(self.root + "/"):  # the key goes to the vendor's URL only
+            raise ProviderError(f"batch API: the upload URL {redact_url(target)} is not on "
+                                f"{redact_url(self.root)}", retryable=False)
+        uploaded = await self._call("POST", target, data=data, headers={
+            **{k: v for k, v in self.headers.items() if k != "content-type"},
+            "X-Goog-Upload-Command": "upload, finalize", "X-Goog-Upload-Offset": "0"})
+        return uploaded["file"]["name"]
+
+    async def state(self, batch_id: str) -> BatchState:
+        return self._state(await self._call("GET", f"/v1beta/{batch_id}"))
+
+    async def results(self, batch_id: str) -> dict[str, Reply | str]:
+        operation = await self._call("GET", f"/v1beta/{batch_id}")
+        output = operation.get("response") or (operation.get("metadata") or {}).get("output") \
+            or {}
+        found: dict[str, Reply | str] = {}
+        inlined = output.get("inlinedResponses") or {}
+        for item in inlined.get("inlinedResponses") or ():
+            found[(item.get("metadata") or {}).get("key", "")] = self._item(item)
+        if output.get("responsesFile"):
+            data = await self._call(
+                "GET", f"/download/v1beta/{output['responsesFile']}:download?alt=media",
+                raw=True)
+            for line in data.splitlines():
+                if line.strip():
+                    item = orjson.loads(line)
+                    found[str(item.get("key", ""))] = self._item(item)
+        found.pop("", None)  # not an item chunbot sent
+        return found
+
+    def _item(self, item: dict[str, Any]) -> Reply | str:
+        if "response" in item:
+            return _parsed(gemini.reply, item["response"], self.spec.model)
+        error = item.get("error") or {}
+        return f"batch item failed ({error.get('status') or error.get('code')}): " \
+               f"{excerpt(error.get('message') or error)}"
+
+    async def recent(self, limit: int = 100) -> list[BatchState]:
+        data = await self._call("GET", f"/v1beta/batches?pageSize={limit}")
+        return [self._state(b) for b in data.get("operations") or data.get("batches") or ()]
+
+    async def cancel(self, batch_id: str) -> BatchState:
+        await self._call("POST", f"/v1beta/{batch_id}:cancel")
+        return await self.state(batch_id)
+
+    def _state(self, operation: dict[str, Any]) -> BatchState:
+        about = operation.get("metadata") or {}
+        status = about.get("state", "")
+        stats = about.get("batchStats") or {}
+        counts = {word: int(stats[name]) for word, name in (
+            ("total", "requestCount"), ("completed", "successfulRequestCount"),
+            ("failed", "failedRequestCount"), ("pending", "pendingRequestCount"))
+            if str(stats.get(name, "")).isdigit()}
+        return BatchState(operation.get("name") or about.get("name", ""), status,
+                          status in self.DONE or bool(operation.get("done")), counts,
+                          self._metadata(about.get("displayName") or ""),
+                          _unix_time(about.get("createTime")))
+
+    def _metadata(self, display_name: str) -> dict[str, str]:
+        if not display_name.startswith(self.NAMED):
+            return {}
+        pairs = (part.partition("=") for part in display_name[len(self.NAMED):].split(";"))
+        return {key: urllib.parse.unquote(value) for key, _, value in pairs if key}
+
+
+API: dict[str, type[BatchAPI]] = {"openai": OpenAIBatches, "anthropic": AnthropicBatches,
+                                  "gemini": GeminiBatches}
 
 
 def _parsed(parse: Any, body: Any, model: str) -> Reply | str:
@@ -179,19 +343,12 @@ def _parsed(parse: Any, body: Any, model: str) -> Reply | str:
         return str(e)
 
 
-def _openai_state(data: dict[str, Any]) -> BatchState:
-    status = data.get("status", "")
-    return BatchState(data["id"], status, status in DONE_STATES,
-                      dict(data.get("request_counts") or {}), dict(data.get("metadata") or {}),
-                      float(data.get("created_at") or 0))
-
-
-def _anthropic_state(data: dict[str, Any]) -> BatchState:
-    status = data.get("processing_status", "")
-    created = data.get("created_at") or ""
+def _unix_time(stamp: Any) -> float:
+    """An RFC 3339 time (Anthropic's, Google's: maybe with nanoseconds) as Unix time."""
+    if not isinstance(stamp, str):
+        return 0.0
+    stamp = re.sub(r"(\.\d{6})\d+", r"\1", stamp.replace("Z", "+00:00"))
     try:
-        when = datetime.fromisoformat(created.replace("Z", "+00:00")).timestamp()
+        return datetime.fromisoformat(stamp).timestamp()
     except ValueError:
-        when = 0.0
-    return BatchState(data["id"], status, status == "ended",
-                      dict(data.get("request_counts") or {}), created=when)
+        return 0.0

@@ -1,10 +1,11 @@
-"""Providers `openai` and `anthropic` over HTTP: one aiohttp session per run, one request
-per call, every failure turned into a ProviderError that says whether to retry.
+"""Providers `openai`, `anthropic` and `gemini` over HTTP: one aiohttp session per run, one
+request per call, every failure turned into a ProviderError that says whether to retry.
 
 aiohttp rather than httpx: on this project's machines httpx spent 10–40× more CPU per
 request and collapsed at a thousand requests in flight. The wire formats live in
-`openai.py` and `anthropic.py`; this module owns the exchange: headers, timeouts, status
-codes, `retry-after`, SSE. The API key goes into headers only: error texts have it
+`openai.py`, `anthropic.py` and `gemini.py` (each: path, headers, body, reply, Stream,
+error_hints); this module owns the exchange: headers, timeouts, status codes,
+`retry-after`, SSE. The API key goes into headers only: error texts have it
 masked, and nothing here logs headers.
 """
 
@@ -22,10 +23,11 @@ import aiohttp
 import orjson
 
 from ..config import ModelSpec
-from . import anthropic, openai
+from . import anthropic, gemini, openai
 from .types import ProviderError, RateLimits, Reply, Request, excerpt
 
-PROTOCOLS: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic}
+PROTOCOLS: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic,
+                                    "gemini": gemini}
 RETRYABLE_STATUS = {408, 409, 429}
 CONNECT_TIMEOUT_S = 30.0
 
@@ -55,17 +57,15 @@ class HTTPProvider:
                                              sock_connect=min(CONNECT_TIMEOUT_S, spec.timeout))
 
     async def complete(self, request: Request, url: str) -> Reply:
-        target = url + self.protocol.PATH
-        payload = orjson.dumps(self.protocol.body(self.spec, request))
         streaming = bool(request.params.get("stream"))
+        target = url + self.protocol.path(self.spec, streaming)
+        payload = orjson.dumps(self.protocol.body(self.spec, request))
         try:
             async with self.session.post(target, data=payload, headers=self.headers,
                                          timeout=self.timeout) as response:
                 limits = rate_limits(response.headers, self.protocol.LIMIT_HEADERS)
                 if response.status != 200:
-                    error = self._status_error(response, await response.read(), target)
-                    error.limits = limits
-                    raise error
+                    raise self._status_error(response, await response.read(), target, limits)
                 if streaming and response.content_type == "text/event-stream":
                     reply = await self._read_stream(response)
                 else:
@@ -118,9 +118,12 @@ class HTTPProvider:
                                     retryable=True) from None
         return stream.reply()
 
-    def _status_error(self, response: aiohttp.ClientResponse, data: bytes,
-                      target: str) -> ProviderError:
+    def _status_error(self, response: aiohttp.ClientResponse, data: bytes, target: str,
+                      limits: RateLimits | None) -> ProviderError:
+        """The failure an HTTP error status means; with the limits and the pause the
+        server asked for, from its headers or (Gemini) its error body."""
         status = response.status
+        delay, named = self.protocol.error_hints(data) if status == 429 else (None, None)
         body = self._mask(excerpt(data))
         if status == 401:
             return ProviderError(f"authentication failed (HTTP 401 from {target}; check "
@@ -132,7 +135,8 @@ class HTTPProvider:
             hint = " (an OpenAI-compatible base_url usually ends in /v1)"
         return ProviderError(f"HTTP {status} from {target}{hint}: {body}",
                              retryable=status in RETRYABLE_STATUS or status >= 500,
-                             status=status, retry_after=retry_after(response.headers))
+                             status=status, limits=limits or named,
+                             retry_after=retry_after(response.headers) or delay)
 
     def _mask(self, text: str) -> str:
         for secret in self.secrets:
@@ -143,8 +147,12 @@ class HTTPProvider:
         pass  # the session belongs to the run
 
 
-def rate_limits(headers: Mapping[str, str], names: tuple[str, str]) -> RateLimits | None:
-    """The per-minute request and token limits a response announces, if any."""
+def rate_limits(headers: Mapping[str, str], names: tuple[str, str] | None
+                ) -> RateLimits | None:
+    """The per-minute request and token limits a response announces, if any (`names`:
+    None for a protocol that says them elsewhere)."""
+    if names is None:
+        return None
     requests, tokens = headers.get(names[0]), headers.get(names[1])
     if requests is None and tokens is None:
         return None

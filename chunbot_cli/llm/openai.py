@@ -9,12 +9,20 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelSpec
-from .types import ProviderError, Reply, Request, excerpt
+from .types import ProviderError, RateLimits, Reply, Request, excerpt
 
 PATH = "/chat/completions"
 
 # The rate limits a server announces, per minute: requests, tokens
 LIMIT_HEADERS = ("x-ratelimit-limit-requests", "x-ratelimit-limit-tokens")
+
+
+def path(spec: ModelSpec, streaming: bool) -> str:
+    return PATH
+
+
+def error_hints(data: bytes) -> tuple[float | None, RateLimits | None]:
+    return None, None  # OpenAI says it in headers
 
 
 def headers(spec: ModelSpec, api_key: str | None) -> dict[str, str]:
