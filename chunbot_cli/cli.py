@@ -628,17 +628,18 @@ def serve(
 ) -> None:
     """Serve the sim model over HTTP: OpenAI and Anthropic routes, plus /stats for tests."""
     from .sim import server  # aiohttp.web is only needed here: keep the other commands' start fast
+    from .sim.faults import Options
 
     if fail_prompt == "":
         raise typer.BadParameter("must not be empty", param_hint="--fail-prompt")
-    server.serve(server.Options(host=host, port=port, latency_ms=latency_ms, jitter_ms=jitter_ms,
-                                error_rate=error_rate, wrong_rate=wrong_rate,
-                                wrong_model=wrong_model, flaky_rate=flaky_rate, rpm=rpm, tpm=tpm, api_key=api_key,
-                                malformed=malformed.value if malformed else None, seed=seed,
-                                batch_delay_s=batch_delay_s, batch_error_rate=batch_error_rate,
-                                batch_expire_rate=batch_expire_rate, hang_rate=hang_rate,
-                                fail_prompt=fail_prompt, storm_s=storm_s,
-                                storm_retry_after=storm_retry_after))
+    server.serve(Options(host=host, port=port, latency_ms=latency_ms, jitter_ms=jitter_ms,
+                         error_rate=error_rate, wrong_rate=wrong_rate,
+                         wrong_model=wrong_model, flaky_rate=flaky_rate, rpm=rpm, tpm=tpm, api_key=api_key,
+                         malformed=malformed.value if malformed else None, seed=seed,
+                         batch_delay_s=batch_delay_s, batch_error_rate=batch_error_rate,
+                         batch_expire_rate=batch_expire_rate, hang_rate=hang_rate,
+                         fail_prompt=fail_prompt, storm_s=storm_s,
+                         storm_retry_after=storm_retry_after))
 
 
 def main() -> None:

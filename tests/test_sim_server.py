@@ -14,7 +14,9 @@ from datetime import datetime, timezone
 import aiohttp
 
 from chunbot_cli.sim import model as sim_model
-from chunbot_cli.sim.server import go_duration, item_fate, split_words
+from chunbot_cli.sim.batches import item_fate
+from chunbot_cli.sim.openai import go_duration
+from chunbot_cli.sim.wire import split_words
 
 SYSTEM = "You are a precise annotator."
 PROMPT = "Write a two-line apology for: the battery died after a week"

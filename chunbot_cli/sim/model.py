@@ -45,6 +45,11 @@ def count_tokens(text: str) -> int:
     return max(1, (len(text) + 3) // 4)
 
 
+def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """The prompt's tokens as vendors count them: each message's content and a few more."""
+    return sum(count_tokens(str(m.get("content", ""))) + 4 for m in messages)
+
+
 def request_seed(model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> int:
     digest = hashlib.sha256(orjson.dumps([model, messages, params],
                                          option=orjson.OPT_SORT_KEYS)).digest()
@@ -90,7 +95,7 @@ def reply(model: str, messages: list[dict[str, Any]], params: dict[str, Any],
         text = _wrong(text)
     elif flaky_rate and not reasked and random.random() < flaky_rate:
         text = _wrong(text)
-    input_tokens = sum(count_tokens(str(m.get("content", ""))) + 4 for m in messages)
+    input_tokens = prompt_tokens(messages)
     limit = params.get("max_tokens") or params.get("max_completion_tokens")
     finish = "stop"
     if isinstance(limit, int) and limit > 0 and count_tokens(text) > limit:
