@@ -606,7 +606,7 @@ def serve(
     seed: Optional[int] = typer.Option(None, help="Seed of the injected errors and jitter, "
                                        "and of which batch items error or expire."),
     batch_delay_s: float = typer.Option(2.0, min=0, help="Seconds from a batch's creation "
-                                        "to its end (OpenAI and Anthropic batch APIs)."),
+                                        "to its end (every vendor's batch API)."),
     batch_error_rate: float = typer.Option(0.0, min=0, max=1,
                                            help="Share of batch items that come back errored."),
     batch_expire_rate: float = typer.Option(0.0, min=0, max=1,
@@ -626,7 +626,7 @@ def serve(
     storm_retry_after: int = typer.Option(1, min=0, help="The retry-after (seconds) of the "
                                           "storm's 429s; retry-after-ms says the same."),
 ) -> None:
-    """Serve the sim model over HTTP: OpenAI and Anthropic routes, plus /stats for tests."""
+    """Serve the sim model over HTTP: OpenAI, Anthropic and Gemini routes, plus /stats."""
     from .sim import server  # aiohttp.web is only needed here: keep the other commands' start fast
     from .sim.faults import Options
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import aiohttp
+import pytest
 
 from chunbot_cli.sim import model as sim_model
 from chunbot_cli.sim.batches import item_fate
@@ -919,3 +920,427 @@ def test_a_storm_answers_429_from_the_first_request_then_ends(sim_server):
     assert post(url + "/v1/chat/completions", chat_body()).status == 200
     assert post(url + "/v1/messages", messages_body(), ANTHROPIC_HEADERS).status == 200
     assert server.stats()["by_status"] == {"200": 2, "429": 2}
+
+
+# -- Gemini: generateContent, SSE, Batch Mode and the Files API --
+
+GEMINI_KEY = {"x-goog-api-key": "AIza-right"}
+
+
+def gemini_body(prompt: str = PROMPT, system: str | None = SYSTEM, **config) -> dict:
+    body: dict = {"contents": [{"role": "user", "parts": [{"text": prompt}]}]}
+    if system is not None:
+        body["systemInstruction"] = {"parts": [{"text": system}]}
+    if config:
+        body["generationConfig"] = config
+    return body
+
+
+def gemini_url(url: str, method: str = "generateContent", model: str = "sim-small") -> str:
+    return f"{url}/v1beta/models/{model}:{method}" + ("?alt=sse" if method.startswith("stream")
+                                                      else "")
+
+
+def delete(url: str, headers: dict[str, str] | None = None) -> Answer:
+    request = urllib.request.Request(url, method="DELETE", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return Answer(response.status, {}, response.read())
+    except urllib.error.HTTPError as e:
+        return Answer(e.code, {}, e.read())
+
+
+def test_gemini_json_and_sse_give_the_openai_routes_text(sim_server):
+    url = sim_server().url
+    openai = post(url + "/v1/chat/completions", chat_body(max_tokens=80, temperature=0)).json()
+    plain = post(gemini_url(url), gemini_body(maxOutputTokens=80, temperature=0))
+    assert plain.status == 200 and plain.headers["content-type"] == "application/json"
+    reply = plain.json()
+    [candidate] = reply["candidates"]
+    assert candidate == {"content": {"parts": [{"text": openai["choices"][0]["message"]
+                                                ["content"]}], "role": "model"},
+                         "finishReason": "STOP", "index": 0}
+    usage = reply["usageMetadata"]
+    prompt = openai["usage"]["prompt_tokens"]
+    assert usage["promptTokenCount"] == prompt
+    assert usage["candidatesTokenCount"] == openai["usage"]["completion_tokens"]
+    assert usage["totalTokenCount"] == prompt + usage["candidatesTokenCount"]
+    assert usage["promptTokensDetails"] == [{"modality": "TEXT", "tokenCount": prompt}]
+    assert reply["modelVersion"] == "sim-small" and reply["responseId"]
+
+    # snake_case names, as protobuf JSON allows, are the same request
+    snake = {"contents": [{"role": "user", "parts": [{"text": PROMPT}]}],
+             "system_instruction": {"parts": [{"text": SYSTEM}]},
+             "generation_config": {"max_output_tokens": 80, "temperature": 0}}
+    assert post(gemini_url(url), snake).json()["candidates"] == reply["candidates"]
+
+    streamed = post(gemini_url(url, "streamGenerateContent"),
+                    gemini_body(maxOutputTokens=80, temperature=0))
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    assert streamed.body.endswith(b"}\r\n\r\n") and b"[DONE]" not in streamed.body
+    chunks = [json.loads(block.removeprefix(b"data: "))
+              for block in streamed.body.split(b"\r\n\r\n") if block]
+    assert 3 <= len(chunks) <= 8 and reply["responseId"] != chunks[0]["responseId"]
+    assert "".join(c["candidates"][0]["content"]["parts"][0]["text"] for c in chunks) == \
+        candidate["content"]["parts"][0]["text"]
+    assert [c["candidates"][0].get("finishReason") for c in chunks] == \
+        [None] * (len(chunks) - 1) + ["STOP"]
+    last = chunks[-1]["usageMetadata"]  # the totals; the same prompt again: cached blocks
+    assert last == {**usage, "cachedContentTokenCount": 16,
+                    "cacheTokensDetails": [{"modality": "TEXT", "tokenCount": 16}]}
+    assert all(c["usageMetadata"]["promptTokenCount"] == prompt for c in chunks)
+
+    cut = post(gemini_url(url), gemini_body("Say a lot", maxOutputTokens=3)).json()
+    assert cut["candidates"][0]["finishReason"] == "MAX_TOKENS"
+    # a conversation: "model" turns are the assistant's
+    turns = {"contents": [{"role": "user", "parts": [{"text": "Label: great"}]},
+                          {"role": "model", "parts": [{"text": "neutral"}]},
+                          {"role": "user", "parts": [{"text": "Again"}]}]}
+    expected = sim_model.reply("sim-small", [{"role": "user", "content": "Label: great"},
+                                             {"role": "assistant", "content": "neutral"},
+                                             {"role": "user", "content": "Again"}], {})
+    assert post(gemini_url(url), turns).json()["candidates"][0]["content"]["parts"][0][
+        "text"] == expected.text
+
+
+def test_gemini_caches_repeated_prefixes_implicitly(sim_server):
+    server = sim_server()
+    url = gemini_url(server.url)
+    first = post(url, gemini_body("Label: great phone", LONG_SYSTEM)).json()["usageMetadata"]
+    assert "cachedContentTokenCount" not in first
+    second = post(url, gemini_body("Label: awful battery", LONG_SYSTEM)).json()["usageMetadata"]
+    assert second["cachedContentTokenCount"] == shared_prefix_tokens(LONG_SYSTEM)
+    assert second["promptTokenCount"] > second["cachedContentTokenCount"]
+    # a cache of its own: the OpenAI route has not seen the prefix
+    openai = post(server.url + "/v1/chat/completions", long_chat_body("Label: x")).json()
+    assert openai["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    stats = server.stats()
+    assert stats["by_route"] == {"chat": 1, "messages": 0, "gemini": 2}
+    assert stats["cached_tokens"] == second["cachedContentTokenCount"]
+
+
+def test_gemini_json_mode_answers_json_valid_for_the_schema(sim_server):
+    import fastjsonschema
+
+    server = sim_server()
+    schema = {"type": "object", "required": ["sentiment", "summary", "keywords"],
+              "properties": {"sentiment": {"enum": ["positive", "negative", "neutral"]},
+                             "summary": {"type": "string"},
+                             "keywords": {"type": "array", "items": {"type": "string"}}}}
+    reply = post(gemini_url(server.url), gemini_body(
+        "Extract as JSON: the lid leaks, awful", responseMimeType="application/json",
+        responseSchema=schema)).json()
+    value = json.loads(reply["candidates"][0]["content"]["parts"][0]["text"])
+    fastjsonschema.compile(schema)(value)
+    assert value["sentiment"] == "negative"
+    # JSON mode on a prompt whose answer is text: the text in an object
+    plain = post(gemini_url(server.url), gemini_body(responseMimeType="application/json"))
+    assert set(json.loads(plain.json()["candidates"][0]["content"]["parts"][0]["text"])) == \
+        {"text"}
+    assert server.stats()["structured"] == 1
+
+
+def test_gemini_key_is_checked_in_the_header_or_the_query_and_never_echoed(sim_server):
+    url = sim_server("--api-key", "AIza-right").url
+    assert post(gemini_url(url), gemini_body(), GEMINI_KEY).status == 200
+    assert post(gemini_url(url) + "?key=AIza-right", gemini_body()).status == 200
+    wrong = post(gemini_url(url), gemini_body(), {"x-goog-api-key": "AIza-wrong-secret"})
+    assert wrong.status == 400 and b"secret" not in wrong.body
+    error = wrong.json()["error"]
+    assert (error["code"], error["status"]) == (400, "INVALID_ARGUMENT")
+    assert error["message"] == "API key not valid. Please pass a valid API key."
+    assert error["details"][0]["reason"] == "API_KEY_INVALID"
+    missing = post(gemini_url(url), gemini_body(), {"Authorization": "Bearer AIza-right"})
+    assert missing.status == 403 and missing.json()["error"]["status"] == "PERMISSION_DENIED"
+    assert get(url + "/v1beta/batches").status == 403
+    assert get(url + "/v1beta/batches", GEMINI_KEY).json() == {"operations": []}
+
+
+def test_gemini_errors_in_googles_shape(sim_server):
+    url = sim_server().url
+    unknown = post(gemini_url(url, model="gemini-9"), gemini_body())
+    assert unknown.status == 404 and unknown.json()["error"]["status"] == "NOT_FOUND"
+    assert "models/gemini-9 is not found" in unknown.json()["error"]["message"]
+    assert post(gemini_url(url, "countTokens"), gemini_body()).status == 404
+    for bad in ({}, {"contents": []}, {"contents": [{"role": "bot", "parts": []}]},
+                {"contents": [{"parts": [{"text": "x"}]}], "generationConfig": 3}):
+        refused = post(gemini_url(url), bad)
+        assert refused.status == 400 and refused.json()["error"]["status"] == "INVALID_ARGUMENT"
+    assert post(gemini_url(url), b"{not json").json()["error"]["code"] == 400
+
+    failing = sim_server("--error-rate", "1", "--seed", "3").url
+    answers = burst(gemini_url(failing), gemini_body(), 12)
+    assert {(a.status, a.json()["error"]["status"]) for a in answers} == \
+        {(500, "INTERNAL"), (503, "UNAVAILABLE")}
+    overloaded = next(a for a in answers if a.status == 503).json()["error"]
+    assert overloaded["message"] == "The model is overloaded. Please try again later."
+
+
+def details(answer: Answer) -> dict[str, dict]:
+    return {d["@type"].rsplit(".", 1)[1]: d for d in answer.json()["error"]["details"]}
+
+
+def test_gemini_429s_name_the_quota_and_the_delay_in_the_body(sim_server):
+    url = sim_server("--rpm", "60").url
+    answers = burst(gemini_url(url), gemini_body(), 4)
+    assert sorted(a.status for a in answers) == [200, 429, 429, 429]
+    limited = next(a for a in answers if a.status == 429)
+    assert limited.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
+    assert not [h for h in limited.headers if "ratelimit" in h or "retry-after" in h]
+    found = details(limited)
+    assert set(found) == {"QuotaFailure", "Help", "RetryInfo"}
+    assert found["QuotaFailure"]["violations"] == [{
+        "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+        "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+        "quotaDimensions": {"location": "global", "model": "sim-small"}, "quotaValue": "60"}]
+    assert found["RetryInfo"]["retryDelay"] == "1s"
+    assert not [h for h in answers[0].headers if "ratelimit" in h]  # on 200s neither
+
+    tokens = sim_server("--tpm", "6000").url
+    assert post(gemini_url(tokens), gemini_body(maxOutputTokens=90)).status == 200
+    refused = post(gemini_url(tokens), gemini_body(maxOutputTokens=90))
+    violation = details(refused)["QuotaFailure"]["violations"][0]
+    assert violation["quotaId"] == "GenerateContentInputTokensPerModelPerMinute-FreeTier"
+    assert violation["quotaMetric"].endswith("generate_content_free_tier_input_token_count")
+    assert violation["quotaValue"] == "6000"
+
+    storm = sim_server("--storm-s", "5", "--storm-retry-after", "7").url
+    stormed = post(gemini_url(storm), gemini_body())
+    assert stormed.status == 429 and details(stormed)["RetryInfo"]["retryDelay"] == "7s"
+    assert "QuotaFailure" not in details(stormed) and "retry-after" not in stormed.headers
+
+
+def gemini_operation(url: str, name: str) -> dict:
+    return get(f"{url}/v1beta/{name}", GEMINI_KEY).json()
+
+
+def poll_gemini(url: str, name: str, timeout: float = 10) -> tuple[dict, list[str]]:
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while True:
+        operation = gemini_operation(url, name)
+        state = operation["metadata"]["state"]
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if operation.get("done"):
+            return operation, seen
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.02)
+
+
+def test_gemini_inline_batch_gives_the_realtime_replies_by_key(sim_server):
+    server = sim_server("--api-key", "AIza-right", "--batch-delay-s", "0.4", "--seed", "7",
+                        "--batch-error-rate", "0.3")
+    url = server.url
+    keys = [f"review-{i}" for i in range(12)]
+    bodies = {key: gemini_body(f"Label the sentiment: {REVIEWS[i % 6]} #{i}", LONG_SYSTEM,
+                               maxOutputTokens=16) for i, key in enumerate(keys)}
+    bodies["no-contents"] = {"contents": []}  # a bad request: answered 400, as realtime
+    created = post(gemini_url(url, "batchGenerateContent"), {"batch": {
+        "displayName": "chunbot:stage=s", "inputConfig": {"requests": {"requests": [
+            {"request": body, "metadata": {"key": key}} for key, body in bodies.items()]}}}},
+        GEMINI_KEY)
+    assert created.status == 200, created.body
+    operation = created.json()
+    about = operation["metadata"]
+    assert operation["name"].startswith("batches/") and about["name"] == operation["name"]
+    assert "done" not in operation and about["state"] == "BATCH_STATE_PENDING"
+    assert about["@type"].endswith("GenerateContentBatch")
+    assert (about["model"], about["displayName"]) == ("models/sim-small", "chunbot:stage=s")
+    assert about["batchStats"] == {"requestCount": "13", "pendingRequestCount": "13",
+                                   "successfulRequestCount": "0", "failedRequestCount": "0"}
+    assert abs(datetime.fromisoformat(about["createTime"].replace("Z", "+00:00"))
+               .timestamp() - time.time()) < 60
+
+    done, seen = poll_gemini(url, operation["name"])
+    assert seen[0] == "BATCH_STATE_PENDING" and seen[-1] == "BATCH_STATE_SUCCEEDED"
+    assert "BATCH_STATE_RUNNING" in seen
+    output = done["response"]
+    assert output["@type"].endswith("GenerateContentBatchOutput")
+    assert done["metadata"]["output"] == {k: v for k, v in output.items() if k != "@type"}
+    results = output["inlinedResponses"]["inlinedResponses"]
+    assert [r["metadata"]["key"] for r in results] == list(bodies)  # in input order
+    fates = {key: item_fate(7, key, 0.3, 0) for key in keys}
+    assert set(fates.values()) == {"succeeded", "errored"}
+    succeeded = list(fates.values()).count("succeeded")
+    assert done["metadata"]["batchStats"] == {
+        "requestCount": "13", "pendingRequestCount": "0",
+        "successfulRequestCount": str(succeeded), "failedRequestCount": str(13 - succeeded)}
+    assert done["metadata"]["endTime"] >= done["metadata"]["createTime"]
+
+    reset_stats(url)  # the same requests in realtime, from the same empty prompt cache
+    by_key = {r["metadata"]["key"]: r for r in results}
+    for key, body in bodies.items():
+        if key == "no-contents":
+            assert by_key[key]["error"]["status"] == "INVALID_ARGUMENT"
+            continue
+        if fates[key] == "errored":
+            assert by_key[key]["error"] == {"code": 13, "status": "INTERNAL", "message":
+                                            by_key[key]["error"]["message"]}
+            continue
+        realtime = post(gemini_url(url), body, GEMINI_KEY).json()
+        batched = by_key[key]["response"]
+        assert batched["candidates"] == realtime["candidates"]
+        assert batched["usageMetadata"] == realtime["usageMetadata"]
+    assert any("cachedContentTokenCount" in r["response"]["usageMetadata"]
+               for r in results if "response" in r)
+
+
+def resumable_upload(url: str, data: bytes, chunks: int = 1, display_name: str = "input",
+                     version: str = "v1beta") -> dict:
+    """The Files API's resumable upload as Google's SDKs do it: a start, then the bytes."""
+    started = post(f"{url}/upload/{version}/files", {"file": {"displayName": display_name}},
+                   {**GEMINI_KEY, "X-Goog-Upload-Protocol": "resumable",
+                    "X-Goog-Upload-Command": "start",
+                    "X-Goog-Upload-Header-Content-Length": str(len(data)),
+                    "X-Goog-Upload-Header-Content-Type": "application/jsonl"})
+    assert started.status == 200 and started.headers["x-goog-upload-status"] == "active"
+    target = started.headers["x-goog-upload-url"]
+    assert target.startswith(url + f"/upload/{version}/files?upload_id=")
+    size = -(-len(data) // chunks)
+    for offset in range(0, len(data), size):
+        last = offset + size >= len(data)
+        sent = post(target, data[offset:offset + size],
+                    {"X-Goog-Upload-Command": "upload, finalize" if last else "upload",
+                     "X-Goog-Upload-Offset": str(offset)})
+        assert sent.status == 200, sent.body
+        assert sent.headers["x-goog-upload-status"] == ("final" if last else "active")
+    return sent.json()["file"]
+
+
+def test_gemini_file_batch_answers_in_a_responses_file(sim_server):
+    url = sim_server("--api-key", "AIza-right", "--batch-delay-s", "0.3").url
+    lines = [{"key": f"k{i}", "request": gemini_body(f"Summarize: item {i} is fine", None)}
+             for i in range(5)]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode() + b"not json\n"
+    file = resumable_upload(url, data, chunks=2)
+    assert file["name"].startswith("files/") and file["sizeBytes"] == str(len(data))
+    assert (file["displayName"], file["mimeType"], file["state"], file["source"]) == \
+        ("input", "application/jsonl", "ACTIVE", "UPLOADED")
+    assert get(f"{url}/v1beta/{file['name']}", GEMINI_KEY).json() == file
+    assert get(f"{url}/download/v1beta/{file['name']}:download?alt=media",
+               GEMINI_KEY).body == data
+    assert get(f"{url}/v1beta/files", GEMINI_KEY).json()["files"] == [file]
+
+    created = post(gemini_url(url, "batchGenerateContent"), {
+        "batch": {"display_name": "by file", "input_config": {"file_name": file["name"]}}},
+        GEMINI_KEY).json()
+    done, _ = poll_gemini(url, created["name"])
+    assert done["metadata"]["state"] == "BATCH_STATE_SUCCEEDED"
+    name = done["response"]["responsesFile"]
+    assert done["metadata"]["output"] == {"responsesFile": name}
+    generated = get(f"{url}/v1beta/{name}", GEMINI_KEY).json()
+    assert generated["source"] == "GENERATED" and generated["downloadUri"]
+    results = jsonl(get(generated["downloadUri"], GEMINI_KEY).body)
+    assert [r["key"] for r in results] == [f"k{i}" for i in range(5)] + ["6"]
+    for line, result in zip(lines, results):
+        realtime = post(gemini_url(url), line["request"], GEMINI_KEY).json()
+        assert result["response"]["candidates"] == realtime["candidates"]
+    assert results[-1]["error"]["status"] == "INVALID_ARGUMENT"
+
+    assert delete(f"{url}/v1beta/{file['name']}", GEMINI_KEY).body == b"{}"
+    assert get(f"{url}/v1beta/{file['name']}", GEMINI_KEY).status == 404
+    assert post(gemini_url(url, "batchGenerateContent"), {"batch": {"inputConfig": {
+        "fileName": file["name"]}}}, GEMINI_KEY).status == 404
+
+
+def test_gemini_batches_are_listed_cancelled_and_deleted(sim_server):
+    url = sim_server("--batch-delay-s", "0.6").url
+
+    def create(n: int) -> str:
+        return post(gemini_url(url, "batchGenerateContent"), {"batch": {"inputConfig": {
+            "requests": {"requests": [{"request": gemini_body(f"Item {i}"),
+                                       "metadata": {"key": f"r{i}"}} for i in range(n)]}}}}
+        ).json()["name"]
+
+    first, second, third = create(3), create(4), create(30)
+    page = get(url + "/v1beta/batches?pageSize=2").json()
+    assert [o["name"] for o in page["operations"]] == [third, second]
+    rest = get(f"{url}/v1beta/batches?pageSize=2&pageToken={page['nextPageToken']}").json()
+    assert [o["name"] for o in rest["operations"]] == [first] and "nextPageToken" not in rest
+
+    assert post(f"{url}/v1beta/{second}:cancel", b"").body == b"{}"
+    done, seen = poll_gemini(url, second)
+    assert seen[-1] == "BATCH_STATE_CANCELLED"
+    errors = [r["error"] for r in done["response"]["inlinedResponses"]["inlinedResponses"]]
+    assert [e["status"] for e in errors] == ["CANCELLED"] * 4
+    refused = post(f"{url}/v1beta/{second}:cancel", b"")
+    assert refused.status == 400 and refused.json()["error"]["status"] == "FAILED_PRECONDITION"
+
+    time.sleep(0.35)  # the third is past half its items: those are answered, not cancelled
+    post(f"{url}/v1beta/{third}:cancel", b"")
+    done, _ = poll_gemini(url, third)
+    kinds = ["response" if "response" in r else r["error"]["status"]
+             for r in done["response"]["inlinedResponses"]["inlinedResponses"]]
+    answered = kinds.count("response")
+    assert 0 < answered < 30 and kinds == ["response"] * answered + ["CANCELLED"] * (30 - answered)
+    assert done["metadata"]["batchStats"]["successfulRequestCount"] == str(answered)
+
+    assert delete(f"{url}/v1beta/{first}").body == b"{}"
+    assert get(f"{url}/v1beta/{first}").status == 404
+    # the OpenAI route of the same path is still OpenAI's
+    assert get(url + "/v1/batches").json()["object"] == "list"
+
+
+def test_gemini_refuses_inline_batches_over_20_mb_and_files_over_2_gb(sim_server):
+    url = sim_server().url
+    big = {"batch": {"inputConfig": {"requests": {"requests": [
+        {"request": gemini_body("x" * 1_000_000)} for _ in range(21)]}}}}
+    refused = post(gemini_url(url, "batchGenerateContent"), big)
+    assert refused.status == 400 and "exceeds the limit" in refused.json()["error"]["message"]
+    huge = post(url + "/upload/v1beta/files", {"file": {}}, {
+        "X-Goog-Upload-Protocol": "resumable", "X-Goog-Upload-Command": "start",
+        "X-Goog-Upload-Header-Content-Length": str(2 * 2**30 + 1)})
+    assert huge.status == 400 and huge.json()["error"]["status"] == "INVALID_ARGUMENT"
+
+
+def test_the_google_genai_sdk_works_against_sim_serve(sim_server, tmp_path):
+    genai = pytest.importorskip("google.genai")
+    from google.genai import types
+
+    server = sim_server("--api-key", "AIza-right", "--batch-delay-s", "0.3")
+    client = genai.Client(api_key="AIza-right",
+                          http_options=types.HttpOptions(base_url=server.url))
+    config = types.GenerateContentConfig(system_instruction=SYSTEM, max_output_tokens=80,
+                                         temperature=0.5)  # a float: what the SDK sends
+    reply = client.models.generate_content(model="sim-small", contents=PROMPT, config=config)
+    openai = post(server.url + "/v1/chat/completions", chat_body(max_tokens=80, temperature=0.5),
+                  {"Authorization": "Bearer AIza-right"}).json()
+    assert reply.text == openai["choices"][0]["message"]["content"]
+    assert reply.usage_metadata.prompt_token_count == openai["usage"]["prompt_tokens"]
+    pieces = [chunk.text for chunk in client.models.generate_content_stream(
+        model="sim-small", contents=PROMPT, config=config)]
+    assert len(pieces) >= 3 and "".join(pieces) == reply.text
+
+    job = client.batches.create(model="sim-small", src=[
+        {"contents": [{"role": "user", "parts": [{"text": f"Label the sentiment: {text}"}]}],
+         "metadata": {"key": f"r{i}"}} for i, text in enumerate(REVIEWS)],
+        config={"display_name": "sdk"})
+    assert job.state.name == "JOB_STATE_PENDING" and job.display_name == "sdk"
+    deadline = time.monotonic() + 10
+    while not job.done:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+        job = client.batches.get(name=job.name)
+    assert job.state.name == "JOB_STATE_SUCCEEDED"
+    labels = {r.metadata["key"]: r.response.text for r in job.dest.inlined_responses}
+    assert labels == {f"r{i}": sim_model.sentiment(text) for i, text in enumerate(REVIEWS)}
+    assert [b.name for b in client.batches.list(config={"page_size": 10})] == [job.name]
+    pending = client.batches.create(model="sim-small", src=[{"contents": "Hello"}])
+    client.batches.cancel(name=pending.name)
+    while not (pending := client.batches.get(name=pending.name)).done:
+        time.sleep(0.05)
+    assert pending.state.name == "JOB_STATE_CANCELLED"
+
+    data = b'{"key": "a", "request": {"contents": [{"parts": [{"text": "Summarize: ok"}]}]}}\n'
+    (tmp_path / "in.jsonl").write_bytes(data)
+    file = client.files.upload(file=tmp_path / "in.jsonl",
+                               config={"mime_type": "application/jsonl"})
+    assert file.size_bytes == len(data) and file.state.name == "ACTIVE"
+    assert client.files.download(file=file.name) == data
+    by_file = client.batches.create(model="sim-small", src=file.name)
+    while not (by_file := client.batches.get(name=by_file.name)).done:
+        time.sleep(0.05)
+    [line] = jsonl(client.files.download(file=by_file.dest.file_name))
+    assert line["key"] == "a" and line["response"]["candidates"][0]["content"]["parts"][0][
+        "text"] == "ok"

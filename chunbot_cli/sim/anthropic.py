@@ -18,8 +18,8 @@ import orjson
 from aiohttp import web
 
 from . import model as sim_model
-from .batches import BATCH_WINDOW, EXPIRED, SUCCEEDED, Batch, BatchRoutes, Item, iso, \
-    limit_of
+from .batches import BATCH_WINDOW, EXPIRED, ID, SUCCEEDED, Batch, BatchRoutes, Handler, Item, \
+    iso, limit_of
 from .cache import CacheUse, marked_use
 from .faults import Bucket
 from .wire import Call, Dialect, Refused, answer_object, chat_checked, chat_messages, \
@@ -192,15 +192,15 @@ class Routes(BatchRoutes):
     dialect = ANTHROPIC
     missing = "No message batch found with id '{}'."
 
-    def add_routes(self, app: web.Application) -> None:
-        router, guarded = app.router, self.guarded
-        router.add_post("/v1/messages/batches", guarded(self.create_batch))
-        router.add_get("/v1/messages/batches", guarded(self.list_batches))
-        router.add_get("/v1/messages/batches/{id}", guarded(self.get_batch))
-        router.add_get("/v1/messages/batches/{id}/results", guarded(self.batch_results))
-        router.add_post("/v1/messages/batches/{id}/cancel", guarded(self.cancel_batch))
-        router.add_delete("/v1/messages/batches/{id}", guarded(self.delete_batch))
-        router.add_post("/v1/messages", self.messages)
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        guarded = self.guarded
+        return [("POST", "/v1/messages/batches", guarded(self.create_batch)),
+                ("GET", "/v1/messages/batches", guarded(self.list_batches)),
+                ("GET", f"/v1/messages/batches/{ID}", guarded(self.get_batch)),
+                ("GET", f"/v1/messages/batches/{ID}/results", guarded(self.batch_results)),
+                ("POST", f"/v1/messages/batches/{ID}/cancel", guarded(self.cancel_batch)),
+                ("DELETE", f"/v1/messages/batches/{ID}", guarded(self.delete_batch)),
+                ("POST", "/v1/messages", self.messages)]
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         return await self.server.handle(request, ANTHROPIC)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from types import MappingProxyType
@@ -44,6 +44,7 @@ FATES = ("succeeded", "errored", "expired", "invalid")
 
 Item = tuple[bytes, int, "str | None"]  # a submitted item: its body as JSON, fate, problem
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ID = "{id:[^/:]+}"  # a batch's or a file's id in a path; Gemini's methods follow a colon
 NOWHERE: Mapping[str, str] = MappingProxyType({})  # the URL variables of OpenAI and Anthropic items
 
 
@@ -67,6 +68,16 @@ def item_fate(seed: int | None, custom_id: str, error_rate: float, expire_rate: 
 def iso(moment: float) -> str:
     return datetime.fromtimestamp(moment, timezone.utc).isoformat(
         timespec="microseconds").replace("+00:00", "Z")
+
+
+def jsonl_lines(data: bytes) -> Iterator[tuple[int, Any]]:
+    """An input file's lines that are not blank: (line number, its JSON, or None)."""
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if raw.strip():
+            try:
+                yield number, orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                yield number, None
 
 
 def limit_of(request: web.Request, default: int, most: int) -> int:
@@ -162,8 +173,13 @@ class BatchRoutes:
         self.server = server
         self.batches: dict[str, Batch] = {}
 
-    def add_routes(self, app: web.Application) -> None:
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        """Its routes: (method, path, handler)."""
         raise NotImplementedError
+
+    def claims(self, request: web.Request) -> bool:
+        """Whether a request to a path another vendor serves too is this vendor's."""
+        return False
 
     def results(self, batch: Any) -> Results:
         raise NotImplementedError

@@ -15,7 +15,7 @@ from aiohttp import web
 
 from . import model as sim_model
 from .batches import ERRORED, EXPIRED, EXPIRED_MESSAGE, SUCCEEDED, BATCH_WINDOW, Batch, \
-    BatchRoutes, Item, limit_of
+    BatchRoutes, Handler, ID, Item, jsonl_lines, limit_of
 from .cache import CacheUse, automatic_use
 from .faults import Bucket
 from .wire import Call, Dialect, Refused, chat_checked, chat_messages, chat_params, \
@@ -209,18 +209,18 @@ class Routes(BatchRoutes):
         super().__init__(server)
         self.files: dict[str, File] = {}
 
-    def add_routes(self, app: web.Application) -> None:
-        router, guarded = app.router, self.guarded
-        router.add_post("/v1/files", guarded(self.upload_file))
-        router.add_get("/v1/files", guarded(self.list_files))
-        router.add_get("/v1/files/{id}", guarded(self.get_file))
-        router.add_delete("/v1/files/{id}", guarded(self.delete_file))
-        router.add_get("/v1/files/{id}/content", guarded(self.file_content))
-        router.add_post("/v1/batches", guarded(self.create_batch))
-        router.add_get("/v1/batches", guarded(self.list_batches))
-        router.add_get("/v1/batches/{id}", guarded(self.get_batch))
-        router.add_post("/v1/batches/{id}/cancel", guarded(self.cancel_batch))
-        router.add_post("/v1/chat/completions", self.chat)
+    def routes(self) -> list[tuple[str, str, Handler]]:
+        guarded = self.guarded
+        return [("POST", "/v1/files", guarded(self.upload_file)),
+                ("GET", "/v1/files", guarded(self.list_files)),
+                ("GET", f"/v1/files/{ID}", guarded(self.get_file)),
+                ("DELETE", f"/v1/files/{ID}", guarded(self.delete_file)),
+                ("GET", f"/v1/files/{ID}/content", guarded(self.file_content)),
+                ("POST", "/v1/batches", guarded(self.create_batch)),
+                ("GET", "/v1/batches", guarded(self.list_batches)),
+                ("GET", f"/v1/batches/{ID}", guarded(self.get_batch)),
+                ("POST", f"/v1/batches/{ID}/cancel", guarded(self.cancel_batch)),
+                ("POST", "/v1/chat/completions", self.chat)]
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self.server.handle(request, OPENAI)
@@ -300,13 +300,7 @@ class Routes(BatchRoutes):
         items: list[Item] = []
         seen: set[str] = set()
         model = None
-        for number, raw in enumerate(data.split(b"\n"), 1):
-            if not raw.strip():
-                continue
-            try:
-                line = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                line = None
+        for number, line in jsonl_lines(data):
             if not isinstance(line, dict):
                 refuse("invalid_json_line", "This line is not parseable as valid JSON.", number)
                 continue

@@ -1,12 +1,14 @@
-"""`chunbot sim serve`: the deterministic sim model over HTTP, speaking OpenAI and Anthropic.
+"""`chunbot sim serve`: the deterministic sim model over HTTP, speaking OpenAI, Anthropic and
+Gemini.
 
 This module owns the routes and the one request path every vendor's model route takes
 (the key, the body, the injected faults, the model's answer, the reply in the vendor's
 shape), and the /stats counters that tests read to check what a client sent. What differs
-between vendors is each one's Dialect and routes (`openai`, `anthropic`); the faults are
-`faults`, the prompt-cache model `cache`, the batch lifecycle `batches`. The replies come
-from `sim.model`, called exactly as the in-process `sim` provider calls it, so one request
-gets one text whether it is asked in-process or over any protocol, streamed or not.
+between vendors is each one's Dialect and routes (`openai`, `anthropic`, `gemini`); the
+faults are `faults`, the prompt-cache model `cache`, the batch lifecycle `batches`. The
+replies come from `sim.model`, called exactly as the in-process `sim` provider calls it, so
+one request gets one text whether it is asked in-process or over any protocol, streamed or
+not.
 
 It is also the server of chunbot's throughput benchmarks, so the request path is kept lean:
 orjson, whole replies (SSE too) built in one buffer and sent in one response, no access log,
@@ -27,8 +29,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from . import anthropic, openai
+from . import anthropic, gemini, openai
 from . import model as sim_model
+from .batches import BatchRoutes, Handler
 from .cache import CacheUse, PrefixCache
 from .faults import HTML_BODY, POISONED, Faults, Options
 from .wire import JSON, MODELS, SSE, Call, Dialect, Refused, json_object
@@ -48,8 +51,8 @@ class Stats:
     in_flight: int = 0
     max_in_flight: int = 0
     streamed: int = 0
-    structured: int = 0  # requests asking for a schema: OpenAI json_schema, a forced tool
-    cached_tokens: int = 0  # OpenAI cached_tokens + Anthropic cache reads
+    structured: int = 0  # asking for a schema: OpenAI json_schema, a forced tool, responseSchema
+    cached_tokens: int = 0  # OpenAI cached_tokens + Anthropic cache reads + Gemini's
     cache_creation_tokens: int = 0
     hung: int = 0  # --hang-rate: requests held without an answer
     poisoned: int = 0  # --fail-prompt: requests answered 500 for containing the text
@@ -66,7 +69,7 @@ class Stats:
     def as_json(self) -> dict[str, Any]:
         unique = len(self.keys)
         return {"requests": self.requests,
-                "by_route": {"chat": self.by_route["chat"], "messages": self.by_route["messages"]},
+                "by_route": {"chat": 0, "messages": 0, **self.by_route},
                 "by_status": {str(status): n for status, n in sorted(self.by_status.items())},
                 "answered": self.answered, "unique": unique, "repeated": self.answered - unique,
                 "tokens_in": self.tokens_in, "tokens_out": self.tokens_out,
@@ -92,13 +95,18 @@ class SimServer:
         self.ids = itertools.count(1)
         # ids are unique across restarts too: a client may compare them
         self.boot = f"{random.getrandbits(32):08x}"
-        self.vendors = [openai.Routes(self), anthropic.Routes(self)]
+        self.vendors = [openai.Routes(self), anthropic.Routes(self), gemini.Routes(self)]
         self.caches = {vendor.dialect.route: PrefixCache() for vendor in self.vendors}
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY)
+        served: dict[tuple[str, str], list[tuple[BatchRoutes, Handler]]] = {}
         for vendor in self.vendors:
-            vendor.add_routes(app)
+            for method, path, handler in vendor.routes():
+                served.setdefault((method, path), []).append((vendor, handler))
+        for (method, path), owners in served.items():
+            app.router.add_route(method, path, owners[0][1] if len(owners) == 1
+                                 else shared(owners))
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/stats", self.get_stats)
         app.router.add_post("/stats/reset", self.reset_stats)
@@ -213,6 +221,19 @@ class SimServer:
         for cache in self.caches.values():
             cache.clear()
         return web.Response(body=orjson.dumps(self.stats.as_json()), content_type=JSON)
+
+
+def shared(owners: list[tuple[BatchRoutes, Handler]]) -> Handler:
+    """The handler of a path several vendors serve: the first vendor after the first that
+    claims the request answers it, else the first."""
+    first, others = owners[0][1], owners[1:]
+
+    async def pick(request: web.Request) -> web.StreamResponse:
+        for vendor, handler in others:
+            if vendor.claims(request):
+                return await handler(request)
+        return await first(request)
+    return pick
 
 
 async def _serve(options: Options) -> None:
