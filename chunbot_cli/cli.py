@@ -625,13 +625,19 @@ def serve(
                                   "with retry-after."),
     storm_retry_after: int = typer.Option(1, min=0, help="The retry-after (seconds) of the "
                                           "storm's 429s; retry-after-ms says the same."),
+    block_prompt: Optional[str] = typer.Option(None, help="Refuse every request whose "
+                                               "messages contain this text as the vendor's "
+                                               "safety filter does (200: Gemini's SAFETY, "
+                                               "OpenAI's content_filter, Anthropic's refusal); "
+                                               "'blocked' in /stats."),
 ) -> None:
     """Serve the sim model over HTTP: OpenAI, Anthropic and Gemini routes, plus /stats."""
     from .sim import server  # aiohttp.web is only needed here: keep the other commands' start fast
     from .sim.faults import Options
 
-    if fail_prompt == "":
-        raise typer.BadParameter("must not be empty", param_hint="--fail-prompt")
+    for hint, text in (("--fail-prompt", fail_prompt), ("--block-prompt", block_prompt)):
+        if text == "":
+            raise typer.BadParameter("must not be empty", param_hint=hint)
     server.serve(Options(host=host, port=port, latency_ms=latency_ms, jitter_ms=jitter_ms,
                          error_rate=error_rate, wrong_rate=wrong_rate,
                          wrong_model=wrong_model, flaky_rate=flaky_rate, rpm=rpm, tpm=tpm, api_key=api_key,
@@ -639,7 +645,7 @@ def serve(
                          batch_delay_s=batch_delay_s, batch_error_rate=batch_error_rate,
                          batch_expire_rate=batch_expire_rate, hang_rate=hang_rate,
                          fail_prompt=fail_prompt, storm_s=storm_s,
-                         storm_retry_after=storm_retry_after))
+                         storm_retry_after=storm_retry_after, block_prompt=block_prompt))
 
 
 def main() -> None:

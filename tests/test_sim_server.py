@@ -1344,3 +1344,60 @@ def test_the_google_genai_sdk_works_against_sim_serve(sim_server, tmp_path):
     [line] = jsonl(client.files.download(file=by_file.dest.file_name))
     assert line["key"] == "a" and line["response"]["candidates"][0]["content"]["parts"][0][
         "text"] == "ok"
+
+
+def test_block_prompt_is_refused_in_each_vendors_shape(sim_server):
+    server = sim_server("--block-prompt", "forbidden", "--batch-delay-s", "0.2")
+    url = server.url
+    bad = "Label the sentiment: forbidden words"
+    openai = post(url + "/v1/chat/completions", chat_body(bad)).json()
+    assert openai["choices"][0]["message"]["content"] is None
+    assert openai["choices"][0]["finish_reason"] == "content_filter"
+    assert openai["usage"]["completion_tokens"] == 0 and openai["usage"]["prompt_tokens"] > 0
+    streamed = [json.loads(d) for _, d in sse_events(post(url + "/v1/chat/completions",
+                                                          chat_body(bad, stream=True)).body)[:-1]]
+    assert streamed[-1]["choices"][0]["finish_reason"] == "content_filter"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in streamed) == ""
+
+    anthropic = post(url + "/v1/messages", messages_body(bad), ANTHROPIC_HEADERS).json()
+    assert anthropic["content"] == [] and anthropic["stop_reason"] == "refusal"
+    events = [name for name, _ in sse_events(post(url + "/v1/messages",
+                                                  messages_body(bad, stream=True),
+                                                  ANTHROPIC_HEADERS).body)]
+    assert events == ["message_start", "message_delta", "message_stop"]
+
+    # Gemini: in the system instruction the prompt is blocked, in the turns the reply
+    prompt = post(gemini_url(url), gemini_body("Hi", "Be forbidden.")).json()
+    assert "candidates" not in prompt
+    assert prompt["promptFeedback"] == {"blockReason": "SAFETY", "safetyRatings": [
+        {"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH",
+         "blocked": True}]}
+    tokens = prompt["usageMetadata"]["promptTokenCount"]
+    assert tokens > 0 and prompt["usageMetadata"]["totalTokenCount"] == tokens
+    reply = post(gemini_url(url), gemini_body(bad)).json()
+    [candidate] = reply["candidates"]
+    assert candidate["finishReason"] == "SAFETY" and "content" not in candidate
+    assert candidate["safetyRatings"][0]["blocked"] is True
+    chunks = post(gemini_url(url, "streamGenerateContent"), gemini_body(bad)).body
+    assert [json.loads(c.removeprefix(b"data: "))["candidates"][0]["finishReason"]
+            for c in chunks.split(b"\r\n\r\n") if c] == ["SAFETY"]
+    assert post(gemini_url(url), gemini_body("Label: fine")).json()["candidates"][0][
+        "finishReason"] == "STOP"
+
+    # the same in batch results
+    created = post(gemini_url(url, "batchGenerateContent"), {"batch": {"inputConfig": {
+        "requests": {"requests": [{"request": gemini_body(text), "metadata": {"key": key}}
+                                  for key, text in (("ok", "Label: fine"), ("no", bad))]}}}})
+    done, _ = poll_gemini(url, created.json()["name"])
+    results = {r["metadata"]["key"]: r["response"]
+               for r in done["response"]["inlinedResponses"]["inlinedResponses"]}
+    assert results["no"]["candidates"][0]["finishReason"] == "SAFETY"
+    assert results["ok"]["candidates"][0]["finishReason"] == "STOP"
+    message_batch = post(url + "/v1/messages/batches", {"requests": [
+        {"custom_id": "no", "params": messages_body(bad)}]}, ANTHROPIC_HEADERS).json()
+    ended, _ = poll(f"{url}/v1/messages/batches/{message_batch['id']}", ("ended",),
+                    "processing_status", ANTHROPIC_HEADERS)
+    [line] = jsonl(get(ended["results_url"], ANTHROPIC_HEADERS).body)
+    assert line["result"]["message"]["stop_reason"] == "refusal"
+    stats = server.stats()
+    assert stats["blocked"] == 9 and stats["answered"] == 8  # and a batch item of each

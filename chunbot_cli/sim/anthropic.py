@@ -22,7 +22,7 @@ from .batches import BATCH_WINDOW, EXPIRED, ID, SUCCEEDED, Batch, BatchRoutes, H
     iso, limit_of
 from .cache import CacheUse, marked_use
 from .faults import Bucket
-from .wire import Call, Dialect, Refused, answer_object, chat_checked, chat_messages, \
+from .wire import BLOCKED, Call, Dialect, Refused, answer_object, chat_checked, chat_messages, \
     chat_params, json_object, respond, retry_headers, split_words, text_of
 
 # The error kinds as Anthropic spells them
@@ -81,6 +81,8 @@ def limit_headers(requests: Bucket | None, tokens: Bucket | None) -> dict[str, s
 
 
 def stop_reason(answer: sim_model.SimReply) -> str:
+    if answer.finish_reason in BLOCKED:
+        return "refusal"
     return "max_tokens" if answer.finish_reason == "length" else "end_turn"
 
 
@@ -104,7 +106,9 @@ def json_reply(reply_id: str, call: Call, answer: sim_model.SimReply, cache: Cac
     body: dict[str, Any] = {"id": reply_id, "type": "message", "role": "assistant",
                             "model": call.model}
     tool = forced_tool(call)
-    if not malformed and tool is not None:  # the forced tool's input is the answer
+    if not malformed and answer.finish_reason in BLOCKED:
+        body["content"] = []
+    elif not malformed and tool is not None:  # the forced tool's input is the answer
         body["content"] = [{"type": "tool_use", "id": "toolu_" + reply_id[4:], "name": tool,
                             "input": answer_object(answer)}]
     elif not malformed:
@@ -122,10 +126,18 @@ def sse_reply(reply_id: str, call: Call, answer: sim_model.SimReply, cache: Cach
     message = {"id": reply_id, "type": "message", "role": "assistant", "model": call.model,
                "content": [], "stop_reason": None, "stop_sequence": None,
                "usage": usage(answer, cache, 1)}
+    start = event("message_start", {"type": "message_start", "message": message})
+    end = [event("message_delta", {"type": "message_delta",
+                                   "delta": {"stop_reason": stop_reason(answer),
+                                             "stop_sequence": None},
+                                   "usage": {"output_tokens": answer.output_tokens}}),
+           event("message_stop", {"type": "message_stop"})]
+    if answer.finish_reason in BLOCKED:  # refused: no content block at all
+        return b"".join([start, *end])
     tool = forced_tool(call)
     block: dict[str, Any] = ({"type": "tool_use", "id": "toolu_" + reply_id[4:], "name": tool,
                               "input": {}} if tool else {"type": "text", "text": ""})
-    parts = [event("message_start", {"type": "message_start", "message": message}),
+    parts = [start,
              event("content_block_start", {"type": "content_block_start", "index": 0,
                                            "content_block": block}),
              event("ping", {"type": "ping"})]
@@ -138,12 +150,7 @@ def sse_reply(reply_id: str, call: Call, answer: sim_model.SimReply, cache: Cach
                   for piece in split_words(answer.text, seed)]
     parts += [event("content_block_delta", {"type": "content_block_delta", "index": 0,
                                             "delta": delta}) for delta in deltas]
-    parts += [event("content_block_stop", {"type": "content_block_stop", "index": 0}),
-              event("message_delta", {"type": "message_delta",
-                                      "delta": {"stop_reason": stop_reason(answer),
-                                                "stop_sequence": None},
-                                      "usage": {"output_tokens": answer.output_tokens}}),
-              event("message_stop", {"type": "message_stop"})]
+    parts += [event("content_block_stop", {"type": "content_block_stop", "index": 0}), *end]
     return b"".join(parts)
 
 

@@ -1,7 +1,8 @@
 """The faults `chunbot sim serve` injects, on every vendor's routes alike: latency and
 jitter, random 500/503s, RPM/TPM limits (token buckets), a 429 storm at the start,
-requests left hanging, poisoned prompts that always fail; and the server's options,
-which name them. Malformed replies are the request path's (they are the reply, broken).
+requests left hanging, poisoned prompts that always fail, prompts the safety filter
+blocks; and the server's options, which name them. Malformed replies are the request
+path's (they are the reply, broken).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from . import model as sim_model
-from .wire import Call, Refused, as_string
+from .wire import BLOCKED_PROMPT, BLOCKED_REPLY, Call, Refused, as_string
 
 HTML_BODY = b"<html><body>upstream error</body></html>"  # --malformed not-json
 
@@ -53,6 +54,7 @@ class Options:
     fail_prompt: str | None = None  # requests whose messages contain it always get 500
     storm_s: float = 0.0  # from the first model request, this long every one gets 429
     storm_retry_after: int = 1  # the retry-after (seconds) of the storm's 429s
+    block_prompt: str | None = None  # requests whose messages contain it: blocked, as unsafe
 
 
 @dataclass
@@ -151,6 +153,18 @@ class Faults:
         """--fail-prompt: whether any message of the request contains the text."""
         text = self.options.fail_prompt
         return any(text in as_string(m.get("content")) for m in call.messages)
+
+    def blocked(self, call: Call) -> str | None:
+        """--block-prompt: BLOCKED_PROMPT when the system prompt contains the text,
+        BLOCKED_REPLY when only the conversation does, else None."""
+        text = self.options.block_prompt
+        found = None
+        for m in call.messages:
+            if text in as_string(m.get("content")):
+                if m.get("role") == "system":
+                    return BLOCKED_PROMPT
+                found = BLOCKED_REPLY
+        return found
 
     def hangs(self) -> bool:
         """--hang-rate: whether this request is to be left hanging (drawn with --seed)."""

@@ -25,8 +25,8 @@ from . import model as sim_model
 from .batches import EXPIRED, EXPIRED_MESSAGE, ID, INVALID, SUCCEEDED, Batch, BatchRoutes, \
     Handler, Item, iso, jsonl_lines
 from .cache import CacheUse, automatic_use
-from .wire import JSON, MODELS, Call, Dialect, Refused, answer_object, json_object, \
-    no_headers, respond, split_words
+from .wire import BLOCKED, BLOCKED_PROMPT, JSON, MODELS, Call, Dialect, Refused, \
+    answer_object, json_object, no_headers, respond, split_words
 
 # The error kinds as Google spells them: kind -> (status, its google.rpc.Code)
 STATUSES = {
@@ -58,6 +58,8 @@ KEY_INFO = [{"@type": RPC + "ErrorInfo", "reason": "API_KEY_INVALID", "domain": 
             {"@type": RPC + "LocalizedMessage", "locale": "en-US", "message": BAD_KEY}]
 # v1beta, as chunbot and Google's docs use it, and v1, google-genai's default since 3.x
 VERSIONS = ("v1beta", "v1")
+RATINGS = [{"category": "HARM_CATEGORY_DANGEROUS_CONTENT", "probability": "HIGH",
+            "blocked": True}]  # what --block-prompt's refusals are rated
 METHODS = frozenset({"generateContent", "streamGenerateContent"})
 # a generationConfig field under the name the sim model and the other protocols know it by
 PARAMS = {"maxOutputTokens": "max_tokens", "topP": "top_p", "topK": "top_k",
@@ -230,8 +232,26 @@ def _candidate(text: str, finish: str | None = None) -> dict[str, Any]:
     return candidate
 
 
+def _blocked(reply_id: str, call: Call, answer: sim_model.SimReply) -> bytes:
+    """What the safety filter answers: the prompt blocked (the text in the system
+    instruction) or its candidate stopped, with no content."""
+    body: dict[str, Any] = {}
+    if answer.finish_reason == BLOCKED_PROMPT:
+        body["promptFeedback"] = {"blockReason": "SAFETY", "safetyRatings": RATINGS}
+    else:
+        body["candidates"] = [{"finishReason": "SAFETY", "index": 0, "safetyRatings": RATINGS}]
+    prompt = answer.input_tokens
+    body.update(usageMetadata={"promptTokenCount": prompt, "totalTokenCount": prompt,
+                               "promptTokensDetails": [{"modality": "TEXT",
+                                                        "tokenCount": prompt}]},
+                modelVersion=call.model, responseId=reply_id)
+    return orjson.dumps(body)
+
+
 def json_reply(reply_id: str, call: Call, answer: sim_model.SimReply, cache: CacheUse,
                malformed: bool) -> bytes:
+    if answer.finish_reason in BLOCKED and not malformed:
+        return _blocked(reply_id, call, answer)
     body: dict[str, Any] = {}
     if not malformed:
         body["candidates"] = [_candidate(reply_text(call, answer), _finish(answer))]
@@ -247,6 +267,8 @@ def sse_reply(reply_id: str, call: Call, answer: sim_model.SimReply, cache: Cach
                                          "modelVersion": call.model,
                                          "responseId": reply_id}) + b"\r\n\r\n"
 
+    if answer.finish_reason in BLOCKED:
+        return b"data: " + _blocked(reply_id, call, answer) + b"\r\n\r\n"
     pieces = split_words(reply_text(call, answer), seed)
     prompt = {"promptTokenCount": answer.input_tokens, "totalTokenCount": answer.input_tokens}
     parts = [chunk(_candidate(piece), prompt) for piece in pieces[:-1]]

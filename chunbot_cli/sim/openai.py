@@ -18,7 +18,7 @@ from .batches import ERRORED, EXPIRED, EXPIRED_MESSAGE, SUCCEEDED, BATCH_WINDOW,
     BatchRoutes, Handler, ID, Item, jsonl_lines, limit_of
 from .cache import CacheUse, automatic_use
 from .faults import Bucket
-from .wire import Call, Dialect, Refused, chat_checked, chat_messages, chat_params, \
+from .wire import BLOCKED, Call, Dialect, Refused, chat_checked, chat_messages, chat_params, \
     json_object, respond, retry_headers, split_words
 
 # The error kinds as OpenAI spells them: kind -> (error type, error code)
@@ -90,13 +90,19 @@ def usage(answer: sim_model.SimReply, cache: CacheUse) -> dict[str, Any]:
             "prompt_cache_miss_tokens": answer.input_tokens - cache.read}
 
 
+def finish_reason(answer: sim_model.SimReply) -> str:
+    return "content_filter" if answer.finish_reason in BLOCKED else answer.finish_reason
+
+
 def json_reply(reply_id: str, call: Call, answer: sim_model.SimReply, cache: CacheUse,
                malformed: bool) -> bytes:
     body: dict[str, Any] = {"id": reply_id, "object": "chat.completion",
                             "created": int(time.time()), "model": call.model}
     if not malformed:
-        body["choices"] = [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                            "logprobs": None, "finish_reason": answer.finish_reason}]
+        blocked = answer.finish_reason in BLOCKED
+        body["choices"] = [{"index": 0, "message": {"role": "assistant",
+                                                    "content": None if blocked else answer.text},
+                            "logprobs": None, "finish_reason": finish_reason(answer)}]
     body["usage"] = usage(answer, cache)
     return orjson.dumps(body)
 
@@ -113,8 +119,9 @@ def sse_reply(reply_id: str, call: Call, answer: sim_model.SimReply, cache: Cach
         return b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n"
 
     parts = [chunk({"role": "assistant", "content": ""})]
-    parts += [chunk({"content": piece}) for piece in split_words(answer.text, seed)]
-    parts.append(chunk({}, answer.finish_reason))
+    if answer.finish_reason not in BLOCKED:
+        parts += [chunk({"content": piece}) for piece in split_words(answer.text, seed)]
+    parts.append(chunk({}, finish_reason(answer)))
     if call.include_usage:
         parts.append(b"data: " + orjson.dumps({**head, "choices": [],
                                                "usage": usage(answer, cache)}) + b"\n\n")

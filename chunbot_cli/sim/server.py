@@ -32,7 +32,7 @@ from aiohttp import web
 from . import anthropic, gemini, openai
 from . import model as sim_model
 from .batches import BatchRoutes, Handler
-from .cache import CacheUse, PrefixCache
+from .cache import NO_CACHE, CacheUse, PrefixCache
 from .faults import HTML_BODY, POISONED, Faults, Options
 from .wire import JSON, MODELS, SSE, Call, Dialect, Refused, json_object
 
@@ -56,6 +56,7 @@ class Stats:
     cache_creation_tokens: int = 0
     hung: int = 0  # --hang-rate: requests held without an answer
     poisoned: int = 0  # --fail-prompt: requests answered 500 for containing the text
+    blocked: int = 0  # --block-prompt: requests and batch items the safety filter refused
     # the batch APIs; their items count here, not in answered / unique / tokens_*
     batches_created: int = 0  # every vendor's
     batch_items: int = 0  # items submitted
@@ -77,7 +78,7 @@ class Stats:
                 "streamed": self.streamed, "structured": self.structured,
                 "cached_tokens": self.cached_tokens,
                 "cache_creation_tokens": self.cache_creation_tokens,
-                "hung": self.hung, "poisoned": self.poisoned,
+                "hung": self.hung, "poisoned": self.poisoned, "blocked": self.blocked,
                 "batches_created": self.batches_created, "batch_items": self.batch_items,
                 "files_uploaded": self.files_uploaded, "batch_answered": self.batch_answered,
                 "batch_errored": self.batch_errored, "batch_expired": self.batch_expired,
@@ -189,6 +190,12 @@ class SimServer:
         """The model's answer to a request, its provider-cache use and its reply id: the one
         path of realtime requests and batch items, so both get the same text and usage."""
         options = self.options
+        if options.block_prompt is not None:
+            blocked = self.faults.blocked(call)
+            if blocked is not None:
+                self.stats.blocked += 1
+                answer = sim_model.SimReply("", sim_model.prompt_tokens(call.messages), 0, blocked)
+                return answer, NO_CACHE, self.new_id(dialect.id_prefix)
         wrong = options.wrong_rate if call.model == options.wrong_model else 0.0
         answer = sim_model.reply(call.model, call.messages, call.params, wrong,
                                  options.flaky_rate)

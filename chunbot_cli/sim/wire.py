@@ -23,6 +23,13 @@ JSON = "application/json"
 SSE = "text/event-stream; charset=utf-8"
 MODELS = ("sim-small", "sim-large")
 
+# What --block-prompt makes of a reply's finish reason, besides the model's "stop" and
+# "length"; each vendor spells it its own way, and Gemini tells the two apart
+BLOCKED_PROMPT = "blocked_prompt"  # the text is in the system prompt
+BLOCKED_REPLY = "blocked_reply"  # the text is only in the conversation
+BLOCKED = frozenset({BLOCKED_PROMPT, BLOCKED_REPLY})
+
+
 class Refused(Exception):
     """A request answered with an error instead of the model: its status, the kind of
     error (each vendor names kinds its own way) and the message. A 429 also says when to
