@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
+
+import pytest
 
 from conftest import chunbot, read_stage, write_jsonl
 
@@ -41,9 +44,9 @@ def batch_project(project, url: str, provider: str, mode: str, name: str):
     return path
 
 
-def test_batch_cycle_gives_the_realtime_output_for_both_providers(project, sim_server):
+def test_batch_cycle_gives_the_realtime_output_for_every_provider(project, sim_server):
     server = sim_server("--batch-delay-s", "0.3")
-    for provider in ("openai", "anthropic"):
+    for provider in ("openai", "anthropic", "gemini"):
         realtime = batch_project(project, server.url, provider, "realtime", f"rt-{provider}")
         assert chunbot("run", str(realtime), "-q", "--no-cache", cwd=project).returncode == 0
         batch = batch_project(project, server.url, provider, "batch", f"b-{provider}")
@@ -61,8 +64,8 @@ def test_batch_cycle_gives_the_realtime_output_for_both_providers(project, sim_s
                 read_stage(project / f"runs/rt-{provider}", stage)
         assert not (project / f"runs/b-{provider}/sentiment/batches.json").read_text().strip("{}")
     stats = server.stats()
-    assert stats["batches_created"] == 2 * (3 + 3)  # a batch per shard per LLM stage
-    assert stats["batch_items"] == 2 * (60 + 30)
+    assert stats["batches_created"] == 3 * (3 + 3)  # a batch per shard per LLM stage
+    assert stats["batch_items"] == 3 * (60 + 30)
 
 
 def test_wait_polls_until_done_and_failed_items_are_batched_again(project, sim_server):
@@ -94,7 +97,7 @@ def test_kill_9_between_creating_a_batch_and_recording_it_makes_no_second_batch(
     created the batch and before batches.json names it; the next run must find that batch
     at the provider instead of creating another."""
     server = sim_server("--batch-delay-s", "0.3")
-    for provider in ("openai", "anthropic"):
+    for provider in ("openai", "anthropic", "gemini"):
         batch = batch_project(project, server.url, provider, "batch", f"k-{provider}")
         batch.write_text(batch.read_text().replace("shard_size: 25", "shard_size: 100"))
         killed = chunbot("run", str(batch), "-q", "--no-cache", cwd=project,
@@ -113,16 +116,24 @@ def test_kill_9_between_creating_a_batch_and_recording_it_makes_no_second_batch(
         assert len(read_stage(project / f"runs/k-{provider}", "sentiment")) == 60
 
 
-def test_status_lists_pending_batches_and_cancel_cancels_them(project, sim_server):
+@pytest.mark.parametrize("provider, named, cancelled", [
+    ("openai", "batch batch_", {"cancelling", "cancelled"}),
+    ("gemini", "batch batches/", {"BATCH_STATE_CANCELLED"})])
+def test_status_lists_pending_batches_and_cancel_cancels_them(project, sim_server, provider,
+                                                              named, cancelled):
     server = sim_server("--batch-delay-s", "30")
-    batch = batch_project(project, server.url, "openai", "batch", "s")
+    batch = batch_project(project, server.url, provider, "batch", "s")
     assert chunbot("run", str(batch), "-q", "--no-cache", cwd=project).returncode == 75
     status = chunbot("status", str(batch), cwd=project).stdout.decode()
-    assert status.count("batch batch_") == 3 and "(sentiment, shard 0)" in status
-    cancelled = chunbot("cancel", str(batch), cwd=project)
-    assert cancelled.returncode == 0 and cancelled.stdout.decode().count("cancel") == 3
-    data = json.loads(chunbot("status", str(batch), "--json", cwd=project).stdout)
-    assert {b["status"] for b in data["batches"]} <= {"cancelling", "cancelled"}
+    assert status.count(named) == 3 and "(sentiment, shard 0)" in status, status
+    done = chunbot("cancel", str(batch), cwd=project)
+    assert done.returncode == 0 and done.stdout.decode().count("sentiment shard") == 3
+    for _ in range(50):  # a cancel takes a moment (a tenth of the batch delay at the sim)
+        data = json.loads(chunbot("status", str(batch), "--json", cwd=project).stdout)
+        if {b["status"] for b in data["batches"]} <= cancelled:
+            break
+        time.sleep(0.2)
+    assert {b["status"] for b in data["batches"]} <= cancelled, data
 
 
 def test_batch_deadline_finishes_stragglers_in_realtime(project, sim_server):

@@ -67,10 +67,10 @@ def traces(project: Path, stage: str) -> list[dict]:
             for t in read_jsonl(path)]
 
 
-def test_both_protocols_json_and_sse_give_identical_outputs(project, sim_server):
+def test_every_protocol_json_and_sse_give_identical_outputs(project, sim_server):
     server = sim_server()
     results = {}
-    for provider in ("openai", "anthropic"):
+    for provider in ("openai", "anthropic", "gemini"):
         for stream in (False, True):
             pipeline = http_project(project, server.url, provider, stream)
             result = chunbot("run", str(pipeline), "--quiet", "--no-cache", cwd=project)
@@ -86,7 +86,8 @@ def test_both_protocols_json_and_sse_give_identical_outputs(project, sim_server)
         "positive", "negative", "neutral"}
     assert all(result == first for result in results.values())
     stats = server.stats()
-    assert stats["streamed"] == 2 * 240 and stats["by_route"] == {"chat": 480, "messages": 480}
+    assert stats["streamed"] == 3 * 240
+    assert stats["by_route"] == {"chat": 480, "messages": 480, "gemini": 480}
 
 
 def test_server_errors_are_retried_until_every_record_is_done_once(project, sim_server):
@@ -213,7 +214,7 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
 def test_provider_prompt_caching_is_used_and_its_savings_reported(project, sim_server):
     server = sim_server()
     instructions = "You label customer reviews. " * 40  # a long, shared system prompt
-    for provider in ("anthropic", "openai"):
+    for provider in ("anthropic", "openai", "gemini"):
         pipeline = http_project(project, server.url, provider, n=40,
                                 extra="price: {input: 3.0, output: 15.0}")
         text = pipeline.read_text().replace("You are a precise annotator.", instructions)
