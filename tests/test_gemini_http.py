@@ -108,3 +108,20 @@ def test_a_prompt_the_safety_filter_blocks_is_a_record_failure_that_says_so(proj
     assert len(errors) == 5 and all("finishReason SAFETY" in e["error"] for e in errors), errors
     assert len(read_stage(project / "runs/g", "sentiment")) == 5
     assert server.stats()["answered"] == 10  # not retried
+
+
+def test_the_other_vendors_refusals_are_record_failures_too(project, sim_server):
+    server = sim_server("--block-prompt", "forbidden")
+    for provider, said in (("openai", "finish_reason content_filter"),
+                           ("anthropic", "stop_reason refusal")):
+        pipeline = gemini_project(project, server.url, n=10,
+                                  texts=["great", "forbidden words here"])
+        url = f"{server.url}/v1" if provider == "openai" else server.url
+        text = pipeline.read_text().replace("provider: gemini", f"provider: {provider}")
+        pipeline.write_text(text.replace(f'"{server.url}"', f'"{url}"'))
+        result = run(project)
+        assert result.returncode == 1
+        errors = read_jsonl(project / "runs/g/sentiment/errors.jsonl")
+        assert len(errors) == 5 and all(said in e["error"] for e in errors), errors[0]
+        (project / "runs/g/state.json").unlink()
+        (project / "runs/g/sentiment/errors.jsonl").unlink()

@@ -86,6 +86,7 @@ def reply(data: dict[str, Any], model: str) -> Reply:
     content = data.get("content") if isinstance(data, dict) else None
     if not isinstance(content, list):
         raise ProviderError(f"reply has no content: {excerpt(data)}", retryable=False)
+    _check_stop(data.get("stop_reason"))
     usage = data.get("usage") or {}
     read, written = _cache_usage(usage)
     return Reply(text="".join(_text(b) for b in content if isinstance(b, dict)),
@@ -94,6 +95,12 @@ def reply(data: dict[str, Any], model: str) -> Reply:
                  output_tokens=usage.get("output_tokens") or 0,
                  finish_reason=data.get("stop_reason"), cached_tokens=read,
                  cache_write_tokens=written)
+
+
+def _check_stop(stop: str | None) -> None:
+    if stop == "refusal":  # the safety classifiers stopped it: not a reply to keep
+        raise ProviderError("Anthropic refused the reply (stop_reason refusal)",
+                            retryable=False)
 
 
 def _cache_usage(usage: dict[str, Any]) -> tuple[int, int]:
@@ -139,6 +146,7 @@ class Stream:
     def reply(self) -> Reply:
         if not self.started:
             raise ProviderError("the stream ended without message_start", retryable=False)
+        _check_stop(self.finish_reason)
         return Reply(text="".join(self.parts), model=self.model, input_tokens=self.input_tokens,
                      output_tokens=self.output_tokens, finish_reason=self.finish_reason,
                      cached_tokens=self.cached_tokens,

@@ -47,11 +47,18 @@ def reply(data: dict[str, Any], model: str) -> Reply:
     except (KeyError, IndexError, TypeError):
         raise ProviderError(f"reply has no choices[0].message.content: {excerpt(data)}",
                             retryable=False) from None
+    _check_finish(choice.get("finish_reason"))
     usage = data.get("usage") or {}
     return Reply(text=text or "", model=data.get("model") or model,
                  input_tokens=usage.get("prompt_tokens") or 0,
                  output_tokens=usage.get("completion_tokens") or 0,
                  finish_reason=choice.get("finish_reason"), cached_tokens=cached_tokens(usage))
+
+
+def _check_finish(finish: str | None) -> None:
+    if finish == "content_filter":  # what came is cut or empty: not a reply to keep
+        raise ProviderError("the provider's content filter stopped the reply (finish_reason "
+                            "content_filter)", retryable=False)
 
 
 def cached_tokens(usage: dict[str, Any]) -> int:
@@ -86,6 +93,7 @@ class Stream:
     def reply(self) -> Reply:
         if not self.seen_choice:
             raise ProviderError("the stream ended without any choice", retryable=False)
+        _check_finish(self.finish_reason)
         return Reply(text="".join(self.parts), model=self.model,
                      input_tokens=self.usage.get("prompt_tokens") or 0,
                      output_tokens=self.usage.get("completion_tokens") or 0,
