@@ -90,19 +90,16 @@ def usage(answer: sim_model.SimReply, cache: CacheUse) -> dict[str, Any]:
             "prompt_cache_miss_tokens": answer.input_tokens - cache.read}
 
 
-def finish_reason(answer: sim_model.SimReply) -> str:
-    return "content_filter" if answer.finish_reason in BLOCKED else answer.finish_reason
-
-
 def json_reply(reply_id: str, call: Call, answer: sim_model.SimReply, cache: CacheUse,
                malformed: bool) -> bytes:
     body: dict[str, Any] = {"id": reply_id, "object": "chat.completion",
                             "created": int(time.time()), "model": call.model}
     if not malformed:
-        blocked = answer.finish_reason in BLOCKED
-        body["choices"] = [{"index": 0, "message": {"role": "assistant",
-                                                    "content": None if blocked else answer.text},
-                            "logprobs": None, "finish_reason": finish_reason(answer)}]
+        content, finish = answer.text, answer.finish_reason
+        if finish in BLOCKED:
+            content, finish = None, "content_filter"
+        body["choices"] = [{"index": 0, "message": {"role": "assistant", "content": content},
+                            "logprobs": None, "finish_reason": finish}]
     body["usage"] = usage(answer, cache)
     return orjson.dumps(body)
 
@@ -119,9 +116,12 @@ def sse_reply(reply_id: str, call: Call, answer: sim_model.SimReply, cache: Cach
         return b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n"
 
     parts = [chunk({"role": "assistant", "content": ""})]
-    if answer.finish_reason not in BLOCKED:
+    finish = answer.finish_reason
+    if finish in BLOCKED:
+        finish = "content_filter"
+    else:
         parts += [chunk({"content": piece}) for piece in split_words(answer.text, seed)]
-    parts.append(chunk({}, finish_reason(answer)))
+    parts.append(chunk({}, finish))
     if call.include_usage:
         parts.append(b"data: " + orjson.dumps({**head, "choices": [],
                                                "usage": usage(answer, cache)}) + b"\n\n")
