@@ -7,9 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import chunbot, read_jsonl, read_stage, write_jsonl
-
-TEXTS = ["great, I love it", "it broke, terrible, refund please", "okay I guess",
-         "the battery died, awful", "excellent and sturdy"]
+from test_http import TEXTS  # the reviews the other protocols' tests label
 
 PIPELINE = """
 name: g
