@@ -241,14 +241,13 @@ class GeminiBatches(BatchAPI):
     NAMED = "chunbot:"  # display names chunbot gives: "chunbot:key=value;key=value"
 
     async def submit(self, items: list[tuple[str, Request]], metadata: dict[str, str]) -> str:
-        lines = [orjson.dumps({"key": custom_id, "request": gemini.body(self.spec, request)})
-                 for custom_id, request in items]
+        bodies = [(custom_id, gemini.body(self.spec, request)) for custom_id, request in items]
+        lines = [orjson.dumps({"key": key, "request": body}) for key, body in bodies]
         name = self.NAMED + ";".join(f"{k}={urllib.parse.quote(str(v), safe='')}"
                                      for k, v in metadata.items())
         if sum(map(len, lines)) < self.INLINE_BYTES:
             source: dict[str, Any] = {"requests": {"requests": [
-                {"request": gemini.body(self.spec, request), "metadata": {"key": custom_id}}
-                for custom_id, request in items]}}
+                {"request": body, "metadata": {"key": key}} for key, body in bodies]}}
         else:
             source = {"fileName": await self._upload(b"\n".join(lines) + b"\n", name)}
         created = await self._call("POST", gemini.path(self.spec, False).replace(
