@@ -482,12 +482,13 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
             shown = redact_url(url)
             if not url.startswith(("http://", "https://")):
                 raise where.fail(f"{shown!r} is not an http:// or https:// URL", key)
+            root = redact_url(url.rstrip("/").rpartition("/")[0])
             if provider == "anthropic" and url.rstrip("/").endswith("/v1"):
                 raise where.fail(f"{shown!r}: an anthropic URL is the server's root, without "
-                                 "/v1 (requests go to {url}/v1/messages)", key)
+                                 f"/v1 (requests go to {root}/v1/messages)", key)
             if provider == "gemini" and url.rstrip("/").endswith(("/v1beta", "/v1")):
                 raise where.fail(f"{shown!r}: a gemini URL is the server's root, without "
-                                 "/v1beta (requests go to {url}/v1beta/models/MODEL:"
+                                 f"/v1beta (requests go to {root}/v1beta/models/MODEL:"
                                  "generateContent)", key)
     vendor = False  # every request goes to the vendor's own API: its key, its batch API
     if provider in VENDOR_DEFAULTS:

@@ -427,7 +427,8 @@ class Run:
             raise
         if count == 0:
             self.note("input is empty: nothing to do")
-        elif not any(stage.shards_run for stage in self.report.stages.values()) \
+        elif not any(stage.shards_run or stage.batches_pending
+                     for stage in self.report.stages.values()) \
                 and not self.report.errors and not self.memory:
             self.note("every selected stage is up to date: nothing to do")
         if self.options.limit is None and read_through and not self.memory:

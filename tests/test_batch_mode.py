@@ -52,6 +52,7 @@ def test_batch_cycle_gives_the_realtime_output_for_every_provider(project, sim_s
         batch = batch_project(project, server.url, provider, "batch", f"b-{provider}")
         first = chunbot("run", str(batch), "-q", "--no-cache", cwd=project)
         assert first.returncode == 75, first.stderr.decode()
+        assert b"nothing to do" not in first.stderr  # it sent batches
         ledger = json.loads((project / f"runs/b-{provider}/sentiment/batches.json").read_text())
         assert len(ledger) == 3 and all(len(s["batches"]) == 1 for s in ledger.values())
         for _ in range(20):  # cron, every little while

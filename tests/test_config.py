@@ -87,6 +87,10 @@ def test_a_stage_without_model_uses_the_builtin_sim(project):
     (GOOD.replace("provider: sim, model: sim-small", "provider: anthropic, model: c, "
                   "base_url: 'http://x/v1'"),
      "model 'small': key 'base_url': 'http://x/v1': an anthropic URL is the server's root"),
+    (GOOD.replace("provider: sim, model: sim-small", "provider: gemini, model: g, "
+                  "base_url: 'http://x/v1beta'"),
+     "'http://x/v1beta': a gemini URL is the server's root, without /v1beta (requests go "
+     "to http://x/v1beta/models/MODEL:generateContent)"),
     (GOOD.replace("provider: sim, model: sim-small", "provider: openai, model: c, "
                   "endpoints: [gpu-a:8000]"),
      "model 'small': key 'endpoints': 'gpu-a:8000' is not an http:// or https:// URL"),
