@@ -67,8 +67,9 @@ class Blueprint:
     rerun: str | None
     mode: str | None
     cwd: str  # the driver's: `python:` stages are imported from it too
-    output: str | None = None  # what the driver hands out of the last stage as records
-    # finish: None (nothing), "lines" (their JSON lines) or "records" (them too)
+    # what the driver streams of the last stage's records: None (nothing), "lines" (their
+    # JSON lines) or "records" (the records too, for the library)
+    output: str | None = None
     drain_s: float = DRAIN_S  # how often a worker sends its job's events…
     share_s: float = SHARE_S  # …and asks the board for its share: longer on a big cluster
 

@@ -250,8 +250,8 @@ class GeminiBatches(BatchAPI):
                 {"request": body, "metadata": {"key": key}} for key, body in bodies]}}
         else:
             source = {"fileName": await self._upload(b"\n".join(lines) + b"\n", name)}
-        created = await self._call("POST", gemini.path(self.spec, False).replace(
-            ":generateContent", ":batchGenerateContent"),
+        created = await self._call(
+            "POST", gemini.model_path(self.spec, "batchGenerateContent"),
             data=orjson.dumps({"batch": {"displayName": name, "inputConfig": source}}))
         return created["name"]
 

@@ -41,10 +41,15 @@ BLOCKED = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", 
 
 
 def path(spec: ModelSpec, streaming: bool) -> str:
-    model = spec.model if spec.model.startswith("models/") else f"models/{spec.model}"
     if streaming:
-        return f"{API}/{model}:streamGenerateContent?alt=sse"
-    return f"{API}/{model}:generateContent"
+        return model_path(spec, "streamGenerateContent") + "?alt=sse"
+    return model_path(spec, "generateContent")
+
+
+def model_path(spec: ModelSpec, method: str) -> str:
+    """The path of one of the model's methods (generateContent, batchGenerateContent…)."""
+    model = spec.model if spec.model.startswith("models/") else f"models/{spec.model}"
+    return f"{API}/{model}:{method}"
 
 
 def headers(spec: ModelSpec, api_key: str | None) -> dict[str, str]:
