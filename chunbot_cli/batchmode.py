@@ -106,6 +106,13 @@ class Ledgers:
                                                for k, v in sorted(self.shards.items())})
 
 
+def batched(pipeline: "Pipeline", stage: "StageSpec", override: str | None = None) -> bool:
+    """Whether the stage's requests go through its model's batch API (`mode: batch`, or
+    `--mode batch` as `override`)."""
+    return ((override or stage.mode) == "batch" and not stage.routes  # a batch goes to one
+            and pipeline.models[stage.models[0]].batch_api)  # model
+
+
 class Batching:
     """Which shards of a run's LLM stages go through provider batches: those of a stage in
     batch mode (the YAML or `--mode batch`, when the model has a batch API), and — in a
@@ -120,9 +127,7 @@ class Batching:
         self.collecting: set[str] = set()  # realtime stages collecting earlier batches
 
     def batched(self, stage: "StageSpec") -> bool:
-        mode = self.override or stage.mode
-        return (mode == "batch" and not stage.routes  # a batch goes to one model
-                and self.pipeline.models[stage.models[0]].batch_api)
+        return batched(self.pipeline, stage, self.override)
 
     def mode(self, stage: "StageSpec", shard: int, source: str) -> str | None:
         """A shard's mode for `LLMStage.open`: "batch", "collect" or None (realtime)."""

@@ -139,6 +139,10 @@ def run(
     ray_address: Optional[str] = typer.Option(None, help="--executor ray: join this cluster "
                                               "(auto or HOST:PORT); without it a local Ray "
                                               "is started."),
+    max_cost: Optional[float] = typer.Option(None, "--max-cost", min=0, metavar="USD",
+                                             help="Send no request that would take what "
+                                             "the output has cost past USD; exit 75 there "
+                                             "(a run with a higher cap goes on)."),
 ) -> None:
     """Run the pipeline, or resume it: only stale stages and unfinished shards are computed."""
     if no_cache and refresh_cache:
@@ -152,7 +156,7 @@ def run(
                                          wait=wait, storage=storage.value, order=order.value,
                                          executor=executor.value if executor else
                                          "ray" if ray_address else None,
-                                         ray_address=ray_address),
+                                         ray_address=ray_address, max_cost=max_cost),
              quiet, log_format, input, workdir, stream or storage is Storage.memory, errors)
 
 
@@ -345,6 +349,27 @@ def _test_summary(report: "testbench.Report", pipeline: Path) -> str:  # noqa: F
 def _clip(value: Any, width: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@app.command()
+def estimate(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
+             limit: Optional[int] = typer.Option(None, min=0, help="Only the first N input "
+                                                 "lines, as `run --limit N`."),
+             as_json: bool = typer.Option(False, "--json", help="One JSON object, for scripts.")
+             ) -> None:
+    """Tokens and cost per stage and model that a run would spend now; sends nothing."""
+    from . import estimate as estimating
+
+    try:
+        result = estimating.estimate(config.load(pipeline), limit)
+    except (config.ConfigError, engine.InputError, engine.StoreError) as e:
+        raise _fail(str(e), engine.EXIT_USAGE) from None
+    if as_json:
+        import orjson
+
+        print(orjson.dumps(result.to_json()).decode())
+    else:
+        print(estimating.render(result))
 
 
 @app.command()

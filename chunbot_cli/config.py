@@ -51,7 +51,7 @@ _SIM_ONLY_KEYS = {"latency_ms", "jitter_ms", "error_rate", "wrong_rate", "flaky_
 _HTTP_ONLY_KEYS = {"base_url", "api_key_env", "endpoints", "headers", "timeout", "max_tokens",
                    "batch_api"}
 _DEFAULTS_KEYS = {"model", "mode", "batch_fallback", "batch_deadline", "retries", "params", "outage_timeout", "cache",
-                  "prompt_cache"}
+                  "prompt_cache", "max_cost"}
 _CACHE_KEYS = {"backend", "path", "url", "ttl"}
 PRICE_KEYS = ("input", "output", "cached_input", "cache_write", "batch_discount")
 _STAGE_KEYS = {
@@ -172,6 +172,7 @@ class Pipeline:
     stage_defaults: Any = field(default=None, compare=False, repr=False)  # for extra_stage
     executor: str = "local"  # or "ray": where shard jobs run
     ray_address: str | None = None  # the Ray cluster to join ("auto", HOST:PORT); None: a new one
+    max_cost: float | None = None  # USD: `defaults.max_cost`, the cap `run --max-cost` sets
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:
@@ -386,6 +387,9 @@ def _pipeline(path: Path, data: Mapping[str, Any]) -> Pipeline:
         outage_timeout=_duration(where, "outage_timeout", DEFAULT_OUTAGE_TIMEOUT_S),
         cache=_stage_cache(where, (True, None)),
         prompt_cache=where.get("prompt_cache", bool, default=False))
+    max_cost = where.get("max_cost", (int, float), default=None)
+    if max_cost is not None and max_cost < 0:
+        raise where.fail("must be 0 or more (USD)", "max_cost")
 
     raw_stages = top.get("stages", list, required=True)
     if not raw_stages:
@@ -404,7 +408,7 @@ def _pipeline(path: Path, data: Mapping[str, Any]) -> Pipeline:
     return Pipeline(path=path, name=name, input=input_spec, workdir=workdir, id_field=id_field,
                     shard_size=shard_size, compress=compress, models=models, stages=stages,
                     cache=_cache(top), output=output, tests=_tests(top, path.parent, models),
-                    stage_defaults=defaults, **_executor(top))
+                    stage_defaults=defaults, max_cost=max_cost, **_executor(top))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from .batchmode import pending_batches
 from .config import ConfigError, Pipeline, StageSpec, check_api_keys
 from .executor import LocalExecutor
 from .flow import Lines, Part, Rows, ShardJob, StageWork
+from .llm.price import Spending
 from .plan import Planner
 from .sinks import DiskStore, InputOrder, MemoryStore, Output, Store
 from .source import InputError, Shard, read_shards, resolve, row_shards
@@ -71,7 +72,8 @@ class RunOptions:
     again: str | None = None  # the command that sends failed records again, for the summary
     executor: str | None = None  # "local" or "ray" (None: the pipeline's `executor:`)
     ray_address: str | None = None  # "auto" or HOST:PORT: join that cluster, else start one
-    # (default: `chunbot rerun PIPELINE --stage S --failed`)
+    max_cost: float | None = None  # USD the selected stages' output may cost, over the
+    # pipeline's `defaults.max_cost`
 
 
 @dataclass
@@ -82,6 +84,7 @@ class StageReport:
     shards_run: int = 0
     shards_skipped: int = 0
     batches_pending: int = 0
+    capped: int = 0  # shards the cost cap left unfinished
     first_start: float | None = None
     last_end: float | None = None
 
@@ -148,6 +151,7 @@ def run(pipeline: Pipeline, options: RunOptions | None = None,
     options = options or RunOptions()
     check_api_keys(pipeline, selected_stages(pipeline, options))
     _check_executor(pipeline, options)
+    _check_max_cost(pipeline, options)
     work = Run(pipeline, options, progress, output, errors, rows, traces)
     try:
         return asyncio.run(work.execute(signals=True))
@@ -168,6 +172,7 @@ async def arun(pipeline: Pipeline, options: RunOptions | None = None,
     options = options or RunOptions()
     check_api_keys(pipeline, selected_stages(pipeline, options))
     _check_executor(pipeline, options)
+    _check_max_cost(pipeline, options)
     try:
         return await Run(pipeline, options, progress, output, errors, rows, traces).execute()
     except OSError as e:
@@ -234,6 +239,8 @@ class Run:
         self.task: asyncio.Task[Any] | None = None
         self.executor: Any = None  # LocalExecutor or rayexec.RayExecutor
         self.ray_started = False  # this run started a local Ray: it shuts it down
+        cap = options.max_cost if options.max_cost is not None else pipeline.max_cost
+        self.spending = Spending(cap) if cap is not None else None
 
     async def execute(self, signals: bool = False) -> RunReport:
         self.task = asyncio.current_task()
@@ -259,6 +266,9 @@ class Run:
                                        failed=self.options.rerun_failed,
                                        ids=self.options.rerun_ids)
                 self.planner.reset_changed_stages()
+                if self.spending is not None:  # what the output as it stands has cost
+                    self.spending.before = sum(self._stage_state(s).totals().cost
+                                               for s in self.selected)
                 await self._work()
         if self.progress:
             self.progress.finish(self, self.report)
@@ -269,7 +279,8 @@ class Run:
         stages = None
         try:
             stages = StageSet(self.pipeline, self.selected, self.note, self.options.cache,
-                              self.options.rerun, self.options.mode, self.batching.batch_mode)
+                              self.options.rerun, self.options.mode, self.batching.batch_mode,
+                              self.spending)
             self.clients = stages.clients
             if self.progress:
                 self.progress.start(self)
@@ -397,7 +408,7 @@ class Run:
         try:
             try:
                 for shard, rows in self._shards():
-                    if self.stopping:
+                    if self.stopping or self.spending is not None and self.spending.reached:
                         break
                     count += 1
                     self.report.lines_read += len(rows) if rows is not None else len(shard.lines)
@@ -427,7 +438,7 @@ class Run:
             raise
         if count == 0:
             self.note("input is empty: nothing to do")
-        elif not any(stage.shards_run or stage.batches_pending
+        elif not any(stage.shards_run or stage.batches_pending or stage.capped
                      for stage in self.report.stages.values()) \
                 and not self.report.errors and not self.memory:
             self.note("every selected stage is up to date: nothing to do")
@@ -494,6 +505,8 @@ class Run:
     def entry(self, stage: str, shard: int, entry: Entry, new: bool) -> None:
         if new and not entry.trace.get("cache_hit"):  # on a resume the cache answers again
             self.store.append(stage, shard, entry)
+        elif not new and self.spending is not None:  # paid for by an interrupted run
+            self.spending.before += entry.trace.get("cost", 0.0)
         self.report.stages[stage].counts.count(entry)
         if self.traces is not None:
             self.traces(entry.trace)
@@ -519,8 +532,12 @@ class Run:
         return self.store.commit(work.stage, job.shard, work.source, work.token, output,
                                  downstream)
 
-    def pending(self, stage: str, shard: int) -> None:
-        self.report.stages[stage].batches_pending += 1
+    def pending(self, stage: str, shard: int, why: str) -> None:
+        report = self.report.stages[stage]
+        if why == "max_cost":
+            report.capped += 1
+        else:
+            report.batches_pending += 1
 
     def _forget_shards_from(self, count: int) -> None:
         """The input shrank: shards past its end no longer exist in any selected stage."""
@@ -552,17 +569,33 @@ class Run:
             failed += count
         self.report.failed_total = failed
         pending = sum(stage.batches_pending for stage in self.report.stages.values())
-        self.report.exit_code = (EXIT_FAILED if self.report.errors else EXIT_LATER if pending
-                                 else EXIT_FAILED if failed else EXIT_OK)
+        capped = self._capped()
+        self.report.exit_code = (EXIT_FAILED if self.report.errors else EXIT_LATER
+                                 if pending or capped else EXIT_FAILED if failed else EXIT_OK)
         if pending:
             self.note(f"{pending} shard(s) wait for provider batches: run again later "
                       "(or use --wait)")
         if self.memory:
             return
-        if not pending and not self.report.errors:
+        if not pending and not capped and not self.report.errors:
             self._export()
         self.state.last_run.update(ended=_now(), exit_code=self.report.exit_code)
         self.workdir.save_state(self.state)
+
+    def _capped(self) -> bool:
+        """Whether the cost cap stopped work that is left to do: say so, in one line."""
+        spending = self.spending
+        if spending is None or not spending.reached:
+            return False
+        shards = max((stage.capped for stage in self.report.stages.values()), default=0)
+        if not shards and self.read_through:
+            return False  # it was reached by the very last request: nothing is left
+        left = " and ".join(([f"{shards} shard(s) not finished"] if shards else [])
+                            + ([] if self.read_through else ["the rest of the input not read"]))
+        self.note(f"--max-cost ${spending.cap:g} reached: ${spending.total:,.4f} spent on this "
+                  f"output (${spending.spent:,.4f} by this run), {left}; what finished is "
+                  "kept: run again with a higher --max-cost to go on")
+        return True
 
     def _export(self) -> None:
         """`output:` gets the last stage's records once every shard of it is done (with
@@ -621,6 +654,23 @@ def _check_memory(options: RunOptions, selected: list[StageSpec],
             raise ConfigError(f"stage {stage.name!r} is in batch mode: with --storage memory "
                               "nothing remembers its batches between runs; add --wait (or "
                               "--mode realtime)")
+
+
+def _check_max_cost(pipeline: Pipeline, options: RunOptions) -> None:
+    """A cost cap needs the price of every model the run may ask."""
+    cap = options.max_cost if options.max_cost is not None else pipeline.max_cost
+    if cap is None:
+        return
+    if (options.executor or pipeline.executor) == "ray":
+        raise ConfigError("--max-cost works with the local executor only: Ray's workers do "
+                          "not share one spending account yet")
+    for stage in selected_stages(pipeline, options):
+        for alias in stage.models if stage.kind == "llm" else ():
+            if not pipeline.models[alias].price:
+                raise ConfigError(f"{pipeline.path}: model {alias!r} (stage {stage.name!r}) "
+                                  "has no price, so --max-cost cannot count what it costs: "
+                                  "give it price: {input: USD, output: USD} (per million "
+                                  "tokens)")
 
 
 def _check_executor(pipeline: Pipeline, options: RunOptions) -> None:

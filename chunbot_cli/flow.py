@@ -85,7 +85,8 @@ class JobEvents(Protocol):
     def done(self, job: ShardJob, position: int,
              output: StageOutput) -> Awaitable[None] | None: ...  # a stage's shard is whole
 
-    def pending(self, stage: str, shard: int) -> None: ...  # it waits for provider batches
+    def pending(self, stage: str, shard: int, why: str) -> None: ...  # not whole: it waits
+    # for provider batches ("batches") or a higher cost cap ("max_cost")
 
 
 _END, _GIVE_UP = "end", "give up"  # what a stage tells the next once it has no more records
@@ -143,8 +144,8 @@ async def run_job(job: ShardJob, stages: Mapping[str, Stage], events: JobEvents)
                 after.put_nowait(_GIVE_UP)
             return
         output = await stage_shard.finish()
-        if output is None:  # its batches are pending: downstream waits for the next run
-            events.pending(name, shard)
+        if not isinstance(output, StageOutput):  # downstream waits for the next run
+            events.pending(name, shard, output)
             if after is not None:
                 after.put_nowait(_GIVE_UP)
             return

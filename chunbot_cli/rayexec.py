@@ -343,8 +343,8 @@ class _Recorder:
             output = dataclasses.replace(output, trace=[])
         self.out.put(("done", position, output))
 
-    def pending(self, stage: str, shard: int) -> None:
-        self.out.put(("pending", stage, shard))
+    def pending(self, stage: str, shard: int, why: str) -> None:
+        self.out.put(("pending", stage, shard, why))
 
 
 class _Runtime:

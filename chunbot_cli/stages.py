@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable, Coroutine, NamedTuple, Protocol
 import orjson
 
 from .config import StageSpec, import_callable
+from .llm.price import CostCap, batch_share, full_price, price
 from .llm.types import Reply, Request
 from .state import Counters
 from .store import Entry, Key
@@ -72,10 +73,16 @@ class Outlet:
     spawn: Callable[[Coroutine[Any, Any, None]], "asyncio.Task[None]"] = asyncio.ensure_future
 
 
+# Why a stage's shard is not whole at the end of a run (its finished records stay in the
+# journal for the next): "batches", provider batches are pending; "max_cost", the run's
+# cost cap stopped its requests.
+Waiting = str
+
+
 class StageShard(Protocol):
     async def feed(self, batch: Batch) -> None: ...
 
-    async def finish(self) -> StageOutput | None: ...  # None: it waits for provider batches
+    async def finish(self) -> StageOutput | Waiting: ...
 
 
 class Stage(Protocol):
@@ -408,7 +415,7 @@ class LLMStage:
             return None  # refused: `process` goes on from it (a re-ask, the next model)
         prices = client.spec.price
         cost = 0.0 if source == "cache" else (price(client.spec.provider, prices, reply)
-                                              * (1 - prices.get("batch_discount", 0.5)))
+                                              * batch_share(prices))
         trace = self.trace_of(record, request)
         trace.update(model=client.spec.alias, model_name=reply.model, response=reply.text,
                      output=value, error=None, tokens=_tokens(reply), cost=round(cost, 8),
@@ -431,9 +438,9 @@ class LLMStage:
         usage: dict[str, dict[str, Any]] = {}  # per model, for the accounting
 
         def used(client: "ModelClient") -> dict[str, Any]:
-            return usage.setdefault(client.spec.alias, {"requests": 0, "reasks": 0,
-                                                        "tokens_in": 0, "tokens_out": 0,
-                                                        "cost": 0.0})
+            return usage.setdefault(client.spec.alias, {"requests": 0, "replies": 0,
+                                                        "reasks": 0, "tokens_in": 0,
+                                                        "tokens_out": 0, "cost": 0.0})
 
         def finished(entry: Entry) -> Entry:
             if self.routes or len(cascade) > 1 or self.spec.reask:
@@ -474,6 +481,7 @@ class LLMStage:
                     cost += spent
                     cost_full += full_price(client.spec.price, reply)
                     share = used(client)
+                    share["replies"] += 1
                     share["tokens_in"] += reply.input_tokens
                     share["tokens_out"] += reply.output_tokens
                     share["cost"] += spent
@@ -552,6 +560,7 @@ class LLMShard:
         self.out = _Collected(stage.spec.name)
         self.queue: deque[tuple[Key, Request]] = deque()
         self.workers: set[asyncio.Task[None]] = set()
+        self.held = 0  # records the cost cap kept from being sent
 
     async def feed(self, batch: Batch) -> None:
         records = dict(zip(*batch))
@@ -591,7 +600,13 @@ class LLMShard:
         process, queue = self.stage.process, self.queue
         while queue:
             key, request = queue.popleft()
-            self.complete(await process(key, self.records[key], request))
+            try:
+                entry = await process(key, self.records[key], request)
+            except CostCap:  # no request goes out any more: the rest wait for the next run
+                self.held += 1 + len(queue)
+                queue.clear()
+                return
+            self.complete(entry)
 
     async def send(self, requests: dict[Key, Request]) -> None:
         """Send these and wait until every request of the shard is answered."""
@@ -599,14 +614,16 @@ class LLMShard:
         while self.workers:
             await asyncio.gather(*self.workers)
 
-    async def finish(self) -> StageOutput | None:
+    async def finish(self) -> StageOutput | Waiting:
         if self.mode is None:
             await self.send({})
         else:
             assert self.stage.batches is not None, "a shard in batch mode needs BatchMode"
             self.records = dict(sorted(self.records.items(), key=_first))
             if not await self.stage.batches.run(self, realtime_rest=self.mode == "collect"):
-                return None
+                return "max_cost" if self.held else "batches"
+        if self.held:
+            return "max_cost"
         return self.out.output(self.trace)
 
 
@@ -621,27 +638,3 @@ def _follow_up(request: Request, reply: str, why: str) -> Request:
 def _tokens(reply: Reply) -> dict[str, int]:
     return {"in": reply.input_tokens, "out": reply.output_tokens,
             "cached": reply.cached_tokens, "cache_write": reply.cache_write_tokens}
-
-
-def price(provider: str, prices: dict[str, float], reply: Reply) -> float:
-    """What a reply cost in USD, provider cache reads and writes at their own rates."""
-    if not prices:
-        return 0.0
-    per_input = prices.get("input", 0.0)
-    cached = prices.get("cached_input", per_input * CACHED_SHARE.get(provider, 1.0))
-    written = prices.get("cache_write", per_input * 1.25)
-    plain = reply.input_tokens - reply.cached_tokens - reply.cache_write_tokens
-    return (plain * per_input + reply.cached_tokens * cached + reply.cache_write_tokens * written
-            + reply.output_tokens * prices.get("output", 0.0)) / 1e6
-
-
-def full_price(prices: dict[str, float], reply: Reply) -> float:
-    """What the reply would have cost with no cache at all, local or at the provider."""
-    return (reply.input_tokens * prices.get("input", 0.0)
-            + reply.output_tokens * prices.get("output", 0.0)) / 1e6
-
-
-# The price of a cached input token against a plain one, unless `price.cached_input` says:
-# Anthropic charges a tenth for cache reads; OpenAI half on most models; Gemini 2.5 a
-# quarter for its implicit caching.
-CACHED_SHARE = {"anthropic": 0.1, "openai": 0.5, "gemini": 0.25}

@@ -15,17 +15,21 @@ from .stages import FilterStage, LLMStage, PythonStage, Stage
 
 if TYPE_CHECKING:
     from .batchmode import BatchMode
+    from .llm.price import Spending
 
 
 class StageSet:
     def __init__(self, pipeline: Pipeline, selected: list[StageSpec],
                  note: Callable[[str], None], cache: str = "use", rerun: str | None = None,
                  mode: str | None = None,
-                 batch_mode: Callable[[StageSpec, Any], "BatchMode | None"] | None = None):
+                 batch_mode: Callable[[StageSpec, Any], "BatchMode | None"] | None = None,
+                 spending: "Spending | None" = None):
         """`cache`: "use", "off" or "refresh" (ask again, store the new replies); `rerun`:
         the stage whose models are asked again rather than the cache; `mode`: "batch" or
-        "realtime" over the YAML; `batch_mode` gives a stage its BatchMode, if any."""
+        "realtime" over the YAML; `batch_mode` gives a stage its BatchMode, if any;
+        `spending`: the run's cost cap, which every model's requests count against."""
         self.pipeline, self.selected, self.note = pipeline, selected, note
+        self.spending = spending
         self.cache_mode = cache
         self.clients: dict[str, Any] = {}
         self.session: Any = None  # the run's one aiohttp session, when a model speaks HTTP
@@ -70,7 +74,8 @@ class StageSet:
                 from .llm.http import open_session  # aiohttp: ~100 ms, HTTP models only
 
                 self.session = open_session(self._connections())
-            self.clients[alias] = ModelClient(spec, make_provider(spec, self.session), self.note)
+            self.clients[alias] = ModelClient(spec, make_provider(spec, self.session), self.note,
+                                              self.spending)
 
     def _connections(self) -> int:
         """Connection pool size: every request the run's HTTP models may have in flight."""

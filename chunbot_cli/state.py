@@ -22,10 +22,12 @@ STATE_VERSION = 1
 @dataclass
 class ModelCounts:
     """What one model did for one stage: records it answered (its reply was kept),
-    requests sent to it, re-asks among them, their tokens and cost."""
+    requests sent to it (every try), the replies they got, re-asks among them, their
+    tokens and cost."""
 
     answered: int = 0
     requests: int = 0
+    replies: int = 0
     reasks: int = 0
     tokens_in: int = 0
     tokens_out: int = 0
@@ -117,6 +119,7 @@ class Counters:
             if not trace.get("cache_hit"):
                 tokens = trace.get("tokens") or {}
                 counts.requests += len(trace.get("attempts") or ()) or 1
+                counts.replies += "response" in trace
                 counts.tokens_in += tokens.get("in", 0)
                 counts.tokens_out += tokens.get("out", 0)
                 counts.cost += trace.get("cost", 0.0)

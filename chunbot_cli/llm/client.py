@@ -33,6 +33,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from ..config import ModelSpec
 from .endpoints import EndpointPool, runs_of_chance
+from .price import Spending, cost, price
 from .scheduler import Budget
 from .types import ProviderError, RateLimits, Reply, Request
 
@@ -41,6 +42,7 @@ BACKOFF_CAP_S = 60.0
 CHANCE_BACKOFF_BASE_S = 0.05  # after a server fault of an endpoint that mostly answers
 CHANCE_BACKOFF_CAP_S = 0.5
 RETRY_EXTENSION = 3  # random failures may use up to this many times a record's retries
+UNKNOWN_OUTPUT_TOKENS = 256  # what a reply may cost, for a cost cap, before any says
 
 
 class Provider(Protocol):
@@ -74,14 +76,17 @@ def _retryable(error: BaseException) -> bool:
 
 class ModelClient:
     def __init__(self, spec: ModelSpec, provider: Provider | None = None,
-                 note: Callable[[str], None] = lambda text: None):
+                 note: Callable[[str], None] = lambda text: None,
+                 spending: Spending | None = None):
         self.spec = spec
+        self.spending = spending  # the run's cost cap, if it has one
         self.provider = provider or make_provider(spec)
         self.pool = EndpointPool(spec.alias, spec.urls or (spec.provider,), spec.max_concurrency,
                                  note)
         self.request_budget = Budget(configured=spec.rpm)
         self.token_budget = Budget(configured=spec.tpm)
         self.tokens_per_char = 0.25  # learned from the usage replies report
+        self.output_tokens = 0.0  # a reply's, on average: learned, for a cost cap
         self.requests = 0
         self.throttled = 0  # 429 answers
         self.faults = 0  # server faults: 5xx, timeouts, lost connections
@@ -198,12 +203,14 @@ class ModelClient:
         try:
             # paced after taking room, so requests queued for room never burst out unpaced
             estimate = await self._pace(request)
+            reserved = self._reserve(request)
         except BaseException:
             self.pool.release(endpoint)
             raise
         if self.auth_error:
             # one 401 says the key is wrong for every request: don't send thousands more
             self.pool.release(endpoint)
+            self._settle_cost(reserved, None)
             raise ProviderError(self.auth_error, retryable=False, status=401)
         self.requests += 1
         self.pool.sending(endpoint)
@@ -212,6 +219,7 @@ class ModelClient:
             reply = await self.provider.complete(request, endpoint.url)
         except ProviderError as e:
             latency = time.perf_counter() - sent
+            self._settle_cost(reserved, None)
             self._learn(e.limits)
             attempt = {"endpoint": endpoint.name, "status": e.status, "error": str(e),
                        "latency_ms": round(latency * 1000, 2)}
@@ -231,8 +239,10 @@ class ModelClient:
             raise
         except BaseException:
             self.pool.release(endpoint, None, time.perf_counter() - sent)
+            self._settle_cost(reserved, None)
             raise
         latency = time.perf_counter() - sent
+        self._settle_cost(reserved, reply)
         self.pool.release(endpoint, None, latency, id(attempts))
         self.last_answer = time.monotonic()
         self._pauses = 0
@@ -257,6 +267,24 @@ class ModelClient:
         if wait > 0:
             await asyncio.sleep(wait)
         return estimate
+
+    def _reserve(self, request: Request) -> float:
+        """Room under the run's cost cap for this request (raises CostCap when there is
+        none): its prompt as estimated, and all the output it may generate."""
+        if self.spending is None:
+            return 0.0
+        output = _most_tokens(request) or self.output_tokens or UNKNOWN_OUTPUT_TOKENS
+        return self.spending.reserve(cost(self.spec.provider, self.spec.price,
+                                          self._prompt_tokens(request), output))
+
+    def _settle_cost(self, reserved: float, reply: Reply | None) -> None:
+        if self.spending is None:
+            return
+        self.spending.settle(reserved, 0.0 if reply is None
+                             else price(self.spec.provider, self.spec.price, reply))
+        if reply is not None:  # a running mean, the first reply taken as it is
+            self.output_tokens += (reply.output_tokens - self.output_tokens) * (
+                0.1 if self.output_tokens else 1.0)
 
     def _prompt_tokens(self, request: Request) -> int:
         """What the prompt will count, from its length, before the server says."""
