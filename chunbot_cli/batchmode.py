@@ -172,6 +172,7 @@ class BatchMode:
                  wait: bool = False, poll_s: float = 30.0):
         self.ledgers, self.api, self.metadata = ledgers, api, metadata
         self.wait, self.poll_s = wait, poll_s
+        self.reserved: dict[int, float] = {}  # under the cost cap, for the shards' batches
 
     async def run(self, shard: "LLMShard", realtime_rest: bool = False) -> bool:
         """Finish the shard's records through batches; False while they are pending."""
@@ -179,7 +180,7 @@ class BatchMode:
         while True:
             if await self._round(shard, realtime_rest):
                 return True
-            if not self.wait:
+            if not self.wait or shard.held:  # the cost cap: waiting would not change it
                 return False
             await asyncio.sleep(self.poll_s)
 
@@ -202,6 +203,9 @@ class BatchMode:
                 await shard.send(requests)
                 ledgers.close(shard.shard)
                 return True
+            if not self._afford(client, shard.shard, requests):
+                shard.held = len(requests)
+                return False
             ledger.intent, ledger.intent_at = os.urandom(6).hex(), time.time()
             ledger.batches, ledger.items = [], len(requests)
             ledgers.save()
@@ -232,11 +236,13 @@ class BatchMode:
                 results.update(await api.results(batch_id))
             retry: dict[Key, Request] = {}
             refused: dict[Key, Request] = {}  # answered, but not as the stage accepts
+            collected = 0.0  # what the batches' replies cost
             for key, request in requests.items():
                 result = results.get(ledger.custom_id(key), "not in the batch's results")
                 entry = (stage.answered(key, shard.records[key], request, client, result,
                                         "batch") if isinstance(result, Reply) else None)
                 if entry is not None:
+                    collected += entry.trace["cost"]
                     shard.complete(entry)
                 elif isinstance(result, Reply) and stage.checks:
                     refused[key] = request
@@ -244,6 +250,8 @@ class BatchMode:
                     retry[key] = request
                     ledger.errors[str(key)] = (f"the reply does not parse: {result.text[:200]!r}"
                                                if isinstance(result, Reply) else str(result))
+            if client.spending is not None:  # what this run reserved for them, if it made them
+                client.spending.settle(self.reserved.pop(shard.shard, 0.0), collected)
             if refused:  # re-asked and escalated in realtime, from the batch's reply
                 await shard.send(refused)
             if retry and (stage.spec.batch_fallback or ledger.past_deadline or realtime_rest):
@@ -259,6 +267,21 @@ class BatchMode:
                     trace["error"] = error
                     shard.complete(Entry(key, trace, error=error))
         ledgers.close(shard.shard)
+        return True
+
+
+    def _afford(self, client: Any, shard: int, requests: dict[Key, Request]) -> bool:
+        """Whether a batch of these fits under the run's cost cap (reserved until its
+        replies come back, in this run or a later one)."""
+        if client.spending is None:
+            return True
+        from .llm.price import CostCap, batch_share
+
+        most = sum(map(client.most_cost, requests.values())) * batch_share(client.spec.price)
+        try:
+            self.reserved[shard] = self.reserved.get(shard, 0.0) + client.spending.reserve(most)
+        except CostCap:
+            return False
         return True
 
 

@@ -113,3 +113,22 @@ def test_spending_refuses_what_would_pass_the_cap_and_then_everything():
         pass
     else:
         raise AssertionError("a request went out after the cap was reached")
+
+
+def test_a_batch_is_made_only_when_it_fits_under_the_cap(project, sim_server):
+    server = sim_server()
+    _pipeline(project, server.url, records=200)
+    text = (project / "p.yaml").read_text().replace("    params:", "    mode: batch\n    params:")
+    text = text.replace("    max_concurrency:", "    batch_api: true\n    max_concurrency:")
+    (project / "p.yaml").write_text(text)
+    env = {"SIM_KEY": "k", "CHUNBOT_BATCH_POLL_S": "0.1"}
+    # a batch of a shard (100 requests) may cost $0.0038 at the batch price, as reserved
+    capped = chunbot("run", "p.yaml", "--max-cost", "0.005", "--wait", "-q", cwd=project,
+                     env=env)
+    assert capped.returncode == 75, capped.stderr.decode()
+    assert "--max-cost $0.005 reached" in capped.stderr.decode()
+    assert server.stats()["batches_created"] == 1
+    done = chunbot("run", "p.yaml", "--max-cost", "1", "--wait", "-q", cwd=project, env=env)
+    assert done.returncode == 0, done.stderr.decode()
+    assert server.stats()["batches_created"] == 2
+    assert len(read_stage(project / "runs" / "capped", "sentiment")) == 200

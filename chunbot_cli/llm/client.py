@@ -270,12 +270,14 @@ class ModelClient:
 
     def _reserve(self, request: Request) -> float:
         """Room under the run's cost cap for this request (raises CostCap when there is
-        none): its prompt as estimated, and all the output it may generate."""
-        if self.spending is None:
-            return 0.0
+        none)."""
+        return 0.0 if self.spending is None else self.spending.reserve(self.most_cost(request))
+
+    def most_cost(self, request: Request) -> float:
+        """What a request may cost, as far as can be told before it is sent: its prompt as
+        estimated, and all the output it may generate."""
         output = _most_tokens(request) or self.output_tokens or UNKNOWN_OUTPUT_TOKENS
-        return self.spending.reserve(cost(self.spec.provider, self.spec.price,
-                                          self._prompt_tokens(request), output))
+        return cost(self.spec.provider, self.spec.price, self._prompt_tokens(request), output)
 
     def _settle_cost(self, reserved: float, reply: Reply | None) -> None:
         if self.spending is None:
