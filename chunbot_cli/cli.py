@@ -358,10 +358,10 @@ def estimate(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."
              as_json: bool = typer.Option(False, "--json", help="One JSON object, for scripts.")
              ) -> None:
     """Tokens and cost per stage and model that a run would spend now; sends nothing."""
-    from . import estimate as estimating
+    from . import estimator
 
     try:
-        result = estimating.estimate(config.load(pipeline), limit)
+        result = estimator.estimate(config.load(pipeline), limit)
     except (config.ConfigError, engine.InputError, engine.StoreError) as e:
         raise _fail(str(e), engine.EXIT_USAGE) from None
     if as_json:
@@ -369,7 +369,7 @@ def estimate(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."
 
         print(orjson.dumps(result.to_json()).decode())
     else:
-        print(estimating.render(result))
+        print(estimator.render(result))
 
 
 @app.command()

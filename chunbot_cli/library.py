@@ -14,11 +14,14 @@ import asyncio
 import queue
 import threading
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Iterator, Mapping
 
 from . import engine
 from .config import Pipeline, load
 from .sinks import RecordsOut
+
+if TYPE_CHECKING:
+    from .estimator import Estimate
 
 Sink = list[dict[str, Any]] | Callable[[dict[str, Any]], None] | None
 
@@ -101,6 +104,17 @@ def run_records(pipeline: Pipeline | str | Path | Mapping[str, Any],
                 rows: Iterable[dict[str, Any]], **options: Any) -> list[dict[str, Any]]:
     """The output records, in input order, as a list."""
     return list(stream(pipeline, rows, order="input", **options))
+
+
+def estimate(pipeline: Pipeline | str | Path | Mapping[str, Any],
+             limit: int | None = None) -> "Estimate":
+    """What a run on the pipeline's workdir would spend now, per stage and model
+    (estimator.py; `chunbot estimate`): sends nothing, writes nothing."""
+    from .estimator import estimate as estimating
+
+    if not isinstance(pipeline, Pipeline):
+        pipeline = load(pipeline)
+    return estimating(pipeline, limit)
 
 
 def _taker(sink: Sink) -> Callable[[dict[str, Any]], None] | None:
