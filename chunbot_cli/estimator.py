@@ -4,8 +4,10 @@ it sends a single request.
 The estimate reads the input as `run` does and plans each shard by the same freshness
 rules (plan.py), so only the stale part counts: the records each shard's first stale
 stage would compute. Up to `sample` of those, chosen uniformly, go through the stages for
-real: prompts are rendered and their tokens counted (llm/tokens.py), routes are taken,
-filter and python stages applied. A record the shard's journal (an interrupted run) or the
+real: prompts are rendered and their tokens counted (llm/tokens.py, scaled by how the
+model's own usage counted the prompts of earlier runs, from their traces, so that the count
+is the vendor tokenizer's once a run has been made), routes are taken, filter and python
+stages applied. A record the shard's journal (an interrupted run) or the
 response cache already answers costs nothing and goes on with that answer. For the rest,
 each model of the record's cascade is asked as often as earlier runs of the stage asked
 it (state.json: re-asks, escalations), else only the first; a reply's output tokens are
@@ -41,6 +43,7 @@ from .store import Entry, Journal, Key, Workdir
 SAMPLE = 2000  # records rendered for real; a larger stale part is sampled and scaled
 DEFAULT_OUTPUT_TOKENS = 256  # a reply's tokens when neither earlier replies nor max_tokens say
 FOLLOW_UP_TOKENS = 30  # what a re-ask adds besides the reply it quotes
+CALIBRATE = 500  # earlier prompts at most whose usage teaches a model's tokenizer
 
 
 @dataclass
@@ -203,6 +206,8 @@ class _Estimator:
         self.functions = {s.name: import_callable(s.python or "", pipeline.import_paths)
                           for s in self.stages if s.kind == "python"}
         self.cached_out: dict[tuple[str, str], list[int]] = {}  # output tokens of cache hits
+        self.ratios: dict[tuple[str, str], list[float]] = {}  # (stage, model): tokens the
+        # model's usage counted, llm/tokens.py's count of the same prompts, how many
         self.measured = {s.name: self._measured(s) for s in self.stages if s.kind == "llm"}
         self.journals: dict[tuple[int, int], tuple[dict[Key, Entry], str]] = {}
         self.part_records: dict[tuple[int, int], tuple[list[dict[str, Any]], list[Key]]] = {}
@@ -243,7 +248,31 @@ class _Estimator:
                     continue
                 if entry is not None:
                     counts.count(entry)
+                    self._calibrate(spec, entry.trace)
+        if saved is not None and saved.shards:
+            for trace in self.workdir.read_trace(spec.name, min(saved.shards))[:CALIBRATE]:
+                self._calibrate(spec, trace)
         return counts
+
+    def _calibrate(self, spec: StageSpec, trace: dict[str, Any]) -> None:
+        """Learn how the model's tokenizer counts against llm/tokens.py's, from a prompt
+        asked once whose usage the trace keeps."""
+        seen = self.ratios.setdefault((spec.name, str(trace.get("model"))), [0.0, 0.0, 0])
+        used = (trace.get("tokens") or {}).get("in", 0)
+        messages = (trace.get("request") or {}).get("messages")
+        if seen[2] >= CALIBRATE or not used or trace.get("cache_hit") \
+                or trace.get("reasks") or trace.get("escalations") or not messages:
+            return
+        try:
+            seen[1] += tokens.prompt_tokens(messages)
+        except (TypeError, AttributeError):  # a trace chunbot did not write
+            return
+        seen[0] += used
+        seen[2] += 1
+
+    def _tokenizer(self, spec: StageSpec, alias: str) -> float:
+        used, counted, _ = self.ratios.get((spec.name, alias), (0.0, 0.0, 0))
+        return used / counted if counted else 1.0
 
     def close(self) -> None:
         if self.store is not None and hasattr(self.store, "db"):
@@ -400,7 +429,7 @@ class _Estimator:
             if accepted:
                 row.answered += weight
                 return self._with(spec, record, value, unknown, False)
-        prompt = tokens.prompt_tokens(request.messages)
+        counted = tokens.prompt_tokens(request.messages)
         visits = 1.0
         for n, model in enumerate(cascade):
             if n:
@@ -409,6 +438,7 @@ class _Estimator:
                     break
             asks = self._asks(spec, model.alias)
             out = self._output_tokens(spec, model.alias)
+            prompt = counted * self._tokenizer(spec, model.alias)
             counts = row.models.setdefault(model.alias, ModelEstimate())
             counts.requests += weight * visits * asks
             counts.replies += weight * visits * asks
