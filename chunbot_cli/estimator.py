@@ -36,7 +36,7 @@ from .llm.price import batch_share, cost
 from .llm.types import Reply
 from .plan import plan_shard
 from .source import read_shards, resolve
-from .stages import FANOUT, LLMStage
+from .stages import FANOUT, LLMStage, follow_up
 from .state import Counters, ModelCounts
 from .store import Entry, Journal, Key, Workdir
 
@@ -257,18 +257,26 @@ class _Estimator:
     def _calibrate(self, spec: StageSpec, trace: dict[str, Any]) -> None:
         """Learn how the model's tokenizer counts against llm/tokens.py's, from a prompt
         asked once whose usage the trace keeps."""
-        seen = self.ratios.setdefault((spec.name, str(trace.get("model"))), [0.0, 0.0, 0])
-        used = (trace.get("tokens") or {}).get("in", 0)
         messages = (trace.get("request") or {}).get("messages")
-        if seen[2] >= CALIBRATE or not used or trace.get("cache_hit") \
-                or trace.get("reasks") or trace.get("escalations") or not messages:
+        if not messages or trace.get("cache_hit"):
             return
-        try:
-            seen[1] += tokens.prompt_tokens(messages)
-        except (TypeError, AttributeError):  # a trace chunbot did not write
-            return
-        seen[0] += used
-        seen[2] += 1
+        by_model = trace.get("models")
+        if isinstance(by_model, dict):  # a cascade's: each model asked once is a measure
+            asked = [(alias, used.get("tokens_in", 0)) for alias, used in by_model.items()
+                     if isinstance(used, dict) and used.get("replies") == 1
+                     and not used.get("reasks")]
+        else:
+            asked = [(str(trace.get("model")), (trace.get("tokens") or {}).get("in", 0))]
+        for alias, used in asked:
+            seen = self.ratios.setdefault((spec.name, alias), [0.0, 0.0, 0])
+            if seen[2] >= CALIBRATE or not used:
+                continue
+            try:
+                seen[1] += tokens.prompt_tokens(messages)
+            except (TypeError, AttributeError):  # a trace chunbot did not write
+                return
+            seen[0] += used
+            seen[2] += 1
 
     def _tokenizer(self, spec: StageSpec, alias: str) -> float:
         used, counted, _ = self.ratios.get((spec.name, alias), (0.0, 0.0, 0))
@@ -419,20 +427,14 @@ class _Estimator:
             cascade = [client.spec for client in stage.cascade(record)[1]]
         except Exception:  # a template that fails on this record: it fails in the run too
             return None
-        reply = self._cached(spec, cascade[0], request)
-        if reply is not None:
-            try:
-                value = stage.parse(reply.text)
-                accepted = stage.problem(record, value) is None
-            except ValueError:
-                accepted = False
-            if accepted:
-                row.answered += weight
-                return self._with(spec, record, value, unknown, False)
+        first, value = self._replay(spec, stage, record, request, cascade)
+        if first is None:
+            row.answered += weight
+            return self._with(spec, record, value, unknown, False)
         counted = tokens.prompt_tokens(request.messages)
         visits = 1.0
-        for n, model in enumerate(cascade):
-            if n:
+        for n, model in enumerate(cascade[first:], first):
+            if n > first:
                 visits *= self._escalated(spec, cascade[n - 1].alias, model.alias)
                 if not visits:
                     break
@@ -444,9 +446,40 @@ class _Estimator:
             counts.replies += weight * visits * asks
             counts.tokens_in += weight * visits * (prompt * asks + (asks - 1) * (
                 out + FOLLOW_UP_TOKENS))
-        length = int(self._output_tokens(spec, cascade[0].alias)) * 4
+        if len(cascade) > first + 1 and not self._escalated(spec, cascade[first].alias,
+                                                            cascade[first + 1].alias):
+            self._note_once(f"{spec.name}: no earlier run says how often "
+                            f"{cascade[first].alias!r} is refused, so the models after it "
+                            "are not counted: the cost of escalations is left out")
+        length = int(self._output_tokens(spec, cascade[first].alias)) * 4
         return self._with(spec, record, _StandIn(("word " * (length // 5 + 1))[:length]),
                           unknown, True)
+
+    def _replay(self, spec: StageSpec, stage: LLMStage, record: dict[str, Any], request: Any,
+                cascade: list[ModelSpec]) -> tuple[int | None, Any]:
+        """What the response cache gives this record, asked as the run asks it: each model
+        of its cascade, each re-ask with what was wrong. (None, the accepted value) when
+        the cache answers it all; else the place in the cascade where a request goes out."""
+        for n, model in enumerate(cascade):
+            ask = request
+            for asked in range(spec.reask + 1):
+                if asked:
+                    ask = follow_up(ask, reply.text, why)
+                reply = self._cached(spec, model, ask)
+                if reply is None:
+                    return n, None
+                try:
+                    value = stage.parse(reply.text)
+                    why = stage.problem(record, value)
+                except ValueError as e:
+                    why = str(e)
+                if why is None:
+                    return None, value
+        return 0, None  # every cached reply refused: the run fails it; count it as sent
+
+    def _note_once(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
 
     def _with(self, spec: StageSpec, record: dict[str, Any], value: Any, unknown: set[str],
               stand_in: bool) -> dict[str, Any]:
@@ -561,8 +594,8 @@ class _Estimator:
             row.output_from = ", ".join(dict.fromkeys(sources))
             if row.output_from.startswith(("max_tokens", "a guess")) and row.models:
                 self.notes.append(f"{spec.name}: no replies of this stage yet, so each is "
-                                  f"counted at {row.output_from}: an upper bound; a run "
-                                  "with --limit 100 first makes it closer")
+                                  f"counted at {row.output_from}; a run with --limit 100 "
+                                  "first makes it closer")
 
     def _cached_share(self, spec: StageSpec) -> float:
         """The share of input tokens the provider's prompt cache took in earlier runs."""

@@ -455,7 +455,7 @@ class LLMStage:
             ask = request
             for asked in range(self.spec.reask + 1):
                 if asked:
-                    ask = _follow_up(ask, reply.text, why)
+                    ask = follow_up(ask, reply.text, why)
                     trace["reasks"] = trace.get("reasks", 0) + 1
                     used(client)["reasks"] += 1
                 reply = None
@@ -627,7 +627,7 @@ class LLMShard:
         return self.out.output(self.trace)
 
 
-def _follow_up(request: Request, reply: str, why: str) -> Request:
+def follow_up(request: Request, reply: str, why: str) -> Request:
     """The conversation asked again: the model's own reply, then what was wrong with it."""
     return dataclasses.replace(request, messages=[
         *request.messages, {"role": "assistant", "content": reply},

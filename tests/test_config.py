@@ -98,6 +98,10 @@ def test_a_stage_without_model_uses_the_builtin_sim(project):
      "model 'small': key 'base_url': is only for the HTTP providers (openai, anthropic, gemini)"),
     (GOOD.replace("defaults: {", "defaults: {outage_timeout: soon, "),
      "defaults: key 'outage_timeout': must be a duration such as 30s, 10m or 2h, not 'soon'"),
+    (GOOD.replace("defaults: {", "defaults: {max_cost: -1, "),
+     "defaults: key 'max_cost': must be 0 or more (USD)"),
+    (GOOD.replace("defaults: {", "defaults: {max_cost: lots, "),
+     "defaults: key 'max_cost': must be"),
 ])
 def test_mistakes_name_file_stage_and_key(project, text, expected):
     message = refused(project, text)

@@ -123,7 +123,8 @@ def test_a_cascade_is_estimated_by_the_share_earlier_runs_escalated(project):
                                "required": ["sentiment", "summary", "keywords"]},
                     "params": {"max_tokens": 100}}]})
     cold = chunbot.estimate(pipeline)
-    assert set(cold.stages[0].models) == {"small"}  # no run yet: the first model only
+    assert set(cold.stages[0].models) == {"small"}  # no run yet: the first model only,
+    assert any("escalations is left out" in note for note in cold.notes)  # and it says so
 
     from chunbot_cli import engine
 
@@ -142,3 +143,26 @@ def _state(pipeline):
     from chunbot_cli.store import Workdir
 
     return Workdir(pipeline.workdir).load_state()
+
+
+def test_what_the_cache_answers_through_a_cascade_costs_nothing(project):
+    """Replies the cache holds are replayed as the run replays them: a refused one, then
+    the next model's, cost nothing."""
+    _reviews(project, 300)
+    spec = {
+        "name": "replay", "input": str(project / "in.jsonl"), "shard_size": 100,
+        "workdir": str(project / "runs"),
+        "models": {"small": {"provider": "sim", "model": "sim-small", "wrong_rate": 0.3,
+                             "price": PRICES["small"]},
+                   "big": {"provider": "sim", "model": "sim-large", "price": PRICES["big"]}},
+        "stages": [{"name": "facts", "model": ["small", "big"], "parse": "json",
+                    "prompt": "Extract the sentiment, a summary and keywords as JSON: "
+                              "{{ text }}",
+                    "schema": {"type": "object",
+                               "required": ["sentiment", "summary", "keywords"]}}]}
+    from chunbot_cli import engine
+
+    engine.run(chunbot.load(spec))
+    spec["workdir"] = str(project / "elsewhere")  # no workdir: only the cache knows
+    again = chunbot.estimate(spec)
+    assert again.stale == 300 and again.stages[0].answered == 300 and again.cost == 0
