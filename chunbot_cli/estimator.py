@@ -212,6 +212,7 @@ class _Estimator:
         self.journals: dict[tuple[int, int], tuple[dict[Key, Entry], str]] = {}
         self.part_records: dict[tuple[int, int], tuple[list[dict[str, Any]], list[Key]]] = {}
         self.guessed: set[str] = set()  # filters kept at a share instead of applied
+        self.failing: dict[str, list[Any]] = {}  # per stage: records its templates fail, why
 
     def _open_cache(self) -> Any:
         spec = self.pipeline.cache
@@ -425,7 +426,9 @@ class _Estimator:
         try:
             request = stage.request(record)
             cascade = [client.spec for client in stage.cascade(record)[1]]
-        except Exception:  # a template that fails on this record: it fails in the run too
+        except Exception as e:  # a template that fails on this record: it fails in the run
+            failing = self.failing.setdefault(spec.name, [0.0, f"{type(e).__name__}: {e}"])
+            failing[0] += weight
             return None
         first, value = self._replay(spec, stage, record, request, cascade)
         if first is None:
@@ -592,6 +595,10 @@ class _Estimator:
                     self.notes.append(f"{spec.name}: model {alias!r} has no price: its "
                                       "tokens are counted, not their cost")
             row.output_from = ", ".join(dict.fromkeys(sources))
+            if spec.name in self.failing:
+                count, why = self.failing[spec.name]
+                self.notes.append(f"{spec.name}: {count * scale:,.0f} records fail its "
+                                  f"templates and would cost nothing ({why})")
             if row.output_from.startswith(("max_tokens", "a guess")) and row.models:
                 self.notes.append(f"{spec.name}: no replies of this stage yet, so each is "
                                   f"counted at {row.output_from}; a run with --limit 100 "
