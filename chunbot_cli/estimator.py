@@ -37,7 +37,7 @@ from .llm.types import Reply
 from .plan import plan_shard
 from .source import read_shards, resolve
 from .stages import FANOUT, LLMStage, follow_up
-from .state import Counters, ModelCounts
+from .state import Counters, ModelCounts, StageState
 from .store import Entry, Journal, Key, Workdir
 
 SAMPLE = 2000  # records rendered for real; a larger stale part is sampled and scaled
@@ -205,10 +205,7 @@ class _Estimator:
                         for s in self.stages if s.kind == "filter"}
         self.functions = {s.name: import_callable(s.python or "", pipeline.import_paths)
                           for s in self.stages if s.kind == "python"}
-        self.cached_out: dict[tuple[str, str], list[int]] = {}  # output tokens of cache hits
-        self.ratios: dict[tuple[str, str], list[float]] = {}  # (stage, model): tokens the
-        # model's usage counted, llm/tokens.py's count of the same prompts, how many
-        self.measured = {s.name: self._measured(s) for s in self.stages if s.kind == "llm"}
+        self.history = _History(self.workdir, self.saved, self.stages)
         self.journals: dict[tuple[int, int], tuple[dict[Key, Entry], str]] = {}
         self.part_records: dict[tuple[int, int], tuple[list[dict[str, Any]], list[Key]]] = {}
         self.guessed: set[str] = set()  # filters kept at a share instead of applied
@@ -230,58 +227,6 @@ class _Estimator:
             self.notes.append(f"the response cache could not be read ({type(e).__name__}: "
                               f"{e}): records it may answer are counted as sent")
             return None
-
-    def _measured(self, spec: StageSpec) -> Counters:
-        """What the stage's earlier runs did: its committed shards (state.json) and the
-        records interrupted runs finished (its journals)."""
-        saved = self.saved.get(spec.name)
-        counts = saved.totals() if saved is not None else Counters()
-        folder = self.workdir.stage_dir(spec.name)
-        for path in sorted(folder.glob("part-*.journal")) if folder.is_dir() else ():
-            try:
-                lines = path.read_bytes().split(b"\n")[1:]
-            except OSError:
-                continue
-            for line in lines:
-                try:
-                    entry = Entry.from_json(orjson.loads(line))
-                except orjson.JSONDecodeError:
-                    continue
-                if entry is not None:
-                    counts.count(entry)
-                    self._calibrate(spec, entry.trace)
-        if saved is not None and saved.shards:
-            for trace in self.workdir.read_trace(spec.name, min(saved.shards))[:CALIBRATE]:
-                self._calibrate(spec, trace)
-        return counts
-
-    def _calibrate(self, spec: StageSpec, trace: dict[str, Any]) -> None:
-        """Learn how the model's tokenizer counts against llm/tokens.py's, from a prompt
-        asked once whose usage the trace keeps."""
-        messages = (trace.get("request") or {}).get("messages")
-        if not messages or trace.get("cache_hit"):
-            return
-        by_model = trace.get("models")
-        if isinstance(by_model, dict):  # a cascade's: each model asked once is a measure
-            asked = [(alias, used.get("tokens_in", 0)) for alias, used in by_model.items()
-                     if isinstance(used, dict) and used.get("replies") == 1
-                     and not used.get("reasks")]
-        else:
-            asked = [(str(trace.get("model")), (trace.get("tokens") or {}).get("in", 0))]
-        for alias, used in asked:
-            seen = self.ratios.setdefault((spec.name, alias), [0.0, 0.0, 0])
-            if seen[2] >= CALIBRATE or not used:
-                continue
-            try:
-                seen[1] += tokens.prompt_tokens(messages)
-            except (TypeError, AttributeError):  # a trace chunbot did not write
-                return
-            seen[0] += used
-            seen[2] += 1
-
-    def _tokenizer(self, spec: StageSpec, alias: str) -> float:
-        used, counted, _ = self.ratios.get((spec.name, alias), (0.0, 0.0, 0))
-        return used / counted if counted else 1.0
 
     def close(self) -> None:
         if self.store is not None and hasattr(self.store, "db"):
@@ -438,23 +383,23 @@ class _Estimator:
         visits = 1.0
         for n, model in enumerate(cascade[first:], first):
             if n > first:
-                visits *= self._escalated(spec, cascade[n - 1].alias, model.alias)
+                visits *= self.history.escalated(spec, cascade[n - 1].alias, model.alias)
                 if not visits:
                     break
-            asks = self._asks(spec, model.alias)
-            out = self._output_tokens(spec, model.alias)
-            prompt = counted * self._tokenizer(spec, model.alias)
+            asks = self.history.asks(spec, model.alias)
+            out = self.history.output_tokens(spec, model.alias)
+            prompt = counted * self.history.tokenizer(spec, model.alias)
             counts = row.models.setdefault(model.alias, ModelEstimate())
             counts.requests += weight * visits * asks
             counts.replies += weight * visits * asks
             counts.tokens_in += weight * visits * (prompt * asks + (asks - 1) * (
                 out + FOLLOW_UP_TOKENS))
-        if len(cascade) > first + 1 and not self._escalated(spec, cascade[first].alias,
+        if len(cascade) > first + 1 and not self.history.escalated(spec, cascade[first].alias,
                                                             cascade[first + 1].alias):
             self._note_once(f"{spec.name}: no earlier run says how often "
                             f"{cascade[first].alias!r} is refused, so the models after it "
                             "are not counted: the cost of escalations is left out")
-        length = int(self._output_tokens(spec, cascade[first].alias)) * 4
+        length = int(self.history.output_tokens(spec, cascade[first].alias)) * 4
         return self._with(spec, record, _StandIn(("word " * (length // 5 + 1))[:length]),
                           unknown, True)
 
@@ -509,52 +454,9 @@ class _Estimator:
         if found is None:
             return None
         reply = decode(found)
-        self.cached_out.setdefault((spec.name, model.alias), []).append(reply.output_tokens)
+        self.history.cached_out.setdefault((spec.name, model.alias), []).append(
+            reply.output_tokens)
         return reply
-
-    # what earlier runs of a stage measured
-    def _history(self, spec: StageSpec, alias: str) -> ModelCounts | None:
-        counts = self.measured[spec.name].models.get(alias)
-        return counts if counts is not None and counts.requests else None
-
-    def _replies(self, counts: ModelCounts) -> int:
-        return counts.replies or counts.requests  # state.json from before replies were kept
-
-    def _asks(self, spec: StageSpec, alias: str) -> float:
-        """Requests per record that comes to this model: re-asks included."""
-        counts = self._history(spec, alias)
-        if counts is None or not spec.reask:
-            return 1.0
-        replies = self._replies(counts)
-        return replies / max(1, replies - counts.reasks)
-
-    def _escalated(self, spec: StageSpec, before: str, after: str) -> float:
-        """The share of the records that came to `before` that went on to `after`."""
-        counts = self._history(spec, before)
-        if counts is None:
-            return 0.0
-        escalations = self.measured[spec.name].escalations.get(f"{before} → {after}", 0)
-        return min(1.0, escalations / max(1, self._replies(counts) - counts.reasks))
-
-    def _output_tokens(self, spec: StageSpec, alias: str) -> float:
-        most = spec.params.get("max_tokens") or spec.params.get("max_completion_tokens")
-        counts = self._history(spec, alias)
-        if counts is not None and counts.tokens_out:
-            mean = counts.tokens_out / self._replies(counts)
-        elif self.cached_out.get((spec.name, alias)):
-            found = self.cached_out[(spec.name, alias)]
-            mean = sum(found) / len(found)
-        else:
-            return most or DEFAULT_OUTPUT_TOKENS
-        return min(mean, most) if most else mean
-
-    def _output_from(self, spec: StageSpec, alias: str) -> str:
-        if self._history(spec, alias) is not None:
-            return "earlier replies"
-        if self.cached_out.get((spec.name, alias)):
-            return "cached replies"
-        most = spec.params.get("max_tokens") or spec.params.get("max_completion_tokens")
-        return f"max_tokens ({most})" if most else f"a guess of {DEFAULT_OUTPUT_TOKENS}"
 
     def _kept_share(self, spec: StageSpec) -> float:
         """The share of records a filter on a reply kept in earlier runs (else all)."""
@@ -580,17 +482,17 @@ class _Estimator:
             if batched(self.pipeline, spec):
                 row.mode = "batch"
                 discount = batch_share(self.pipeline.models[spec.models[0]].price)
-            cached = self._cached_share(spec)
+            cached = self.history.cached_share(spec)
             sources = []
             for alias, counts in row.models.items():
                 model = self.pipeline.models[alias]
                 counts.requests *= scale
                 counts.replies *= scale
                 counts.tokens_in *= scale
-                counts.tokens_out = counts.replies * self._output_tokens(spec, alias)
+                counts.tokens_out = counts.replies * self.history.output_tokens(spec, alias)
                 counts.cost = cost(model.provider, model.price, counts.tokens_in,
                                    counts.tokens_out, counts.tokens_in * cached) * discount
-                sources.append(self._output_from(spec, alias))
+                sources.append(self.history.output_from(spec, alias))
                 if not model.price and counts.requests:
                     self.notes.append(f"{spec.name}: model {alias!r} has no price: its "
                                       "tokens are counted, not their cost")
@@ -604,9 +506,118 @@ class _Estimator:
                                   f"counted at {row.output_from}; a run with --limit 100 "
                                   "first makes it closer")
 
-    def _cached_share(self, spec: StageSpec) -> float:
+
+class _History:
+    """What earlier runs of the stages measured, for an estimate: per stage and model the
+    requests, replies, re-asks, escalations and tokens of committed shards (state.json) and
+    of what interrupted runs finished (journals); how each model's tokenizer counted the
+    stage's prompts against llm/tokens.py (traces); output tokens of cached replies."""
+
+    def __init__(self, workdir: Workdir, saved: dict[str, StageState], stages: list[StageSpec]):
+        self.workdir, self.saved = workdir, saved
+        self.cached_out: dict[tuple[str, str], list[int]] = {}  # output tokens of cache hits
+        self.ratios: dict[tuple[str, str], list[float]] = {}  # (stage, model): tokens the
+        # model's usage counted, llm/tokens.py's count of the same prompts, how many
+        self.counts = {s.name: self.measured(s) for s in stages if s.kind == "llm"}
+
+    def measured(self, spec: StageSpec) -> Counters:
+        """What the stage's earlier runs did: its committed shards (state.json) and the
+        records interrupted runs finished (its journals)."""
+        saved = self.saved.get(spec.name)
+        counts = saved.totals() if saved is not None else Counters()
+        folder = self.workdir.stage_dir(spec.name)
+        for path in sorted(folder.glob("part-*.journal")) if folder.is_dir() else ():
+            try:
+                lines = path.read_bytes().split(b"\n")[1:]
+            except OSError:
+                continue
+            for line in lines:
+                try:
+                    entry = Entry.from_json(orjson.loads(line))
+                except orjson.JSONDecodeError:
+                    continue
+                if entry is not None:
+                    counts.count(entry)
+                    self.calibrate(spec, entry.trace)
+        if saved is not None and saved.shards:
+            for trace in self.workdir.read_trace(spec.name, min(saved.shards))[:CALIBRATE]:
+                self.calibrate(spec, trace)
+        return counts
+
+    def calibrate(self, spec: StageSpec, trace: dict[str, Any]) -> None:
+        """Learn how the model's tokenizer counts against llm/tokens.py's, from a prompt
+        asked once whose usage the trace keeps."""
+        messages = (trace.get("request") or {}).get("messages")
+        if not messages or trace.get("cache_hit"):
+            return
+        by_model = trace.get("models")
+        if isinstance(by_model, dict):  # a cascade's: each model asked once is a measure
+            asked = [(alias, used.get("tokens_in", 0)) for alias, used in by_model.items()
+                     if isinstance(used, dict) and used.get("replies") == 1
+                     and not used.get("reasks")]
+        else:
+            asked = [(str(trace.get("model")), (trace.get("tokens") or {}).get("in", 0))]
+        for alias, used in asked:
+            seen = self.ratios.setdefault((spec.name, alias), [0.0, 0.0, 0])
+            if seen[2] >= CALIBRATE or not used:
+                continue
+            try:
+                seen[1] += tokens.prompt_tokens(messages)
+            except (TypeError, AttributeError):  # a trace chunbot did not write
+                return
+            seen[0] += used
+            seen[2] += 1
+
+    def tokenizer(self, spec: StageSpec, alias: str) -> float:
+        used, counted, _ = self.ratios.get((spec.name, alias), (0.0, 0.0, 0))
+        return used / counted if counted else 1.0
+
+    def model(self, spec: StageSpec, alias: str) -> ModelCounts | None:
+        counts = self.counts[spec.name].models.get(alias)
+        return counts if counts is not None and counts.requests else None
+
+    def replies(self, counts: ModelCounts) -> int:
+        return counts.replies or counts.requests  # state.json from before replies were kept
+
+    def asks(self, spec: StageSpec, alias: str) -> float:
+        """Requests per record that comes to this model: re-asks included."""
+        counts = self.model(spec, alias)
+        if counts is None or not spec.reask:
+            return 1.0
+        replies = self.replies(counts)
+        return replies / max(1, replies - counts.reasks)
+
+    def escalated(self, spec: StageSpec, before: str, after: str) -> float:
+        """The share of the records that came to `before` that went on to `after`."""
+        counts = self.model(spec, before)
+        if counts is None:
+            return 0.0
+        escalations = self.counts[spec.name].escalations.get(f"{before} → {after}", 0)
+        return min(1.0, escalations / max(1, self.replies(counts) - counts.reasks))
+
+    def output_tokens(self, spec: StageSpec, alias: str) -> float:
+        most = spec.params.get("max_tokens") or spec.params.get("max_completion_tokens")
+        counts = self.model(spec, alias)
+        if counts is not None and counts.tokens_out:
+            mean = counts.tokens_out / self.replies(counts)
+        elif self.cached_out.get((spec.name, alias)):
+            found = self.cached_out[(spec.name, alias)]
+            mean = sum(found) / len(found)
+        else:
+            return most or DEFAULT_OUTPUT_TOKENS
+        return min(mean, most) if most else mean
+
+    def output_from(self, spec: StageSpec, alias: str) -> str:
+        if self.model(spec, alias) is not None:
+            return "earlier replies"
+        if self.cached_out.get((spec.name, alias)):
+            return "cached replies"
+        most = spec.params.get("max_tokens") or spec.params.get("max_completion_tokens")
+        return f"max_tokens ({most})" if most else f"a guess of {DEFAULT_OUTPUT_TOKENS}"
+
+    def cached_share(self, spec: StageSpec) -> float:
         """The share of input tokens the provider's prompt cache took in earlier runs."""
-        totals = self.measured[spec.name]
+        totals = self.counts[spec.name]
         return totals.tokens_cached / totals.tokens_in if totals.tokens_in else 0.0
 
 

@@ -110,18 +110,7 @@ def test_after_the_cost_cap_it_counts_only_what_is_left(project, sim_server):
 
 def test_a_cascade_is_estimated_by_the_share_earlier_runs_escalated(project):
     _reviews(project, 600)
-    pipeline = chunbot.load({
-        "name": "cascade", "input": str(project / "in.jsonl"), "shard_size": 100,
-        "workdir": str(project / "runs"),
-        "models": {"small": {"provider": "sim", "model": "sim-small", "wrong_rate": 0.3,
-                             "price": PRICES["small"]},
-                   "big": {"provider": "sim", "model": "sim-large", "price": PRICES["big"]}},
-        "stages": [{"name": "facts", "model": ["small", "big"], "parse": "json",
-                    "prompt": "Extract the sentiment, a summary and keywords as JSON: "
-                              "{{ text }}",
-                    "schema": {"type": "object",
-                               "required": ["sentiment", "summary", "keywords"]},
-                    "params": {"max_tokens": 100}}]})
+    pipeline = chunbot.load(_cascade(project, "cascade", max_tokens=100))
     cold = chunbot.estimate(pipeline)
     assert set(cold.stages[0].models) == {"small"}  # no run yet: the first model only,
     assert any("escalations is left out" in note for note in cold.notes)  # and it says so
@@ -139,6 +128,23 @@ def test_a_cascade_is_estimated_by_the_share_earlier_runs_escalated(project):
     assert abs(warm.cost - actual) <= 0.15 * actual, (warm.cost, actual)
 
 
+def _cascade(project, name: str, **params) -> dict:
+    """A JSON extraction asked of small, then of big when small's reply misses a key (the
+    simulated small model does so for 30% of the records)."""
+    return {
+        "name": name, "input": str(project / "in.jsonl"), "shard_size": 100,
+        "workdir": str(project / "runs"),
+        "models": {"small": {"provider": "sim", "model": "sim-small", "wrong_rate": 0.3,
+                             "price": PRICES["small"]},
+                   "big": {"provider": "sim", "model": "sim-large", "price": PRICES["big"]}},
+        "stages": [{"name": "facts", "model": ["small", "big"], "parse": "json",
+                    "prompt": "Extract the sentiment, a summary and keywords as JSON: "
+                              "{{ text }}",
+                    "schema": {"type": "object",
+                               "required": ["sentiment", "summary", "keywords"]},
+                    "params": params}]}
+
+
 def _state(pipeline):
     from chunbot_cli.store import Workdir
 
@@ -149,17 +155,7 @@ def test_what_the_cache_answers_through_a_cascade_costs_nothing(project):
     """Replies the cache holds are replayed as the run replays them: a refused one, then
     the next model's, cost nothing."""
     _reviews(project, 300)
-    spec = {
-        "name": "replay", "input": str(project / "in.jsonl"), "shard_size": 100,
-        "workdir": str(project / "runs"),
-        "models": {"small": {"provider": "sim", "model": "sim-small", "wrong_rate": 0.3,
-                             "price": PRICES["small"]},
-                   "big": {"provider": "sim", "model": "sim-large", "price": PRICES["big"]}},
-        "stages": [{"name": "facts", "model": ["small", "big"], "parse": "json",
-                    "prompt": "Extract the sentiment, a summary and keywords as JSON: "
-                              "{{ text }}",
-                    "schema": {"type": "object",
-                               "required": ["sentiment", "summary", "keywords"]}}]}
+    spec = _cascade(project, "replay")
     from chunbot_cli import engine
 
     engine.run(chunbot.load(spec))
