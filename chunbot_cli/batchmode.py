@@ -269,7 +269,6 @@ class BatchMode:
         ledgers.close(shard.shard)
         return True
 
-
     def _afford(self, client: Any, shard: int, requests: dict[Key, Request]) -> bool:
         """Whether a batch of these fits under the run's cost cap (reserved until its
         replies come back, in this run or a later one)."""

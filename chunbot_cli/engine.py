@@ -239,7 +239,7 @@ class Run:
         self.task: asyncio.Task[Any] | None = None
         self.executor: Any = None  # LocalExecutor or rayexec.RayExecutor
         self.ray_started = False  # this run started a local Ray: it shuts it down
-        cap = options.max_cost if options.max_cost is not None else pipeline.max_cost
+        cap = _cost_cap(pipeline, options)
         self.spending = Spending(cap) if cap is not None else None
 
     async def execute(self, signals: bool = False) -> RunReport:
@@ -656,10 +656,14 @@ def _check_memory(options: RunOptions, selected: list[StageSpec],
                               "--mode realtime)")
 
 
+def _cost_cap(pipeline: Pipeline, options: RunOptions) -> float | None:
+    """USD the run's output may cost: `--max-cost`, else `defaults.max_cost`."""
+    return options.max_cost if options.max_cost is not None else pipeline.max_cost
+
+
 def _check_max_cost(pipeline: Pipeline, options: RunOptions) -> None:
     """A cost cap needs the price of every model the run may ask."""
-    cap = options.max_cost if options.max_cost is not None else pipeline.max_cost
-    if cap is None:
+    if _cost_cap(pipeline, options) is None:
         return
     if (options.executor or pipeline.executor) == "ray":
         raise ConfigError("--max-cost works with the local executor only: Ray's workers do "

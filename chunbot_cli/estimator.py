@@ -20,6 +20,7 @@ scaled to every stale record.
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import orjson
 from . import templates
 from .batchmode import batched
 from .config import ModelSpec, Pipeline, StageSpec, import_callable
+from .flow import Lines, parse
 from .llm import tokens
 from .llm.cache import KeyMaker, decode, open_store
 from .llm.price import batch_share, cost
@@ -181,7 +183,6 @@ class _Unasked:
     """A model as LLMStage sees it, for an estimate: its spec, never asked."""
 
     spec: ModelSpec
-    ceiling: int = 0
 
 
 class _Estimator:
@@ -189,8 +190,8 @@ class _Estimator:
         self.pipeline = pipeline
         self.stages = pipeline.stages
         self.workdir = Workdir(pipeline.workdir, pipeline.compress)
-        self.state = self.workdir.load_state() if pipeline.workdir.exists() else None
-        self.saved = self.state.stages if self.state is not None else {}
+        self.saved = (self.workdir.load_state().stages if pipeline.workdir.exists()
+                      else {})
         self.reservoir = _Reservoir(sample, random.Random(seed))
         self.rows = {s.name: StageEstimate(s.name, s.kind) for s in self.stages}
         self.notes: list[str] = []
@@ -208,7 +209,7 @@ class _Estimator:
         self.history = _History(self.workdir, self.saved, self.stages)
         self.journals: dict[tuple[int, int], tuple[dict[Key, Entry], str]] = {}
         self.part_records: dict[tuple[int, int], tuple[list[dict[str, Any]], list[Key]]] = {}
-        self.guessed: set[str] = set()  # filters kept at a share instead of applied
+        self.kept: dict[str, float] = {}  # filters kept at a share instead of applied
         self.failing: dict[str, list[Any]] = {}  # per stage: records its templates fail, why
 
     def _open_cache(self) -> Any:
@@ -219,7 +220,7 @@ class _Estimator:
             from .llm.cache import default_path
 
             path = spec.path or str(default_path())
-            if not __import__("os").path.exists(path):
+            if not os.path.exists(path):
                 return None  # no cache yet: nothing to ask, and none to create
         try:
             return open_store(spec)
@@ -229,8 +230,8 @@ class _Estimator:
             return None
 
     def close(self) -> None:
-        if self.store is not None and hasattr(self.store, "db"):
-            self.store.db.close()
+        if self.store is not None:
+            self.store.close()
 
     # the walk
     def walk(self, limit: int | None) -> Estimate:
@@ -312,17 +313,11 @@ class _Estimator:
 
     def _entering(self, item: _Item) -> tuple[dict[str, Any], Key] | None:
         """The record as its first stale stage gets it, and its key there."""
-        if item.line is not None:
-            try:
-                record = orjson.loads(item.line)
-            except orjson.JSONDecodeError:
-                return None  # a failure of the first stage in the run: no cost
-            if type(record) is not dict:
-                return None
-            id_field = self.pipeline.id_field
-            record["_id"] = record[id_field] if id_field is not None and id_field in record \
-                else item.first_id + item.place
-            return record, item.place
+        if item.line is not None:  # read as the run reads it; a line that is no record
+            lines = Lines([item.line], item.first_id + item.place, [("", 0, 1)],  # (where
+                          self.pipeline.id_field)  # it is matters only for the run's errors)
+            records = parse(lines, self.stages[0].name)[0].records  # fails and costs nothing
+            return (records[0], item.place) if records else None
         records, keys = self._part(item.shard, item.start, item.source)
         if item.place >= len(records):
             return None
@@ -460,15 +455,16 @@ class _Estimator:
 
     def _kept_share(self, spec: StageSpec) -> float:
         """The share of records a filter on a reply kept in earlier runs (else all)."""
-        saved = self.saved.get(spec.name)
-        totals = saved.totals() if saved is not None else None
-        if totals is None or not totals.records_in:
-            if spec.name not in self.guessed:
-                self.guessed.add(spec.name)
+        if spec.name not in self.kept:
+            saved = self.saved.get(spec.name)
+            totals = saved.totals() if saved is not None else None
+            if totals is None or not totals.records_in:
                 self.notes.append(f"{spec.name}: the filter reads replies no run has given "
                                   "yet: every record is assumed to pass (an upper bound)")
-            return 1.0
-        return totals.records_out / totals.records_in
+                self.kept[spec.name] = 1.0
+            else:
+                self.kept[spec.name] = totals.records_out / totals.records_in
+        return self.kept[spec.name]
 
     # the totals
     def _settle(self, scale: float) -> None:
@@ -499,7 +495,7 @@ class _Estimator:
             row.output_from = ", ".join(dict.fromkeys(sources))
             if spec.name in self.failing:
                 count, why = self.failing[spec.name]
-                self.notes.append(f"{spec.name}: {count * scale:,.0f} records fail its "
+                self.notes.append(f"{spec.name}: {count * scale:,.0f} record(s) fail its "
                                   f"templates and would cost nothing ({why})")
             if row.output_from.startswith(("max_tokens", "a guess")) and row.models:
                 self.notes.append(f"{spec.name}: no replies of this stage yet, so each is "

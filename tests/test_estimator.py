@@ -162,3 +162,14 @@ def test_what_the_cache_answers_through_a_cascade_costs_nothing(project):
     spec["workdir"] = str(project / "elsewhere")  # no workdir: only the cache knows
     again = chunbot.estimate(spec)
     assert again.stale == 300 and again.stages[0].answered == 300 and again.cost == 0
+
+
+def test_lines_that_are_no_records_and_failing_templates_cost_nothing(project):
+    (project / "in.jsonl").write_text('{"text": "fine"}\nnot json\n{"other": 1}\n')
+    result = chunbot.estimate({
+        "name": "odd", "input": str(project / "in.jsonl"), "workdir": str(project / "runs"),
+        "models": {"m": {"provider": "sim", "model": "sim-small", "price": PRICES["small"]}},
+        "stages": [{"name": "s", "model": "m", "prompt": "{{ text }}"}]})
+    assert result.stale == 3 and result.stages[0].models["m"].requests == 1
+    assert any("1 record(s) fail its templates" in note and "'text' is undefined" in note
+               for note in result.notes), result.notes
