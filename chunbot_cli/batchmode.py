@@ -42,6 +42,7 @@ class Ledger:
     rounds: int = 0  # batches made again for failed items
     errors: dict[str, str] = field(default_factory=dict)  # why an item had no reply
     past_deadline: bool = False  # what is not done goes realtime
+    reserved: float = 0.0  # USD its batches may cost: held under a cost cap till collected
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Ledger":
@@ -146,6 +147,15 @@ class Batching:
                          {"chunbot_pipeline": self.pipeline.name, "chunbot_stage": stage.name},
                          self.wait, self.poll_s)
 
+    def reserved(self, stages: list["StageSpec"]) -> float:
+        """What the batches earlier runs made for these stages, not collected yet, may
+        cost: in flight, for a cost cap."""
+        if not self.keep:
+            return 0.0
+        return sum(ledger.reserved for stage in stages if stage.kind == "llm"
+                   for ledger in self._ledgers(stage).shards.values()
+                   if ledger.pending and ledger.fingerprint == stage.fingerprint)
+
     def _pending(self, stage: "StageSpec", shard: int, source: str) -> bool:
         if not self.keep:
             return False
@@ -172,7 +182,6 @@ class BatchMode:
                  wait: bool = False, poll_s: float = 30.0):
         self.ledgers, self.api, self.metadata = ledgers, api, metadata
         self.wait, self.poll_s = wait, poll_s
-        self.reserved: dict[int, float] = {}  # under the cost cap, for the shards' batches
 
     async def run(self, shard: "LLMShard", realtime_rest: bool = False) -> bool:
         """Finish the shard's records through batches; False while they are pending."""
@@ -203,7 +212,7 @@ class BatchMode:
                 await shard.send(requests)
                 ledgers.close(shard.shard)
                 return True
-            if not self._afford(client, shard.shard, requests):
+            if not self._afford(client, ledger, requests):
                 shard.held = len(requests)
                 return False
             ledger.intent, ledger.intent_at = os.urandom(6).hex(), time.time()
@@ -250,8 +259,9 @@ class BatchMode:
                     retry[key] = request
                     ledger.errors[str(key)] = (f"the reply does not parse: {result.text[:200]!r}"
                                                if isinstance(result, Reply) else str(result))
-            if client.spending is not None:  # what this run reserved for them, if it made them
-                client.spending.settle(self.reserved.pop(shard.shard, 0.0), collected)
+            if client.spending is not None:  # what their reservation held becomes spent
+                client.spending.settle(ledger.reserved, collected)
+            ledger.reserved = 0.0
             if refused:  # re-asked and escalated in realtime, from the batch's reply
                 await shard.send(refused)
             if retry and (stage.spec.batch_fallback or ledger.past_deadline or realtime_rest):
@@ -269,16 +279,17 @@ class BatchMode:
         ledgers.close(shard.shard)
         return True
 
-    def _afford(self, client: Any, shard: int, requests: dict[Key, Request]) -> bool:
-        """Whether a batch of these fits under the run's cost cap (reserved until its
-        replies come back, in this run or a later one)."""
+    @staticmethod
+    def _afford(client: Any, ledger: Ledger, requests: dict[Key, Request]) -> bool:
+        """Whether a batch of these fits under the run's cost cap; what it may cost is
+        reserved in its ledger until its replies come back, in this run or a later one."""
         if client.spending is None:
             return True
         from .llm.price import CostCap, batch_share
 
         most = sum(map(client.most_cost, requests.values())) * batch_share(client.spec.price)
         try:
-            self.reserved[shard] = self.reserved.get(shard, 0.0) + client.spending.reserve(most)
+            ledger.reserved += client.spending.reserve(most)
         except CostCap:
             return False
         return True

@@ -266,9 +266,11 @@ class Run:
                                        failed=self.options.rerun_failed,
                                        ids=self.options.rerun_ids)
                 self.planner.reset_changed_stages()
-                if self.spending is not None:  # what the output as it stands has cost
+                if self.spending is not None:  # what the output as it stands has cost,
                     self.spending.before = sum(self._stage_state(s).totals().cost
                                                for s in self.selected)
+                    self.spending.in_flight = self.batching.reserved(self.selected)  # and
+                    # what the batches earlier runs made may still cost
                 await self._work()
         if self.progress:
             self.progress.finish(self, self.report)

@@ -132,3 +132,17 @@ def test_a_batch_is_made_only_when_it_fits_under_the_cap(project, sim_server):
     assert done.returncode == 0, done.stderr.decode()
     assert server.stats()["batches_created"] == 2
     assert len(read_stage(project / "runs" / "capped", "sentiment")) == 200
+
+
+def test_batches_an_earlier_run_made_count_until_they_are_collected(project, sim_server):
+    server = sim_server("--batch-delay-s", "60")  # still pending at the second run
+    _pipeline(project, server.url, records=200)
+    text = (project / "p.yaml").read_text().replace("    params:", "    mode: batch\n    params:")
+    text = text.replace("    max_concurrency:", "    batch_api: true\n    max_concurrency:")
+    (project / "p.yaml").write_text(text)
+    env = {"SIM_KEY": "k"}
+    for _ in range(2):  # the first makes one batch; the second finds no room for another
+        result = chunbot("run", "p.yaml", "--max-cost", "0.005", "-q", cwd=project, env=env)
+        assert result.returncode == 75, result.stderr.decode()
+        assert server.stats()["batches_created"] == 1
+    assert "--max-cost $0.005 reached" in result.stderr.decode()
