@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable
 
 from .llm.types import Reply, Request
-from .store import Entry, Key
+from .store import Entry, Key, failpoint
 
 if TYPE_CHECKING:
     from .config import Pipeline, StageSpec
@@ -223,8 +223,7 @@ class BatchMode:
                         "intent": ledger.intent}
             for part in split(items, client.spec):
                 batch_id = await api.submit(part, metadata)
-                if os.environ.get("CHUNBOT_FAILPOINT") == "batch-created":
-                    os.kill(os.getpid(), 9)  # tests: die where a crash costs the most
+                failpoint("batch-created")
                 ledger.batches.append(batch_id)
                 ledgers.save()
             return False

@@ -36,16 +36,22 @@ VENDOR_DEFAULTS = {
     "gemini": ("https://generativelanguage.googleapis.com", "GEMINI_API_KEY"),
 }
 DEFAULT_TIMEOUT_S = 600.0
+# The prompt a model takes when its alias gives no `max_input_tokens`: each vendor's
+# current window (the sim's and any OpenAI-compatible server's: OpenAI's).
+DEFAULT_MAX_INPUT_TOKENS = {"sim": 128_000, "openai": 128_000, "anthropic": 200_000,
+                            "gemini": 1_048_576}
+DEFAULT_MAX_LINE_BYTES = 16 << 20  # an input line beyond it is a bad record, never read whole
 DEFAULT_OUTAGE_TIMEOUT_S = 600.0
 DEFAULT_ANTHROPIC_MAX_TOKENS = 4096
 STAGE_KINDS = ("prompt", "filter", "python")
 BUILTIN_MODELS = {"sim": {"provider": "sim", "model": "sim-small"}}
 
 _PIPELINE_KEYS = {"name", "input", "output", "workdir", "id_field", "shard_size", "compress",
-                  "cache", "models", "defaults", "stages", "tests", "executor"}
+                  "cache", "models", "defaults", "stages", "tests", "executor", "max_line_bytes"}
 _MODEL_KEYS = {"provider", "model", "base_url", "api_key_env", "endpoints", "max_concurrency",
                "rpm", "tpm", "price", "headers", "timeout", "max_tokens", "batch_api", "latency_ms",
-               "jitter_ms", "error_rate", "wrong_rate", "flaky_rate", "request_log"}
+               "jitter_ms", "error_rate", "wrong_rate", "flaky_rate", "request_log",
+               "max_input_tokens"}
 _SIM_ONLY_KEYS = {"latency_ms", "jitter_ms", "error_rate", "wrong_rate", "flaky_rate",
                   "request_log"}
 _HTTP_ONLY_KEYS = {"base_url", "api_key_env", "endpoints", "headers", "timeout", "max_tokens",
@@ -90,6 +96,7 @@ class ModelSpec:
     flaky_rate: float = 0.0  # a share of answers wrong at random, as sampling makes them
     request_log: str | None = None
     batch_api: bool = False  # the server has the provider's batch API
+    max_input_tokens: int = DEFAULT_MAX_INPUT_TOKENS["openai"]  # a longer prompt is not sent
 
     def identity(self) -> dict[str, Any]:
         """What decides the replies: part of the fingerprint of every stage using it (and
@@ -173,6 +180,7 @@ class Pipeline:
     executor: str = "local"  # or "ray": where shard jobs run
     ray_address: str | None = None  # the Ray cluster to join ("auto", HOST:PORT); None: a new one
     max_cost: float | None = None  # USD: `defaults.max_cost`, the cap `run --max-cost` sets
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer input line is a bad record
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:
@@ -359,6 +367,7 @@ def _pipeline(path: Path, data: Mapping[str, Any]) -> Pipeline:
     shard_size = top.get("shard_size", int, default=10_000)
     if shard_size < 1:
         raise top.fail("must be at least 1", "shard_size")
+    max_line_bytes = _positive(top, "max_line_bytes", DEFAULT_MAX_LINE_BYTES)
     compress = top.get("compress", str)
     if compress not in (None, "zstd"):
         raise top.fail("must be 'zstd' (or left out for plain .jsonl)", "compress")
@@ -408,7 +417,8 @@ def _pipeline(path: Path, data: Mapping[str, Any]) -> Pipeline:
     return Pipeline(path=path, name=name, input=input_spec, workdir=workdir, id_field=id_field,
                     shard_size=shard_size, compress=compress, models=models, stages=stages,
                     cache=_cache(top), output=output, tests=_tests(top, path.parent, models),
-                    stage_defaults=defaults, max_cost=max_cost, **_executor(top))
+                    stage_defaults=defaults, max_cost=max_cost, max_line_bytes=max_line_bytes,
+                    **_executor(top))
 
 
 @dataclass(frozen=True)
@@ -501,6 +511,11 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
         vendor = all(url.rstrip("/") == vendor_url for url in [base_url, *endpoints])
         if vendor:
             api_key_env = api_key_env or vendor_key_env
+    if api_key_env and any(_USERINFO.match(url) for url in [base_url or "", *endpoints]):
+        # both would be the Authorization header: Basic from the URL, Bearer from the key
+        raise where.fail("a URL with credentials (user:password@) is sent with HTTP Basic "
+                         "auth, api_key_env with a Bearer key: give one of them, not both",
+                         "api_key_env" if "api_key_env" in spec else "base_url")
     price = where.get("price", dict, default={})
     for key, value in price.items():
         if key not in PRICE_KEYS or not isinstance(value, (int, float)):
@@ -528,6 +543,7 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
         request_log=(where.get("request_log", str) and
                      _beside(path.parent, where.get("request_log", str))),
         batch_api=where.get("batch_api", bool, default=vendor),
+        max_input_tokens=_positive(where, "max_input_tokens", DEFAULT_MAX_INPUT_TOKENS[provider]),
     )
 
 

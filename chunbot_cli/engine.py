@@ -25,6 +25,7 @@ from . import batchmode
 from .batchmode import pending_batches
 from .config import ConfigError, Pipeline, StageSpec, check_api_keys
 from .executor import LocalExecutor
+from .export import check_output, remove_orphan_temp_files
 from .flow import Lines, Part, Rows, ShardJob, StageWork
 from .llm.price import Spending
 from .plan import Planner
@@ -32,7 +33,7 @@ from .sinks import DiskStore, InputOrder, MemoryStore, Output, Store
 from .source import InputError, Shard, read_shards, resolve, row_shards
 from .stages import Batch, Stage, StageOutput
 from .stageset import StageSet
-from .state import Counters, StageState, State
+from .state import Counters, Export, StageState, State
 from .store import Entry, Locked, StoreError, Workdir, describe, reason_of
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LATER = 0, 1, 2, 75
@@ -216,6 +217,8 @@ class Run:
         self.report = RunReport(stages={s.name: StageReport() for s in self.selected})
         self.rows = rows
         self.files = [] if rows is not None else resolve(pipeline.input)
+        if not self.memory and rows is None:
+            check_output(pipeline, self.files)
         self.input_bytes = None if rows is not None else _input_size(self.files)
         self.bytes_read = 0
         self.read_through = False  # the whole input has been read
@@ -256,6 +259,8 @@ class Run:
                     self.note(f"took over the lock left by pid {previous_holder}, "
                               "which is no longer running")
                 self.workdir.remove_temp_files()
+                if self.pipeline.output is not None:
+                    remove_orphan_temp_files(self.pipeline.output)
                 self.state = self.workdir.load_state()
                 self.workdir.remove_committed_journals(self.state)
                 self.state.last_run = {"started": _now(), "pid": os.getpid()}
@@ -453,7 +458,8 @@ class Run:
         so the output always carries all of them."""
         if self.output is None:
             return
-        data = self.workdir.read_bytes(self.workdir.part_path(self.selected[-1].name, shard))
+        stage = self.selected[-1].name
+        data = self.workdir.read_part(stage, shard, self.state.stages[stage].shards.get(shard))
         self._emit(shard, data, None)
         if self.output is not None:
             self.output.shard_done(shard)
@@ -601,7 +607,8 @@ class Run:
 
     def _export(self) -> None:
         """`output:` gets the last stage's records once every shard of it is done (with
-        the whole input read, not `--limit`), and again whenever a shard changed."""
+        the whole input read, not `--limit`), and again whenever it no longer holds what
+        the shards do (state.json's `export` says what it was written from)."""
         output, last = self.pipeline.output, self.pipeline.stages[-1]
         if output is None or self.selected[-1] is not last or not self.read_through \
                 or self.options.limit is not None:
@@ -609,14 +616,20 @@ class Run:
         shards = self._stage_state(last).shards
         if len(shards) != self.state.input_shards:
             return
-        if self.report.stages[last.name].shards_run == 0 and output.exists():
+        if self.state.export is not None and self.state.export.holds(str(output), shards):
             return  # nothing new since it was written
         try:
-            count = self.workdir.export(last.name, sorted(shards), output)
+            count = self.workdir.export(last.name, shards, output)
         except OSError as e:
             self.report.errors.append(f"cannot write the output: {describe(e)}")
             self.report.exit_code = EXIT_FAILED
             return
+        except StoreError as e:
+            self.report.errors.append(f"output {output} not written: {e}")
+            self.report.exit_code = EXIT_FAILED
+            return
+        self.state.export = Export(str(output), Export.digest(shards), output.stat().st_size,
+                                   count)
         self.note(f"output: {count:,} records of stage {last.name!r} in {output}")
 
     def _failures(self, stage: StageSpec, count: int) -> StageFailures:

@@ -3,7 +3,8 @@
 A stage's shard is fresh when state.json records it done under the stage's current
 fingerprint (a hash of its definition and its upstream's), made from what is upstream of
 it now — the input shard's digest for the first stage, the upstream shard's commit token
-for the others — and the part file it vouches for still exists. Planning a shard finds the
+for the others — and the part file it vouches for is still there, of the size its commit
+wrote (a part cut short or emptied is recomputed, never trusted). Planning a shard finds the
 first stage that is not fresh; it and everything after it are computed again. These are
 pure functions of the pipeline and the state: what they need of the disk (does a part file
 exist) they are given. `Planner` applies them to a run on its workdir.
@@ -94,7 +95,7 @@ def why_stale(stage: StageSpec, saved: StageState, upstream: StageState | None,
         return "its upstream is stale"
     if missing:
         return (f"the output files of {missing} shard{'s' if missing > 1 else ''} are "
-                "missing (the next run redoes them)")
+                "missing or damaged (the next run redoes them)")
     return None
 
 
@@ -189,10 +190,15 @@ class Planner:
         return stages[planned.start:], planned.source
 
     def _has_part(self, stage: StageSpec, shard: int) -> bool:
-        if self.workdir.part_path(stage.name, shard).exists():
+        """Whether the shard's part file is there as its commit wrote it."""
+        saved = self.state.stages.get(stage.name)
+        entry = saved.shards.get(shard) if saved is not None else None
+        if entry is None:
+            return self.workdir.part_path(stage.name, shard).exists()
+        why = self.workdir.part_damage(stage.name, shard, entry)
+        if why is None:
             return True
         if stage.name not in self.missing_parts:
-            self.note(f"stage {stage.name!r}: the output of shard {shard} is missing "
-                      f"({self.workdir.part_path(stage.name, shard)}): recomputing it")
+            self.note(f"stage {stage.name!r}: {why}: recomputing shard {shard}")
         self.missing_parts.add(stage.name)
         return False

@@ -106,7 +106,8 @@ class DiskStore:
             stage_state.errors_bytes = workdir.drop_errors(stage, {shard})
         if ids is not None:
             workdir.write_id_index(stage, shard, ids)
-        workdir.write_shard(stage, shard, records, trace)
+        entry.part_bytes = workdir.write_shard(stage, shard, records, trace)
+        entry.part_records = records.count(b"\n")
         stage_state.errors_bytes = workdir.append_errors(stage, stage_state.errors_bytes, errors)
         stage_state.shards[shard] = entry
         workdir.save_state(self.state)

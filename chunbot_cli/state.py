@@ -139,14 +139,20 @@ _PLAIN = ("records_in", "records_out", "failed", "filtered", "tokens_in", "token
 class ShardEntry:
     """A committed shard of one stage: what it was made from (`src`: the input shard's
     digest, or the upstream shard's token), its own token (what downstream was made
-    from), and its counts."""
+    from), its counts, and what its part file held when it was committed (bytes on
+    disk and records), so a truncated or emptied part is found without reading it."""
 
     src: str
     token: str
     counts: Counters = field(default_factory=Counters)
+    part_bytes: int | None = None  # None: committed before these were kept
+    part_records: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"src": self.src, "token": self.token, **self.counts.to_json()}
+        data = {"src": self.src, "token": self.token, **self.counts.to_json()}
+        if self.part_bytes is not None:
+            data.update(part_bytes=self.part_bytes, part_records=self.part_records)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "ShardEntry":
@@ -155,7 +161,10 @@ class ShardEntry:
             counts.models = {str(k): ModelCounts.from_json(v) for k, v in data["models"].items()}
         if isinstance(data.get("escalations"), dict):
             counts.escalations = {str(k): int(v) for k, v in data["escalations"].items()}
-        return cls(str(data.get("src", "")), str(data.get("token", "")), counts)
+        part_bytes, part_records = data.get("part_bytes"), data.get("part_records")
+        return cls(str(data.get("src", "")), str(data.get("token", "")), counts,
+                   part_bytes if isinstance(part_bytes, int) else None,
+                   part_records if isinstance(part_records, int) else None)
 
 
 def _new_epoch() -> str:
@@ -200,12 +209,48 @@ class StageState:
 
 
 @dataclass
+class Export:
+    """The `output:` file as the last export wrote it: from which commits of the last
+    stage (`made_from`, a digest of their tokens in order), and its size, so the output
+    is rewritten whenever it no longer holds what the shards do (an export killed before
+    its rename, a shard recomputed, the file changed or gone)."""
+
+    path: str
+    made_from: str
+    size: int
+    records: int
+
+    @staticmethod
+    def digest(shards: dict[int, ShardEntry]) -> str:
+        tokens = ",".join(f"{k}:{shards[k].token}" for k in sorted(shards))
+        return hashlib.blake2b(tokens.encode(), digest_size=12).hexdigest()
+
+    def holds(self, path: str, shards: dict[int, ShardEntry]) -> bool:
+        """Whether the file at `path` is this export of these shards."""
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            return False
+        return (os.path.realpath(path) == os.path.realpath(self.path) and size == self.size
+                and self.made_from == self.digest(shards))
+
+    @classmethod
+    def from_json(cls, data: Any) -> "Export | None":
+        try:
+            return cls(str(data["path"]), str(data["made_from"]), int(data["size"]),
+                       int(data["records"]))
+        except (TypeError, KeyError, ValueError):
+            return None
+
+
+@dataclass
 class State:
     """The whole of state.json."""
 
     stages: dict[str, StageState] = field(default_factory=dict)
     input_shards: int | None = None  # known once a run read the whole input
     last_run: dict[str, Any] = field(default_factory=dict)  # started, pid, ended, exit_code…
+    export: Export | None = None  # what `output:` holds
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"version": STATE_VERSION,
@@ -214,6 +259,8 @@ class State:
             data["input_shards"] = self.input_shards
         if self.last_run:
             data["last_run"] = self.last_run
+        if self.export is not None:
+            data["export"] = vars(self.export)
         return data
 
     @classmethod
@@ -231,4 +278,5 @@ class State:
         shards = data.get("input_shards")
         return cls({name: StageState.from_json(s) for name, s in stages.items()},
                    shards if isinstance(shards, int) else None,
-                   data.get("last_run") if isinstance(data.get("last_run"), dict) else {})
+                   data.get("last_run") if isinstance(data.get("last_run"), dict) else {},
+                   Export.from_json(data.get("export")))

@@ -31,7 +31,7 @@ from typing import IO, Any, Iterable, Iterator
 
 import orjson
 
-from .state import STATE_VERSION, State
+from .state import STATE_VERSION, ShardEntry, State
 
 _DUMP = orjson.OPT_APPEND_NEWLINE
 
@@ -94,6 +94,13 @@ def printable(value: Any) -> Any:
 
 
 TEMP_MARK = ".tmp"
+
+
+def failpoint(name: str) -> None:
+    """Die by SIGKILL here when CHUNBOT_FAILPOINT names this point: tests use it to crash
+    a real run exactly where a crash costs the most (documented in the README)."""
+    if os.environ.get("CHUNBOT_FAILPOINT") == name:
+        os.kill(os.getpid(), 9)
 
 
 def write_atomic(path: Path, data: bytes, sync: bool = True) -> None:
@@ -353,18 +360,49 @@ class Workdir:
             path.unlink(missing_ok=True)
 
     # shard files
-    def write_shard(self, stage: str, shard: int, records: bytes, trace: bytes | None) -> None:
+    def write_shard(self, stage: str, shard: int, records: bytes, trace: bytes | None) -> int:
+        """Write a shard's part and trace files; returns the part's size on disk."""
         folder = self.stage_dir(stage)
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.part_path(stage, shard), self._encode(records))
+        encoded = self._encode(records)
+        write_atomic(self.part_path(stage, shard), encoded)
         if trace is not None:
             write_atomic(self.trace_path(stage, shard), self._encode(trace))
             self._old_trace_path(stage, shard).unlink(missing_ok=True)  # now out of date
         _fsync_dir(folder)
+        return len(encoded)
 
-    def export(self, stage: str, shards: Iterable[int], path: Path) -> int:
+    def part_damage(self, stage: str, shard: int, entry: ShardEntry) -> str | None:
+        """Why a committed shard's part file cannot be trusted (gone, or not the size its
+        commit wrote: cut short, emptied, appended to), or None; one stat, no read."""
+        path = self.part_path(stage, shard)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return f"{path} is missing"
+        if entry.part_bytes is not None and size != entry.part_bytes:
+            return (f"{path} is damaged: {size:,} bytes where its commit wrote "
+                    f"{entry.part_bytes:,}")
+        return None
+
+    def read_part(self, stage: str, shard: int, entry: ShardEntry | None) -> bytes:
+        """A committed part's JSONL, checked against what its commit wrote; raises
+        StoreError naming the file when it is not that."""
+        path = self.part_path(stage, shard)
+        why = self.part_damage(stage, shard, entry) if entry is not None else None
+        data = b"" if why else self.read_bytes(path)
+        records = data.count(b"\n")
+        if why is None and entry is not None and entry.part_records not in (None, records):
+            why = (f"{path} is damaged: {records:,} records where its commit wrote "
+                   f"{entry.part_records:,}")
+        if why:
+            raise StoreError(f"{why}; run again to recompute that shard")
+        return data
+
+    def export(self, stage: str, shards: dict[int, ShardEntry], path: Path) -> int:
         """Write the stage's records of `shards`, in order, to one JSONL file (zstd when it
-        ends in .zst), atomically; returns how many records it holds."""
+        ends in .zst), atomically; returns how many records it holds. Raises StoreError
+        when a part is not what its commit wrote (the output is left as it was)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         count = 0
         with atomic_file(path) as raw:
@@ -372,12 +410,13 @@ class Workdir:
             if path.name.endswith(".zst"):
                 import zstandard
                 sink = zstandard.ZstdCompressor(level=3).stream_writer(raw, closefd=False)
-            for shard in shards:
-                data = self.read_bytes(self.part_path(stage, shard))
+            for shard in sorted(shards):
+                data = self.read_part(stage, shard, shards[shard])
                 count += data.count(b"\n")
                 sink.write(data)
             if sink is not raw:
                 sink.close()
+            failpoint("export-written")
         return count
 
     def read_shard(self, stage: str, shard: int) -> list[dict[str, Any]]:

@@ -349,6 +349,31 @@ def test_a_deleted_part_file_is_no_longer_fresh_and_the_next_run_redoes_it(proje
     assert [r["state"] for r in rows] == ["fresh"] * 3
 
 
+@pytest.mark.parametrize("damage", ["half", "ten lines", "empty", "torn last line"])
+def test_a_truncated_or_emptied_part_file_is_not_trusted(project, damage):
+    """state.json knows each part's size and records: a part cut short is redone, the
+    output complete, and status names the file until then."""
+    pipeline = make(project)
+    workdir = project / "runs/t"
+    assert chunbot("run", str(pipeline), "-q", cwd=project).returncode == 0
+    part = workdir / "sentiment/part-00001.jsonl"
+    data = part.read_bytes()
+    lines = data.splitlines(keepends=True)
+    part.write_bytes({"half": b"".join(lines[:10]), "ten lines": b"".join(lines[:-10]),
+                      "empty": b"", "torn last line": data[:-7]}[damage])
+
+    rows = json.loads(chunbot("status", str(pipeline), "--json", cwd=project).stdout)["stages"]
+    assert rows[0]["state"] == "stale" and "damaged" in rows[0]["why"], rows[0]
+    result = chunbot("run", str(pipeline), "-q", cwd=project)
+    assert result.returncode == 0, result.stderr.decode()
+    err = no_traceback(result)
+    assert "part-00001.jsonl is damaged" in err, err
+    assert [r["_id"] for r in read_stage(workdir, "sentiment")] == ids(60)
+    assert part.read_bytes() == data
+    rows = json.loads(chunbot("status", str(pipeline), "--json", cwd=project).stdout)["stages"]
+    assert [r["state"] for r in rows] == ["fresh"] * 3
+
+
 @pytest.mark.parametrize("deleted", ["sentiment", "negatives"])
 def test_a_deleted_upstream_part_and_an_edited_downstream_prompt_finish(project, deleted):
     """The edited stage must read the shard whose part is gone: it is made again first."""

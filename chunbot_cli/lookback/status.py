@@ -13,7 +13,7 @@ from typing import Any
 from ..config import Pipeline
 from ..plan import why_stale
 from ..progress import model_lines
-from ..state import StageState
+from ..state import StageState, State
 from ..store import Workdir
 
 
@@ -37,7 +37,8 @@ def status(pipeline: Pipeline) -> dict[str, Any]:
         row["shards_done"] = len(shards)
         row.update(saved.totals().to_json())
         row["cost"], row["cost_full"] = round(row["cost"], 6), round(row["cost_full"], 6)
-        missing = sum(1 for k in shards if not workdir.part_path(stage.name, k).exists())
+        missing = sum(1 for k, entry in shards.items()
+                      if workdir.part_damage(stage.name, k, entry) is not None)
         why = why_stale(stage, saved, upstream, upstream_stale, missing)
         if why is None and total is not None and len(shards) < total:
             why = f"{total - len(shards)} of {total} shards not done"
@@ -49,7 +50,24 @@ def status(pipeline: Pipeline) -> dict[str, Any]:
         stages.append(row)
         upstream, upstream_stale = saved, why is not None
     return {"pipeline": pipeline.name, "workdir": str(pipeline.workdir), "stages": stages,
-            "last_run": state.last_run or None}
+            "output": _output(pipeline, state, stages[-1]), "last_run": state.last_run or None}
+
+
+def _output(pipeline: Pipeline, state: State, last: dict[str, Any]) -> dict[str, Any] | None:
+    """Whether `output:` holds what the last stage's shards do (state.json's export)."""
+    if pipeline.output is None:
+        return None
+    path = str(pipeline.output)
+    saved = state.stages.get(pipeline.stages[-1].name)
+    if state.export is not None and saved is not None \
+            and state.export.holds(path, saved.shards):
+        return {"path": path, "state": "fresh", "records": state.export.records}
+    why = ("not written yet" if not pipeline.output.exists() else
+           "it does not hold what the last stage's shards do (changed since it was written, "
+           "or its export was cut short)")
+    if last["state"] == "fresh":
+        why += ": the next run writes it"
+    return {"path": path, "state": "stale", "why": why}
 
 
 def render(report: dict[str, Any]) -> str:
@@ -81,6 +99,11 @@ def render(report: dict[str, Any]) -> str:
         counts = ", ".join(f"{k} {v}" for k, v in (row.get("counts") or {}).items())
         lines.append(f"batch {row['batch']} ({row['stage']}, shard {row['shard']}): "
                      f"{row['status']}" + (f"; {counts}" if counts else ""))
+    output = report.get("output")
+    if output:
+        lines.append(f"output {output['path']}: " + (
+            f"fresh, {output['records']:,} records" if output["state"] == "fresh"
+            else f"stale: {output['why']}"))
     last = report.get("last_run")
     if last:
         lines.append(f"last run: started {last.get('started')}, ended {last.get('ended', '-')}, "
