@@ -23,6 +23,8 @@ from typing import Any, Callable, Mapping
 import orjson
 import yaml
 
+from .source import MAX_LINE_BYTES
+
 
 class ConfigError(Exception):
     """A pipeline file that cannot be run; the message is meant for the user as is."""
@@ -40,7 +42,6 @@ DEFAULT_TIMEOUT_S = 600.0
 # current window (the sim's and any OpenAI-compatible server's: OpenAI's).
 DEFAULT_MAX_INPUT_TOKENS = {"sim": 128_000, "openai": 128_000, "anthropic": 200_000,
                             "gemini": 1_048_576}
-DEFAULT_MAX_LINE_BYTES = 16 << 20  # an input line beyond it is a bad record, never read whole
 DEFAULT_OUTAGE_TIMEOUT_S = 600.0
 DEFAULT_ANTHROPIC_MAX_TOKENS = 4096
 STAGE_KINDS = ("prompt", "filter", "python")
@@ -180,7 +181,7 @@ class Pipeline:
     executor: str = "local"  # or "ray": where shard jobs run
     ray_address: str | None = None  # the Ray cluster to join ("auto", HOST:PORT); None: a new one
     max_cost: float | None = None  # USD: `defaults.max_cost`, the cap `run --max-cost` sets
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES  # a longer input line is a bad record
+    max_line_bytes: int = MAX_LINE_BYTES  # a longer input line is a bad record
 
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:
@@ -367,7 +368,7 @@ def _pipeline(path: Path, data: Mapping[str, Any]) -> Pipeline:
     shard_size = top.get("shard_size", int, default=10_000)
     if shard_size < 1:
         raise top.fail("must be at least 1", "shard_size")
-    max_line_bytes = _positive(top, "max_line_bytes", DEFAULT_MAX_LINE_BYTES)
+    max_line_bytes = _positive(top, "max_line_bytes", MAX_LINE_BYTES)
     compress = top.get("compress", str)
     if compress not in (None, "zstd"):
         raise top.fail("must be 'zstd' (or left out for plain .jsonl)", "compress")

@@ -403,7 +403,8 @@ class Run:
         if self.rows is not None:
             yield from row_shards(self.rows, self.pipeline.shard_size, self.options.limit)
             return
-        for shard in read_shards(self.files, self.pipeline.shard_size, self.options.limit):
+        for shard in read_shards(self.files, self.pipeline.shard_size, self.options.limit,
+                                 self.pipeline.max_line_bytes):
             yield shard, None
 
     async def _walk(self, stages: dict[str, Stage]) -> None:

@@ -237,7 +237,7 @@ class _Estimator:
     def walk(self, limit: int | None) -> Estimate:
         lines = 0
         for shard in read_shards(resolve(self.pipeline.input), self.pipeline.shard_size,
-                                 limit):
+                                 limit, self.pipeline.max_line_bytes):
             lines += len(shard.lines)
             planned = plan_shard(self.stages, self.stages, self.saved, shard.index,
                                  shard.digest, self._has_part, lambda *_: False)

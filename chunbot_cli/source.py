@@ -21,6 +21,7 @@ import orjson
 
 
 BLOCK_SIZE = 1 << 22
+MAX_LINE_BYTES = 16 << 20  # a longer input line is a bad record (`max_line_bytes:`)
 
 
 class InputError(Exception):
@@ -118,34 +119,31 @@ def _blocks(name: str) -> Iterator[bytes]:
                              "(truncated?)")
 
 
-def read_shards(files: list[str], shard_size: int, limit: int | None = None) -> Iterator[Shard]:
+def read_shards(files: list[str], shard_size: int, limit: int | None = None,
+                max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[Shard]:
     """Cut the input into shards of `shard_size` lines (the last may be shorter).
 
     Blank lines count as positions, so record ids and line numbers stay stable. Input is
     read in large blocks and split in C: a per-line Python loop here would cost more than
-    everything else a passthrough stage does.
+    everything else a passthrough stage does. A line over `max_line_bytes` is never held
+    whole: it stands as an `Oversized` mark, which parsing turns into a bad record.
     """
     shard = Shard(index=0, start=0, lines=[])
     position = 0
     for name in files:
-        blocks = _blocks(name)
-        consumed, first, tail = 0, 1, b""
+        pieces = _lines(_blocks(name), max_line_bytes)
+        consumed, first = 0, 1
         try:
             while limit is None or position < limit:
                 try:
-                    block = next(blocks, b"")
+                    lines = next(pieces, None)
                 except InputError:  # the file breaks off: what came before it still counts
                     if consumed >= first:
                         shard.origins.append((name, first, consumed - first + 1))
                     if shard.lines:
                         yield _sealed(shard)
                     raise
-                if block:
-                    lines = (tail + block).split(b"\n")
-                    tail = lines.pop()
-                elif tail:
-                    lines, tail = [tail], b""
-                else:
+                if lines is None:
                     break
                 taken = 0
                 while taken < len(lines) and (limit is None or position < limit):
@@ -165,11 +163,55 @@ def read_shards(files: list[str], shard_size: int, limit: int | None = None) -> 
         except OSError as e:
             raise InputError(f"input {name!r}: {e.strerror or e}") from None
         finally:
-            blocks.close()
+            pieces.close()
         if consumed >= first:
             shard.origins.append((name, first, consumed - first + 1))
     if shard.lines:
         yield _sealed(shard)
+
+
+class Oversized(bytes):
+    """In place of an input line longer than `max_line_bytes`, which is not kept: its
+    size (part of the shard's digest, as the line's bytes would be) and the limit."""
+
+    def __new__(cls, size: int, limit: int) -> "Oversized":
+        line = super().__new__(cls, f"<a line of {size:,} bytes, not read>".encode())
+        line.size, line.limit = size, limit
+        return line
+
+    def __reduce__(self) -> Any:  # pickled (for Ray) as what it is
+        return Oversized, (self.size, self.limit)
+
+
+def _lines(blocks: Iterator[bytes], limit: int) -> Iterator[list[bytes]]:
+    """The lines of a file's blocks, a list per block; a line over `limit` bytes is
+    skipped to its end as it streams by, so memory stays bounded by the limit."""
+    tail, skipped = b"", None  # skipped: the bytes so far of an oversized line
+    try:
+        for block in blocks:
+            lines: list[bytes] = []
+            if skipped is not None:
+                end = block.find(b"\n")
+                if end < 0:
+                    skipped += len(block)
+                    continue
+                lines.append(Oversized(skipped + end, limit))
+                block, skipped = block[end + 1:], None
+            parts = (tail + block).split(b"\n")
+            tail = parts.pop()
+            if len(block) > limit:  # a whole line this long fits in one block
+                parts = [Oversized(len(p), limit) if len(p) > limit else p for p in parts]
+            if len(tail) > limit:
+                tail, skipped = b"", len(tail)
+            yield lines + parts
+        if skipped is not None:
+            yield [Oversized(skipped, limit)]
+        elif tail:
+            yield [tail]
+    finally:
+        close = getattr(blocks, "close", None)
+        if close is not None:
+            close()
 
 
 def _sealed(shard: Shard) -> Shard:
@@ -181,6 +223,9 @@ def _sealed(shard: Shard) -> Shard:
 
 def parse_line(line: bytes) -> tuple[dict[str, Any] | None, str | None]:
     """(record, None), (None, None) for a blank line, or (None, why it is not a record)."""
+    if isinstance(line, Oversized):
+        return None, (f"the line is {line.size:,} bytes, over max_line_bytes "
+                      f"({line.limit:,}): it was not read")
     try:
         record = orjson.loads(line)
     except orjson.JSONDecodeError as e:

@@ -356,7 +356,8 @@ class LLMStage:
                 finish(entry, False)
                 continue
             try:
-                firsts[key] = self.cascade(record)[1][0]
+                cascade = self.cascade(record)[1]
+                firsts[key] = cascade[0]
             except Exception as e:  # an error in a `when` is this record's failure
                 error = f"route: {_describe(e)}"
                 finish(Entry(key, {"_id": record.get("_id"), "stage": self.spec.name,
@@ -364,8 +365,11 @@ class LLMStage:
                 continue
             try:
                 requests[key] = self.request(record)
+                error = self.too_long(cascade, requests[key])
             except Exception as e:  # a template error is this record's failure
                 error = f"template: {_describe(e)}"
+            if error is not None:
+                requests.pop(key, None)
                 finish(Entry(key, {"_id": record.get("_id"), "stage": self.spec.name,
                                    "error": error}, error=error), True)
         if self.cache is not None and self.cache_read and requests:
@@ -388,6 +392,21 @@ class LLMStage:
         return Request(messages=messages, params=self.spec.params,
                        prompt_cache=self.spec.prompt_cache, static_prefix=self.static_prefix,
                        schema=self.spec.schema if self.spec.structured else None)
+
+    @staticmethod
+    def too_long(clients: list["ModelClient"], request: Request) -> str | None:
+        """Why `request` is sent to none of `clients`: its prompt is over each one's
+        `max_input_tokens` (a record that is, fails before any request is paid for)."""
+        from .llm.tokens import over
+
+        tokens = None
+        for client in clients:
+            tokens = over(request.messages, client.spec.max_input_tokens)
+            if tokens is None:
+                return None
+        limits = ", ".join(f"{c.spec.alias!r} ({c.spec.max_input_tokens:,})" for c in clients)
+        return (f"the prompt is about {tokens:,} tokens, over max_input_tokens of {limits}: "
+                "not sent")
 
     def cache_key(self, client: "ModelClient", request: Request) -> bytes:
         return self.key_makers[client.spec.alias](request)
@@ -464,6 +483,9 @@ class LLMStage:
                 # refused, it is found again here rather than asked again
                 if cache_key is not None and self.cache_read and (n or asked or self.checks):
                     reply = (await self.cache.get_many([cache_key])).get(cache_key)
+                if reply is None and self.too_long([client], ask):  # the next model may take it
+                    error = f"model {client.spec.alias!r}: {self.too_long([client], ask)}"
+                    break
                 if reply is None:
                     result = await client.complete(ask, self.spec.retries,
                                                    self.spec.outage_timeout)

@@ -651,3 +651,80 @@ def test_validate_says_nothing_when_the_records_have_every_field(project):
     pipeline = make(project)
     result = chunbot("validate", str(pipeline), cwd=project)
     assert result.returncode == 0 and result.stderr.decode() == ""
+
+
+# 11. a line or a prompt too big for any model fails alone, before anything is paid
+
+def test_an_input_line_over_max_line_bytes_is_a_bad_record_read_in_bounded_memory(project):
+    pipeline = make(project, n=6)
+    pipeline.write_text(pipeline.read_text().replace("shard_size: 20",
+                                                     "shard_size: 20\nmax_line_bytes: 1000000"))
+    records = reviews(6)
+    with open(project / "data.jsonl", "w") as f:
+        for i, record in enumerate(records):
+            if i == 2:
+                record["text"] = "x" * (80 << 20)  # 80 MB in one line
+            f.write(json.dumps(record) + "\n")
+    del records
+    process = subprocess.Popen([sys.executable, "-m", "chunbot_cli", "run", str(pipeline), "-q"],
+                               cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, stderr.decode()
+    no_traceback(subprocess.CompletedProcess([], 1, b"", stderr))
+    [error] = read_jsonl(project / "runs/t/sentiment/errors.jsonl")
+    assert error["line"] == 3 and "over max_line_bytes (1,000,000)" in error["error"]
+    assert "83,886,107 bytes" in error["error"]  # its size, counted as it streamed by
+    assert len(error["raw"]) < 100
+    assert [r["_id"] for r in read_stage(project / "runs/t", "sentiment")] == \
+        ["r0000", "r0001", "r0003", "r0004", "r0005"]
+    assert "r0002" not in "".join(logged_keys(project))
+
+
+def test_peak_memory_stays_far_below_an_oversized_line(project):
+    pipeline = make(project, n=3)
+    pipeline.write_text(pipeline.read_text().replace("shard_size: 20",
+                                                     "shard_size: 20\nmax_line_bytes: 1000000"))
+    with open(project / "data.jsonl", "w") as f:
+        f.write(json.dumps({"id": "big", "text": "y" * (300 << 20)}) + "\n")
+    script = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:]); "
+              "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", script, sys.executable, "-m", "chunbot_cli",
+                             "run", str(pipeline), "-q"], cwd=project, capture_output=True,
+                            timeout=120)
+    peak_kb = int(result.stdout.split()[-1])
+    assert peak_kb < 250_000, f"{peak_kb} KB for a 300 MB line"
+
+
+def test_a_prompt_over_max_input_tokens_is_not_sent_and_the_next_model_takes_it(project):
+    (project / "data.jsonl").write_text(
+        json.dumps({"id": "short", "text": "great"}) + "\n"
+        + json.dumps({"id": "long", "text": "word " * 400}) + "\n"
+        + json.dumps({"id": "longest", "text": "word " * 4000}) + "\n")
+    (project / "p.yaml").write_text("""
+name: t
+input: data.jsonl
+models:
+  small: {provider: sim, model: sim-small, max_input_tokens: 100, request_log: small.log}
+  big: {provider: sim, model: sim-large, max_input_tokens: 1000, request_log: big.log}
+stages:
+  - {name: one, model: small, prompt: "Label: {{ text }}"}
+""")
+    p = config.load(project / "p.yaml")
+    report = engine.run(p)
+    assert report.exit_code == 1
+    errors = {e["_id"]: e["error"] for e in read_jsonl(project / "runs/t/one/errors.jsonl")}
+    assert set(errors) == {"long", "longest"}
+    assert "over max_input_tokens of 'small' (100): not sent" in errors["long"]
+    assert len((project / "small.log").read_text().splitlines()) == 1  # "short" only
+
+    (project / "small.log").unlink()
+    cascade = project / "p.yaml"
+    cascade.write_text(cascade.read_text().replace("model: small, prompt", "model: [small, big], prompt"))
+    report = engine.run(config.load(cascade), engine.RunOptions(cache="off"))
+    assert report.exit_code == 1
+    two = {r["_id"]: r for r in read_stage(project / "runs/t", "one")}
+    assert set(two) == {"short", "long"}  # big took the long one
+    [error] = read_jsonl(project / "runs/t/one/errors.jsonl")
+    assert error["_id"] == "longest" and "of 'small' (100), 'big' (1,000): not sent" in error["error"]
+    assert len((project / "small.log").read_text().splitlines()) == 1
+    assert len((project / "big.log").read_text().splitlines()) == 1

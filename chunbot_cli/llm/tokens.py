@@ -84,3 +84,23 @@ def prompt_tokens(messages: list[dict[str, Any]]) -> int:
                          if isinstance(part, dict) and isinstance(part.get("text"), str))
         total += 4
     return total
+
+
+MOST_TOKENS_PER_CHAR = 4  # byte-level BPE: a character is at most its UTF-8 bytes
+FEWEST_TOKENS_PER_CHAR = 1 / 16  # no tokenizer packs more than this into one token
+
+
+def over(messages: list[dict[str, Any]], limit: int) -> int | None:
+    """The prompt's tokens when they are more than `limit`, else None. Counting costs a
+    pass over the text, so a prompt that fits by its length alone is not counted (every
+    ordinary one), nor one far beyond the limit by its length (its count is then that
+    bound)."""
+    chars = sum(len(m["content"]) if isinstance(m.get("content"), str) else
+                sum(len(p.get("text") or "") for p in m["content"] if isinstance(p, dict))
+                if isinstance(m.get("content"), list) else 0 for m in messages)
+    if chars * MOST_TOKENS_PER_CHAR + 4 * len(messages) <= limit:
+        return None
+    if chars * FEWEST_TOKENS_PER_CHAR > limit:
+        return int(chars * FEWEST_TOKENS_PER_CHAR)
+    tokens = prompt_tokens(messages)
+    return tokens if tokens > limit else None

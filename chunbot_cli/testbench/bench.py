@@ -286,7 +286,7 @@ def _cases(files: list[str], pipeline: Any, limit: int | None
     from ..source import read_shards
 
     folder = Path(pipeline.path).parent
-    for shard in read_shards(files, pipeline.shard_size, limit):
+    for shard in read_shards(files, pipeline.shard_size, limit, pipeline.max_line_bytes):
         found = []
         for i, line in enumerate(shard.lines):
             position = shard.start + i
