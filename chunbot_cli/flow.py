@@ -140,6 +140,7 @@ async def run_job(job: ShardJob, stages: Mapping[str, Stage], events: JobEvents)
                 item = item + more
             await stage_shard.feed(item)
         if end == _GIVE_UP:
+            await stage_shard.abandon()
             if after is not None:
                 after.put_nowait(_GIVE_UP)
             return

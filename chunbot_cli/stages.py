@@ -84,6 +84,9 @@ class StageShard(Protocol):
 
     async def finish(self) -> StageOutput | Waiting: ...
 
+    async def abandon(self) -> None: ...  # it will not be whole in this run (upstream
+    # waits): send nothing more, and wait for the requests in flight to be journaled
+
 
 class Stage(Protocol):
     spec: StageSpec
@@ -205,6 +208,9 @@ class _MappedShard:
 
     async def finish(self) -> StageOutput:
         return self.out.output()
+
+    async def abandon(self) -> None:
+        pass
 
 
 class _PerRecord:
@@ -647,6 +653,13 @@ class LLMShard:
         if self.held:
             return "max_cost"
         return self.out.output(self.trace)
+
+    async def abandon(self) -> None:
+        """Its replies in flight are paid for: they are journaled before the run ends (so
+        the next run does not ask again), the queued requests are left for it."""
+        self.queue.clear()
+        while self.workers:
+            await asyncio.gather(*self.workers)
 
 
 def follow_up(request: Request, reply: str, why: str) -> Request:

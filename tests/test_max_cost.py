@@ -146,3 +146,37 @@ def test_batches_an_earlier_run_made_count_until_they_are_collected(project, sim
         assert result.returncode == 75, result.stderr.decode()
         assert server.stats()["batches_created"] == 1
     assert "--max-cost $0.005 reached" in result.stderr.decode()
+
+
+def test_a_capped_stop_waits_for_its_requests_in_flight_and_the_next_run_pays_none_twice(
+        project, sim_server):
+    """Two LLM stages, the second at work on records while the first is capped: its
+    requests in flight are answered and journaled before the process exits."""
+    server = sim_server("--latency-ms", "300")
+    _pipeline(project, server.url, records=400)
+    pipeline = project / "p.yaml"
+    pipeline.write_text(pipeline.read_text() + """
+  - name: summary
+    model: m
+    prompt: "Summarize in five words: {{ text }}"
+    params: {max_tokens: 8}
+""")
+    env = {"SIM_KEY": "k"}
+    first = chunbot("run", "p.yaml", "--max-cost", "0.004", "-q", cwd=project, env=env)
+    assert first.returncode == 75, first.stderr.decode()
+    err = first.stderr.decode()
+    assert "Traceback" not in err and "never retrieved" not in err, err
+    at_exit = server.stats()
+    import time
+
+    time.sleep(0.8)  # longer than a request takes: nothing of the run is still out
+    assert server.stats()["requests"] == at_exit["requests"]
+
+    for cap in ("0.008", "1"):
+        again = chunbot("run", "p.yaml", "--max-cost", cap, "-q", cwd=project, env=env)
+        err = again.stderr.decode()
+        assert "Traceback" not in err and "never retrieved" not in err, err
+    assert again.returncode == 0, err
+    assert len(read_stage(project / "runs" / "capped", "summary")) == 400
+    stats = server.stats()
+    assert stats["answered"] == 800 and stats["repeated"] == 0
