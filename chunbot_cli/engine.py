@@ -86,6 +86,7 @@ class StageReport:
     shards_skipped: int = 0
     batches_pending: int = 0
     capped: int = 0  # shards the cost cap left unfinished
+    stopped: int = 0  # shards left unfinished when the stage's tripwire stopped it
     first_start: float | None = None
     last_end: float | None = None
 
@@ -293,6 +294,7 @@ class Run:
                 self.progress.start(self)
             ticker = asyncio.create_task(self._tick())
             await self._walk(stages.stages)
+            self._tripped(stages.stages)
         except asyncio.CancelledError:
             if self.stopped_by is not None:
                 self._record_interruption()
@@ -311,6 +313,20 @@ class Run:
 
                 ray.shutdown()
         self._finish()
+
+    def _tripped(self, stages: dict[str, Stage]) -> None:
+        """A stage whose first records all failed one way stopped: say so in one line (an
+        error: exit 1) and forget those failures, so the run after the fix asks again."""
+        for name, stage in stages.items():
+            if stage.tripwire.tripped is None:
+                continue
+            self.report.errors.append(
+                f"stage {name!r} stopped: its first {stage.tripwire.limit} records all failed "
+                f"with: {stage.tripwire.tripped}; nothing more was sent. Fix that, then run "
+                "the same command again: it goes on from what finished")
+            if not self.memory:
+                self.store.shutdown()  # every journal closed
+                self.workdir.forget_failures(name, self.state)
 
     def stop(self, signum: int) -> None:
         """Stop the run the way SIGINT and SIGTERM do: no new requests, what finished is
@@ -416,7 +432,8 @@ class Run:
         try:
             try:
                 for shard, rows in self._shards():
-                    if self.stopping or self.spending is not None and self.spending.reached:
+                    if self.stopping or self.spending is not None and self.spending.reached \
+                            or any(stage.tripwire.tripped for stage in stages.values()):
                         break
                     count += 1
                     self.report.lines_read += len(rows) if rows is not None else len(shard.lines)
@@ -446,7 +463,7 @@ class Run:
             raise
         if count == 0:
             self.note("input is empty: nothing to do")
-        elif not any(stage.shards_run or stage.batches_pending or stage.capped
+        elif not any(stage.shards_run or stage.batches_pending or stage.capped or stage.stopped
                      for stage in self.report.stages.values()) \
                 and not self.report.errors and not self.memory:
             self.note("every selected stage is up to date: nothing to do")
@@ -545,6 +562,8 @@ class Run:
         report = self.report.stages[stage]
         if why == "max_cost":
             report.capped += 1
+        elif why == "failing":
+            report.stopped += 1
         else:
             report.batches_pending += 1
 

@@ -30,7 +30,7 @@ from .config import StageSpec, import_callable
 from .llm.price import CostCap, batch_share, full_price, price
 from .llm.types import Reply, Request
 from .state import Counters
-from .store import Entry, Key
+from .store import Entry, Key, reason_of
 
 if TYPE_CHECKING:
     from .batchmode import BatchMode
@@ -75,8 +75,36 @@ class Outlet:
 
 # Why a stage's shard is not whole at the end of a run (its finished records stay in the
 # journal for the next): "batches", provider batches are pending; "max_cost", the run's
-# cost cap stopped its requests.
+# cost cap stopped its requests; "failing", the stage's Tripwire stopped it.
 Waiting = str
+
+SYSTEMATIC_FAILURES = 50  # a stage whose first this many records of a run all fail the
+# same way stops (a template field no record has, a wrong key, a refused request)
+
+
+@dataclass
+class Tripwire:
+    """Watches the first records a stage finishes in a run: when `limit` of them in a
+    row fail for one reason, that reason is not a record's but the stage's, and every
+    record would fail the same way at a cost: `tripped` says why, and the stage sends
+    nothing more. One reply that works (or another reason) disarms it for the run."""
+
+    limit: int = SYSTEMATIC_FAILURES
+    seen: int = 0
+    reason: str | None = None
+    armed: bool = True
+    tripped: str | None = None
+
+    def watch(self, entry: Entry) -> None:
+        if not self.armed:
+            return
+        reason = reason_of({"error": entry.error}) if entry.failed else None
+        if reason is None or self.seen and reason != self.reason:
+            self.armed = False
+            return
+        self.seen, self.reason = self.seen + 1, reason
+        if self.seen >= self.limit:
+            self.tripped, self.armed = reason, False
 
 
 class StageShard(Protocol):
@@ -91,6 +119,7 @@ class StageShard(Protocol):
 class Stage(Protocol):
     spec: StageSpec
     concurrency: int  # requests it may have in flight
+    tripwire: Tripwire  # tripped: it stopped, its records all failing the same way
 
     def open(self, shard: int, source: str, outlet: Outlet,
              done: dict[Key, Entry] | None = None, mode: str | None = None) -> StageShard: ...
@@ -218,6 +247,7 @@ class _PerRecord:
 
     spec: StageSpec
     concurrency = 0  # requests it may have in flight: none
+    tripwire = Tripwire(armed=False)  # it costs nothing, so it never stops early
 
     def open(self, shard: int, source: str, outlet: Outlet,
              done: dict[Key, Entry] | None = None, mode: str | None = None) -> StageShard:
@@ -325,6 +355,7 @@ class LLMStage:
         self.checks = bool(spec.accept or spec.schema or spec.reask)  # replies may be refused
         self.system = templates.compile_template(spec.system) if spec.system else None
         self.prompt = templates.compile_template(spec.prompt or "")
+        self.tripwire = Tripwire()
         self.static_prefix = (len(templates.static_prefix(spec.prompt or ""))
                               if spec.prompt_cache else 0)
 
@@ -588,17 +619,21 @@ class LLMShard:
         self.out = _Collected(stage.spec.name)
         self.queue: deque[tuple[Key, Request]] = deque()
         self.workers: set[asyncio.Task[None]] = set()
-        self.held = 0  # records the cost cap kept from being sent
+        self.held = 0  # records the cost cap or the tripwire kept from being sent
 
     async def feed(self, batch: Batch) -> None:
         records = dict(zip(*batch))
         self.records.update(records)
-        if self.mode is None:  # batch modes wait for the whole shard
+        if self.stage.tripwire.tripped:
+            self.held += len(records)
+        elif self.mode is None:  # batch modes wait for the whole shard
             self.send_later(await self.stage.requests(records, self.done, self.complete))
 
     def complete(self, entry: Entry, new: bool = True) -> None:
         """One record is done: report it, keep its trace, pass it on (or keep its failure)."""
         self.finished[entry.key] = entry
+        if new:
+            self.stage.tripwire.watch(entry)
         self.outlet.entry(entry, new)
         self.out.counts.count(entry)
         self.trace.append((entry.key, entry.trace))
@@ -627,6 +662,10 @@ class LLMShard:
     async def _work(self) -> None:
         process, queue = self.stage.process, self.queue
         while queue:
+            if self.stage.tripwire.tripped:
+                self.held += len(queue)
+                queue.clear()
+                return
             key, request = queue.popleft()
             try:
                 entry = await process(key, self.records[key], request)
@@ -649,10 +688,13 @@ class LLMShard:
             assert self.stage.batches is not None, "a shard in batch mode needs BatchMode"
             self.records = dict(sorted(self.records.items(), key=_first))
             if not await self.stage.batches.run(self, realtime_rest=self.mode == "collect"):
-                return "max_cost" if self.held else "batches"
+                return self._held() if self.held else "batches"
         if self.held:
-            return "max_cost"
+            return self._held()
         return self.out.output(self.trace)
+
+    def _held(self) -> Waiting:
+        return "failing" if self.stage.tripwire.tripped else "max_cost"
 
     async def abandon(self) -> None:
         """Its replies in flight are paid for: they are journaled before the run ends (so

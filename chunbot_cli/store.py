@@ -275,6 +275,18 @@ class Workdir:
                                                     entry.src) is not None:
                 path.unlink(missing_ok=True)  # it served the journal of that commit
 
+    def forget_failures(self, stage: str, state: State) -> None:
+        """Drop the failed records from the stage's journals of uncommitted shards, so
+        the next run asks for them again (they failed for the stage, not for themselves)."""
+        for path in self.stage_dir(stage).glob("part-*.journal"):
+            entry = state.stages[stage].shards.get(int(path.name[5:10])) \
+                if stage in state.stages else None
+            if entry is not None and _journal_token(path) == entry.token:
+                continue  # committed from it
+            lines = path.read_bytes().split(b"\n")
+            kept = [line for line in lines[1:] if line and not _failed_entry(line)]
+            write_atomic(path, b"\n".join([lines[0], *kept]) + b"\n")
+
     # lock
     @contextmanager
     def lock(self) -> Iterator[str | None]:
@@ -488,6 +500,14 @@ class Workdir:
         kept = b"".join(line for line in lines if _shard_of(line) not in shards)
         write_atomic(path, kept)
         return len(kept)
+
+
+def _failed_entry(line: bytes) -> bool:
+    try:
+        entry = Entry.from_json(orjson.loads(line))
+    except orjson.JSONDecodeError:
+        return True  # torn: dropped as a load would
+    return entry is None or entry.failed
 
 
 def _journal_token(path: Path) -> str | None:

@@ -728,3 +728,51 @@ stages:
     assert error["_id"] == "longest" and "of 'small' (100), 'big' (1,000): not sent" in error["error"]
     assert len((project / "small.log").read_text().splitlines()) == 1
     assert len((project / "big.log").read_text().splitlines()) == 1
+
+
+# 12. a stage whose first records all fail the same way stops early
+
+def test_a_wrong_key_stops_the_stage_after_its_first_records_and_the_fixed_run_goes_on(
+        project, sim_server):
+    server = sim_server("--api-key", "right", "--latency-ms", "5")
+    write_jsonl(project / "data.jsonl", reviews(600))
+    (project / "p.yaml").write_text(f"""
+name: t
+input: data.jsonl
+shard_size: 100
+models:
+  m: {{provider: openai, model: sim-small, base_url: "{server.url}/v1", api_key_env: KEY,
+      max_concurrency: 4}}
+stages:
+  - {{name: sentiment, model: m, prompt: "Label: {{{{ text }}}}"}}
+""")
+    wrong = chunbot("run", "p.yaml", "-q", cwd=project, env={"KEY": "wrong"})
+    assert wrong.returncode == 1
+    err = no_traceback(wrong)
+    [line] = [line for line in err.splitlines() if "stopped" in line]
+    assert "first 50 records all failed" in line and "401" in line, line
+    assert server.stats()["requests"] <= 50 + 4  # then nothing more was sent
+
+    fixed = chunbot("run", "p.yaml", "-q", cwd=project, env={"KEY": "right"})
+    assert fixed.returncode == 0, fixed.stderr.decode()
+    assert [r["_id"] for r in read_stage(project / "runs/t", "sentiment")] == ids(600)
+    assert not (project / "runs/t/sentiment/errors.jsonl").read_bytes() \
+        if (project / "runs/t/sentiment/errors.jsonl").exists() else True
+
+
+def test_a_template_field_no_record_has_stops_the_stage_without_a_request(project):
+    pipeline = make(project, n=200, shard_size=100,
+                    reply_prompt="Write an apology for: {{ txet.upper() }}")
+    report = engine.run(config.load(pipeline))
+    assert report.exit_code == 1
+    [line] = [e for e in report.errors if "stopped" in e]
+    assert "stage 'reply' stopped: its first 50 records all failed with: template:" in line
+    assert len(logged_keys(project)) == 200  # sentiment's; reply sent nothing
+
+
+def test_failures_among_successes_do_not_stop_a_stage(project):
+    pipeline = make(project, n=200, shard_size=100,
+                    reply_prompt="Write an apology for: {{ text if id != 'r0007' else txet.x }}")
+    report = engine.run(config.load(pipeline))
+    assert report.exit_code == 1 and report.errors == []
+    assert report.failed_total == 1
