@@ -351,7 +351,8 @@ class Run:
         if not self.memory:
             self.state.last_run.update(ended=_now(), exit_code=self.report.exit_code,
                                        interrupted=signal.Signals(self.stopped_by).name)
-            self.workdir.save_state(self.state)
+            self._save_state()
+            self.report.exit_code = 128 + self.stopped_by
         if self.progress:
             self.progress.finish(self, self.report)
 
@@ -608,7 +609,20 @@ class Run:
         if not pending and not capped and not self.report.errors:
             self._export()
         self.state.last_run.update(ended=_now(), exit_code=self.report.exit_code)
-        self.workdir.save_state(self.state)
+        self._save_state()
+
+    def _save_state(self) -> None:
+        """state.json at the end of a run: what the commits wrote is in it already, so a
+        disk that is full by now costs the run's end time, said once (exit 1), not a run
+        that stopped before it started (exit 2)."""
+        try:
+            self.workdir.save_state(self.state)
+        except OSError as e:
+            message = f"cannot write the workdir: {describe(e)}"
+            if not any(error.startswith("cannot write the workdir") for error in
+                       self.report.errors):
+                self.report.errors.append(message + "; what was committed is kept")
+            self.report.exit_code = EXIT_FAILED
 
     def _capped(self) -> bool:
         """Whether the cost cap stopped work that is left to do: say so, in one line."""

@@ -678,8 +678,15 @@ class LLMShard:
     async def send(self, requests: dict[Key, Request]) -> None:
         """Send these and wait until every request of the shard is answered."""
         self.send_later(requests)
+        await self._join()
+
+    async def _join(self) -> None:
+        """Wait for every worker; raise the first one's error once all have ended, so no
+        failure (a full disk fails them all) is left unretrieved."""
         while self.workers:
-            await asyncio.gather(*self.workers)
+            for result in await asyncio.gather(*self.workers, return_exceptions=True):
+                if isinstance(result, BaseException):
+                    raise result
 
     async def finish(self) -> StageOutput | Waiting:
         if self.mode is None:
@@ -700,8 +707,7 @@ class LLMShard:
         """Its replies in flight are paid for: they are journaled before the run ends (so
         the next run does not ask again), the queued requests are left for it."""
         self.queue.clear()
-        while self.workers:
-            await asyncio.gather(*self.workers)
+        await self._join()
 
 
 def follow_up(request: Request, reply: str, why: str) -> Request:

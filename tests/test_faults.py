@@ -776,3 +776,42 @@ def test_failures_among_successes_do_not_stop_a_stage(project):
     report = engine.run(config.load(pipeline))
     assert report.exit_code == 1 and report.errors == []
     assert report.failed_total == 1
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MB tmpfs: a real full disk (ENOSPC for every file on it, as a full volume)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_real_full_disk_is_one_line_and_exit_1_and_the_run_resumes_once_there_is_room(
+        project, small_disk):
+    write_jsonl(project / "data.jsonl",
+                [{"id": f"r{i:05d}", "text": f"a kettle review #{i} " + "x" * 200}
+                 for i in range(20000)])
+    (small_disk / "p.yaml").write_text(f"""
+name: t
+input: {project / "data.jsonl"}
+shard_size: 2000
+models:
+  s: {{provider: sim, model: sim-small, latency_ms: 100}}
+stages:
+  - {{name: first, model: s, prompt: "Label: {{{{ text }}}}"}}
+  - {{name: second, model: s, prompt: "Again: {{{{ text }}}}"}}
+""")
+    full = chunbot("run", "p.yaml", "--no-cache", cwd=small_disk, timeout=120)
+    assert full.returncode == 1
+    err = no_traceback(full)
+    [line] = [line for line in err.splitlines() if "cannot write" in line]
+    assert "No space left on device" in line
+    subprocess.run(["mount", "-o", "remount,size=200m", str(small_disk)], check=True)
+    again = chunbot("run", "p.yaml", "--no-cache", "-q", cwd=small_disk, timeout=120)
+    assert again.returncode == 0, again.stderr.decode()
+    assert len(read_stage(small_disk / "runs/t", "second")) == 20000
