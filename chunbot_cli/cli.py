@@ -182,8 +182,12 @@ def _execute(pipeline: Path, options: engine.RunOptions, quiet: bool,
             except OSError as e:
                 raise _fail(f"--errors {errors}: {e.strerror or e}", engine.EXIT_USAGE) from None
             failed = _error_lines(error_file or sys.stderr.buffer)
-        report = engine.run(loaded, options, make_progress(quiet, log_format.value), output,
-                            failed)
+        try:
+            report = engine.run(loaded, options, make_progress(quiet, log_format.value),
+                                output, failed)
+        finally:  # the run has said how it ended: a late signal must not end it otherwise
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
     except (config.ConfigError, engine.InputError, engine.StoreError) as e:
         raise _fail(str(e), engine.EXIT_USAGE) from None
     except engine.Locked as e:

@@ -334,6 +334,16 @@ class Run:
         if self.stopped_by is None and self.task is not None:
             self.stopped_by = signum
             self.task.cancel()
+        elif self.stopped_by is not None and signum != signal.SIGPIPE:
+            self._hurry(signum)
+
+    def _hurry(self, signum: int) -> None:
+        """A second signal while winding down: leave at once, with the exit code the first
+        one gave (every write is atomic, so the next run resumes as after a kill -9)."""
+        code = 128 + (self.stopped_by or signum)
+        self.note(f"{signal.Signals(signum).name} again: stopping at once, exit {code}; what "
+                  "was committed is kept: run the same command again to resume")
+        os._exit(code)
 
     def _on_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -505,6 +505,35 @@ def test_a_signal_stops_the_run_with_128_plus_it_and_the_next_run_resumes(projec
                       )["last_run"]["exit_code"] == 0
 
 
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("pause", [0.0, 0.05])
+def test_a_second_signal_hurries_the_stop_and_the_exit_code_is_the_one_printed(
+        project, signum, code, pause):
+    pipeline = make(project, n=240, latency=200, concurrency="16")
+    process = start(project, "run", str(pipeline))
+    try:
+        wait_for(lambda: len(logged_keys(project)) >= 16)
+        process.send_signal(signum)
+        time.sleep(pause)
+        deadline = time.monotonic() + 10
+        while process.poll() is None and time.monotonic() < deadline:  # through the
+            process.send_signal(signum)  # wind-down, to the very end of the process
+            time.sleep(0.002)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    err = stderr.decode()
+    assert process.returncode == code, err
+    assert "Traceback" not in err and "never retrieved" not in err, err
+    assert f"exit {code}" in err
+    result = chunbot("run", str(pipeline), "-q", cwd=project)
+    assert result.returncode == 0, result.stderr.decode()
+    assert [r["_id"] for r in read_stage(project / "runs/t", "reply")] == ids(240)[1::3]
+
+
 # 8. damaged state, a workdir that cannot be made, bad config: one line, exit 2
 
 def one_line(result) -> str:
