@@ -8,7 +8,10 @@ the alias's endpoints answers.
 
 Only replies the stage accepted are stored. Reads are batched (a shard's keys in a few
 queries) and writes are buffered and flushed in batches, both on one I/O thread, so the
-cache never holds up the event loop. SQLite runs in WAL mode with a busy timeout, so
+cache never holds up the event loop. A batch is written when it has WRITE_BATCH replies or
+when its first is FLUSH_SECONDS old, whichever comes first, so a run killed with -9 loses at
+most about a second of replies however slow it is (the rest at the end of a run, SIGINT and
+SIGTERM included). SQLite runs in WAL mode with a busy timeout, so
 several chunbot processes can share one file; Redis (redis-py, `pip install
 'chunbot[redis]'`) is for teams and runs on many machines.
 """
@@ -31,6 +34,7 @@ from ..config import CacheSpec, ModelSpec
 from .types import Reply, Request
 
 WRITE_BATCH = 500
+FLUSH_SECONDS = 1.0  # the longest a reply waits in the buffer: what a kill -9 may lose
 READ_BATCH = 500
 STREAM_FLAGS = ("stream", "stream_options")
 
@@ -237,6 +241,7 @@ class Cache:
         self.hits = self.misses = 0
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cache")
         self._pending: list[tuple[bytes, bytes]] = []
+        self._due: asyncio.TimerHandle | None = None  # the time-bound flush of _pending
         self._flushes: list[asyncio.Future[None]] = []
         self._failed: BaseException | None = None  # the first write that failed
 
@@ -255,8 +260,13 @@ class Cache:
         self._pending.append((key, encode(reply)))
         if len(self._pending) >= WRITE_BATCH:
             self._flush()
+        elif self._due is None:  # one timer per batch, not per reply: cheap under load
+            self._due = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush)
 
     def _flush(self) -> None:
+        if self._due is not None:
+            self._due.cancel()  # harmless when it is the timer that called
+            self._due = None
         items, self._pending = self._pending, []
         for flush in self._flushes:
             if flush.done() and flush.exception() is not None:
@@ -284,6 +294,7 @@ class Cache:
         same: only later runs miss them)."""
         if self._pending:
             self._flush()
+        self.write = False  # a reply that comes in after this has no store to go to
         loop = asyncio.get_running_loop()
         try:
             for outcome in await asyncio.gather(*self._flushes, return_exceptions=True):
