@@ -87,6 +87,7 @@ class StageReport:
     batches_pending: int = 0
     capped: int = 0  # shards the cost cap left unfinished
     stopped: int = 0  # shards left unfinished when the stage's tripwire stopped it
+    committed: list[int] = field(default_factory=list)  # shards this run committed
     first_start: float | None = None
     last_end: float | None = None
 
@@ -325,8 +326,9 @@ class Run:
                 f"with: {stage.tripwire.tripped}; nothing more was sent. Fix that, then run "
                 "the same command again: it goes on from what finished")
             if not self.memory:
-                self.store.shutdown()  # every journal closed
-                self.workdir.forget_failures(name, self.state)
+                self.store.shutdown()  # every commit made, every journal closed
+                self.workdir.forget_failures(name, self.state,
+                                             self.report.stages[name].committed)
 
     def stop(self, signum: int) -> None:
         """Stop the run the way SIGINT and SIGTERM do: no new requests, what finished is
@@ -559,6 +561,7 @@ class Run:
         work = job.stages[position]
         report = self.report.stages[work.stage]
         report.shards_run += 1
+        report.committed.append(job.shard)
         report.last_end = time.monotonic()
         if self.errors_out is not None:
             reasons = self.reasons.setdefault(work.stage, Counter())

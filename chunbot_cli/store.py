@@ -275,17 +275,27 @@ class Workdir:
                                                     entry.src) is not None:
                 path.unlink(missing_ok=True)  # it served the journal of that commit
 
-    def forget_failures(self, stage: str, state: State) -> None:
-        """Drop the failed records from the stage's journals of uncommitted shards, so
-        the next run asks for them again (they failed for the stage, not for themselves)."""
+    def forget_failures(self, stage: str, state: State, committed: list[int]) -> None:
+        """Forget the failed records of a stage that failed as a whole, so the next run asks
+        for them again: drop them from the journals of its uncommitted shards, and undo
+        this run's commits of shards whose every record failed (made before it stopped)."""
+        stage_state = state.stages[stage]
         for path in self.stage_dir(stage).glob("part-*.journal"):
-            entry = state.stages[stage].shards.get(int(path.name[5:10])) \
-                if stage in state.stages else None
+            entry = stage_state.shards.get(int(path.name[5:10]))
             if entry is not None and _journal_token(path) == entry.token:
                 continue  # committed from it
             lines = path.read_bytes().split(b"\n")
             kept = [line for line in lines[1:] if line and not _failed_entry(line)]
             write_atomic(path, b"\n".join([lines[0], *kept]) + b"\n")
+        shards = stage_state.shards
+        undone = {k for k in committed
+                  if k in shards and shards[k].counts.failed == shards[k].counts.records_in}
+        if undone:
+            stage_state.errors_bytes = self.drop_errors(stage, undone)
+            for k in undone:
+                del stage_state.shards[k]
+                self.remove_shard(stage, k)
+            self.save_state(state)
 
     # lock
     @contextmanager

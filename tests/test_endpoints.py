@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from chunbot_cli.llm.endpoints import COOLDOWN_MIN_S, FAILURE_STREAK, EndpointPool
+from chunbot_cli.llm.endpoints import COOLDOWN_MIN_S, FAILURE_STREAK, EndpointPool, Tries
 from chunbot_cli.llm.types import ProviderError
 
 
@@ -202,7 +202,7 @@ def test_a_long_outage_is_recalled_every_30_seconds():
 
 def test_one_request_failing_again_and_again_never_takes_its_endpoint_out():
     endpoints, _, notes = pool("http://a")
-    poisoned = object()  # every attempt of one request passes the same value
+    poisoned = Tries()  # every attempt of one request passes the same
     for _ in range(10 * FAILURE_STREAK):
         assert endpoints.release(endpoints.pick(), HTTP_500, request=poisoned) is False
     assert not endpoints.endpoints[0].down and endpoints.all_down_since is None
@@ -211,7 +211,7 @@ def test_one_request_failing_again_and_again_never_takes_its_endpoint_out():
 
 def test_different_requests_failing_in_a_row_take_their_endpoint_out():
     endpoints, _, notes = pool("http://a")
-    requests = [object() for _ in range(FAILURE_STREAK)]  # no success between them
+    requests = [Tries() for _ in range(FAILURE_STREAK)]  # no success between them
     results = [endpoints.release(endpoints.pick(), HTTP_500, request=r) for r in requests]
     assert results == [False] * (FAILURE_STREAK - 1) + [True]
     assert endpoints.endpoints[0].down
@@ -221,10 +221,10 @@ def test_different_requests_failing_in_a_row_take_their_endpoint_out():
 
 def test_a_poisoned_request_failing_among_answered_ones_never_takes_its_endpoint_out():
     endpoints, _, _ = pool("http://a")
-    poisoned = object()
+    poisoned = Tries()
     for _ in range(10 * FAILURE_STREAK):
         assert endpoints.release(endpoints.pick(), HTTP_500, request=poisoned) is False
-        endpoints.release(endpoints.pick(), request=object())  # the others are answered
+        endpoints.release(endpoints.pick(), request=Tries())  # the others are answered
     assert not endpoints.endpoints[0].down
 
 
@@ -232,8 +232,8 @@ def test_a_success_between_failures_of_different_requests_starts_the_streak_agai
     endpoints, _, _ = pool("http://a")
     for _ in range(5):
         for _ in range(FAILURE_STREAK - 1):
-            assert endpoints.release(endpoints.pick(), HTTP_500, request=object()) is False
-        endpoints.release(endpoints.pick(), request=object())
+            assert endpoints.release(endpoints.pick(), HTTP_500, request=Tries()) is False
+        endpoints.release(endpoints.pick(), request=Tries())
     assert not endpoints.endpoints[0].down
 
 
@@ -247,10 +247,71 @@ def test_requests_that_hung_while_later_ones_were_answered_are_no_streak_when_th
         answered = endpoints.pick()
         endpoints.sending(answered)
         clock.now += 0.01
-        endpoints.release(answered, latency=0.01, request=object())
+        endpoints.release(answered, latency=0.01, request=Tries())
     results = []
     for request, sent in hung:  # each gives up the alias's timeout after it was sent
         clock.now = sent + 2.0
-        results.append(endpoints.release(request, TIMED_OUT, latency=2.0, request=object()))
+        results.append(endpoints.release(request, TIMED_OUT, latency=2.0, request=Tries()))
     assert results == [False] * len(hung)
     assert not endpoints.endpoints[0].down and notes == []
+
+
+def poisoned_at(endpoints: EndpointPool) -> Tries:
+    """A request that failed, then failed again after its endpoint answered another."""
+    poisoned = Tries()
+    for _ in range(2):
+        assert endpoints.release(endpoints.pick(), HTTP_500, request=poisoned) is False
+        endpoints.release(endpoints.pick(), request=Tries())
+    assert poisoned.alone
+    return poisoned
+
+
+def test_poisoned_requests_left_alone_at_the_end_of_a_run_never_take_their_endpoint_out():
+    endpoints, _, notes = pool("http://a")
+    poisoned = [poisoned_at(endpoints) for _ in range(4 * FAILURE_STREAK)]
+    for _ in range(5):  # the end of the run: they are all that is sent, nothing is answered
+        for request in poisoned:
+            assert endpoints.release(endpoints.pick(), HTTP_500, request=request) is False
+    assert not endpoints.endpoints[0].down and notes == []
+    for _ in range(500):  # then the others are answered again, and then they fail too:
+        endpoints.release(endpoints.pick(), request=Tries())
+    for fresh in range(FAILURE_STREAK):  # the poisoned ones are no part of their streak
+        endpoints.release(endpoints.pick(), HTTP_500, request=poisoned[fresh])
+        assert endpoints.release(endpoints.pick(), HTTP_500, request=Tries()) is (
+            fresh == FAILURE_STREAK - 1)
+    assert endpoints.endpoints[0].down
+
+
+def test_the_share_of_faults_is_that_of_fresh_requests_not_of_a_failing_ones_retries():
+    endpoints, _, _ = pool("http://a")
+    poisoned = [poisoned_at(endpoints) for _ in range(8)]
+    for i in range(300):  # 4% of fresh requests fail
+        endpoints.release(endpoints.pick(), HTTP_500 if i % 25 == 0 else None, request=Tries())
+    share = endpoints.fault_share
+    assert 0.01 < share < 0.1
+    for _ in range(10):  # their retries fail again and again
+        for request in poisoned:
+            endpoints.release(endpoints.pick(), HTTP_500, request=request)
+    assert endpoints.fault_share == share == endpoints.endpoints[0].fault_share
+
+
+def test_a_probe_that_fails_alone_tells_nothing_and_the_next_one_goes_at_once():
+    endpoints, clock, _ = pool("http://a")
+    a = endpoints.endpoints[0]
+    poisoned = poisoned_at(endpoints)
+    assert endpoints.release(endpoints.pick(), REFUSED, request=Tries()) is True
+    clock.now += COOLDOWN_MIN_S
+    probe = endpoints.pick()
+    assert probe is a and a.probing
+    assert endpoints.release(a, HTTP_500, request=poisoned) is False  # the record's own
+    assert a.down and a.cooldown == COOLDOWN_MIN_S
+    assert endpoints.pick() is a and a.probing  # another request probes, right away
+    assert endpoints.release(a, HTTP_500, request=Tries()) is True
+    assert a.cooldown == 2 * COOLDOWN_MIN_S
+
+
+def test_a_request_that_fails_alone_and_then_cannot_connect_takes_its_endpoint_out():
+    endpoints, _, _ = pool("http://a")
+    poisoned = poisoned_at(endpoints)
+    assert endpoints.release(endpoints.pick(), REFUSED, request=poisoned) is True
+    assert endpoints.endpoints[0].down

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from chunbot_cli import config
+from chunbot_cli.llm.endpoints import FAILURE_STREAK
 from chunbot_cli.llm.http import HTTPProvider
 
 from conftest import chunbot, read_jsonl, read_stage, write_jsonl
@@ -126,6 +128,85 @@ def test_a_poisoned_record_fails_alone_and_quickly(project, sim_server):
     assert output_ids(project) == [r["id"] for r in records if r["id"] != "r0137"]
     assert server.stats()["poisoned"] >= 2  # it was tried again, then given up on
     assert "every endpoint is down" not in stderr
+
+
+POISON = "zz-poisoned-zz"
+
+
+def poisoned_run(project: Path, sim_server, count: int, every: int, defaults: str = "{}",
+                 timeout: float = 120) -> tuple[float, list[str]]:
+    """Run `count` records, one in `every` containing POISON (which the sim always answers
+    500), with the default retries (6), and check that exactly the poisoned ones failed,
+    each after its retries, the endpoint never down; the run's wall seconds and the
+    poisoned records' ids."""
+    records = reviews(count)
+    for record in records[every // 2::every]:
+        record["text"] += f" {POISON}"
+    server = sim_server("--fail-prompt", POISON)
+    pipeline = one_stage(project, openai_at(server.url), records, defaults)
+    started = time.monotonic()
+    result = chunbot("run", str(pipeline), "--quiet", cwd=project, timeout=timeout)
+    wall = time.monotonic() - started
+    poisoned = [r["id"] for r in records if POISON in r["text"]]
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    errors = read_jsonl(project / "runs/t/sentiment/errors.jsonl")
+    assert sorted(e["_id"] for e in errors) == poisoned, stderr  # in the order they failed
+    assert all("HTTP 500" in e["error"] and "(after 7 attempts)" in e["error"]
+               for e in errors), errors[0]
+    assert output_ids(project) == [r["id"] for r in records if r["id"] not in poisoned]
+    assert "every endpoint" not in stderr and "is down" not in stderr
+    assert not [a for a in attempts(project) if a.get("endpoint_down")]
+    return wall, poisoned
+
+
+def test_a_few_percent_of_poisoned_records_fail_alone_in_seconds_and_the_endpoint_stays_up(
+        project, sim_server):
+    # the end of such a run sends only the poisoned records, again and again: that is
+    # still those records failing, not the endpoint, which answered everything else
+    wall, poisoned = poisoned_run(project, sim_server, 2400, 25)
+    assert len(poisoned) == 96
+    assert wall < 30, f"{wall:.1f}s"
+
+
+def test_poisoned_records_never_wait_for_the_outage_timeout(project, sim_server):
+    wall, poisoned = poisoned_run(project, sim_server, 200, 50, "{outage_timeout: 60s}",
+                                  timeout=90)
+    assert len(poisoned) == 4
+    assert wall < 15, f"{wall:.1f}s"
+
+
+def test_an_outage_of_5xx_to_every_request_is_waited_out_without_using_retries(project,
+                                                                            sim_server):
+    failing = sim_server("--error-rate", "1", "--seed", "4")  # 500 or 503 to every request
+    records = reviews(200)
+    pipeline = one_stage(project, openai_at(failing.url, ", max_concurrency: 4"), records)
+    answering = []
+
+    def mend_it() -> None:  # a few seconds of 5xx, then it answers again on its port
+        for _ in range(200):
+            if failing.stats()["requests"] >= 20:
+                break
+            time.sleep(0.05)
+        time.sleep(2)
+        failing.kill()
+        answering.append(sim_server("--latency-ms", "5", port=failing.port))
+
+    mender = threading.Thread(target=mend_it)
+    mender.start()
+    result = chunbot("run", str(pipeline), "--quiet", cwd=project, timeout=90)
+    mender.join(30)
+    stderr = result.stderr.decode()
+    assert answering and result.returncode == 0, stderr
+    assert output_ids(project) == ids(records)
+    assert "every endpoint is down" in stderr and "answers again" in stderr
+    traces = [t for path in sorted((project / "runs/t/sentiment").glob("trace-*.jsonl"))
+              for t in read_jsonl(path)]
+    own = [[a for a in t["attempts"] if a["status"] != 200 and not a.get("endpoint_down")]
+           for t in traces]
+    # only the streak that took the endpoint out was the records'; the rest was waited out
+    assert sum(map(len, own)) <= 2 * FAILURE_STREAK, [t["attempts"] for t in traces if t["attempts"][1:]]
+    assert sum(len(t["attempts"]) > 1 for t in traces) >= 4
 
 
 def test_requests_that_hang_time_out_and_are_sent_again(project, sim_server):
@@ -251,20 +332,20 @@ def test_a_credential_in_a_url_is_masked_in_errors_and_error_files(project, sim_
 def test_the_summary_says_why_records_failed_where_they_are_and_what_to_do(project,
                                                                          sim_server):
     server = sim_server("--api-key", "right-key")
-    pipeline = one_stage(project, openai_at(server.url, ", api_key_env: SOME_VAR"), reviews(150))
+    pipeline = one_stage(project, openai_at(server.url, ", api_key_env: SOME_VAR"), reviews(40))  # under the 50 that stop a stage
     result = chunbot("run", str(pipeline), "--quiet", cwd=project, env={"SOME_VAR": "sk-wrong-7f3a"})
     stderr = result.stderr.decode()
     assert result.returncode == 1, stderr
     errors_file = Path("runs/t/sentiment/errors.jsonl")
-    assert len(read_jsonl(project / errors_file)) == 150
+    assert len(read_jsonl(project / errors_file)) == 40
     lines = stderr.splitlines()
-    head = next(i for i, line in enumerate(lines) if line.startswith("sentiment: 150 failed"))
+    head = next(i for i, line in enumerate(lines) if line.startswith("sentiment: 40 failed"))
     assert str(errors_file) in lines[head]
     count, reason = lines[head + 1].split(maxsplit=1)
-    assert count == "150" and reason.startswith("model 'm': authentication failed"), lines[head + 1]
+    assert count == "40" and reason.startswith("model 'm': authentication failed"), lines[head + 1]
     assert "check SOME_VAR" in reason
     assert lines[head + 2].strip() == f"next: chunbot rerun {pipeline} --stage sentiment --failed"
-    assert "150 failed records in total" in lines[-1] and "exit 1" in lines[-1]
+    assert "40 failed records in total" in lines[-1] and "exit 1" in lines[-1]
     assert "sk-wrong-7f3a" not in stderr  # the key itself is never printed
 
 

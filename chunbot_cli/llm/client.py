@@ -16,8 +16,10 @@ to come back. What a failure costs depends on what it says:
   - a server fault while the endpoint answers most requests is chance: the record tries
     again soon (a short jittered pause), and gets as many tries as make a run of random
     failures a one-in-a-million event (up to three times `retries`), so a flaky server
-    loses nothing; a request that keeps failing while others pass (a poisoned prompt)
-    fails after them, in seconds.
+    loses nothing. That share of faults is measured on fresh requests (no fault yet):
+    the retries of a request that keeps failing while others pass (a poisoned prompt)
+    neither raise it nor take the endpoint out (endpoints.Tries), so such a record fails
+    after its retries, in seconds, even when it is all that is left to send.
 Every attempt is recorded for the trace.
 """
 
@@ -32,7 +34,7 @@ from typing import Any, Callable, Protocol
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from ..config import ModelSpec
-from .endpoints import EndpointPool, runs_of_chance
+from .endpoints import EndpointPool, Tries, runs_of_chance
 from .price import Spending, cost, price
 from .scheduler import Budget
 from .types import ProviderError, RateLimits, Reply, Request
@@ -122,9 +124,10 @@ class ModelClient:
     async def complete(self, request: Request, retries: int,
                        outage_timeout: float = 600.0) -> Completion:
         attempts: list[dict[str, Any]] = []
+        tries = Tries()  # what its endpoints learn of this request over its attempts
         started = time.perf_counter()
         try:
-            reply, url = await self._send(request, attempts, outage_timeout)
+            reply, url = await self._send(request, attempts, tries, outage_timeout)
             return Completion(reply, attempts, None, _ms_since(started), url)
         except ProviderError as e:
             # the common case above stays out of tenacity, which costs ~50 µs an attempt
@@ -145,7 +148,7 @@ class ModelClient:
         try:
             async for attempt in retrying:
                 with attempt:
-                    reply, url = await self._send(request, attempts, outage_timeout)
+                    reply, url = await self._send(request, attempts, tries, outage_timeout)
         except ProviderError as e:
             return Completion(None, attempts, self._why(e, attempts, outage_timeout),
                               _ms_since(started))
@@ -197,7 +200,7 @@ class ModelClient:
         self.request_budget.hold(seconds)
         self.token_budget.hold(seconds)
 
-    async def _send(self, request: Request, attempts: list[dict[str, Any]],
+    async def _send(self, request: Request, attempts: list[dict[str, Any]], tries: Tries,
                     outage_timeout: float) -> tuple[Reply, str]:
         endpoint = await self.pool.acquire(outage_timeout)
         try:
@@ -223,7 +226,7 @@ class ModelClient:
             self._learn(e.limits)
             attempt = {"endpoint": endpoint.name, "status": e.status, "error": str(e),
                        "latency_ms": round(latency * 1000, 2)}
-            if self.pool.release(endpoint, e, latency, id(attempts)):
+            if self.pool.release(endpoint, e, latency, tries):
                 e.endpoint_down = True
                 attempt["endpoint_down"] = True
             attempts.append(attempt)
@@ -243,7 +246,7 @@ class ModelClient:
             raise
         latency = time.perf_counter() - sent
         self._settle_cost(reserved, reply)
-        self.pool.release(endpoint, None, latency, id(attempts))
+        self.pool.release(endpoint, None, latency, tries)
         self.last_answer = time.monotonic()
         self._pauses = 0
         self._learn(reply.limits)

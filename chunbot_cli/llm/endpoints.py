@@ -2,13 +2,22 @@
 
 Each endpoint has its own adaptive concurrency limit (scheduler.Limiter); a request goes
 to the endpoint with the fewest requests in flight among those below their limit (ties
-in turn), and waits in line when all are full. An
+in turn), and waits in line when all are full.
+
+A server fault (5xx, timeout, dropped connection) is either the request's or the
+endpoint's. It is the request's when the request fails alone: it hung while requests sent
+after it were answered, or it had failed at this endpoint before and the endpoint has
+answered others since (a poisoned prompt; from then on, its faults at any endpoint are its
+own, but for failing to connect: `Tries`). Such faults use the record's retries and say
+nothing of the endpoint: they are no streak, no share of faults, no failed probe, even
+when the poisoned requests are all that is left to send. (Poisoned requests that never
+failed while others were answered, say the last ones of the input all at once, do look
+like an outage: different prompts failing, nothing answered.) An
 endpoint is taken out when it cannot be reached at all, or after a streak of server
-faults (5xx, timeouts, dropped connections) of different requests, each sent after
-the last request that was answered: FAILURE_STREAK, or more when the endpoint fails a share of requests at
-random anyway (as many as make such a streak a one-in-a-million chance). One request
-failing again and again is that request's problem (a poisoned prompt), never the
-endpoint's. It stays out for a cool-down that doubles with each failed probe
+faults of different requests that do not fail alone, each sent after the last request
+that was answered: FAILURE_STREAK, or more when the endpoint fails a share of fresh
+requests (those with no fault yet) at random anyway (as many as make such a streak a
+one-in-a-million chance). It stays out for a cool-down that doubles with each failed probe
 (1 s … 30 s), then a single request is let through as a probe, and its success puts the
 endpoint back.
 
@@ -59,13 +68,48 @@ class Endpoint:
     on_wire: int = 0
     streak: set[object] = field(default_factory=set)  # requests failing since the last success
     streak_limit: int = FAILURE_STREAK  # as many as take the endpoint out
-    fault_share: float = 0.0  # of recent replies, server faults
+    fault_share: float = 0.0  # of recent replies to fresh requests, server faults
+    answers: int = 0  # replies that were no server fault, ever
     answered_sent: float = float("-inf")  # when the latest answered request was sent
     down: bool = False
     down_until: float = 0.0  # when the next probe may go
     cooldown: float = 0.0
     probing: bool = False
     last_error: str = ""
+
+    def answered(self, sent: float) -> None:
+        self.streak.clear()
+        self.answers += 1
+        self.answered_sent = max(self.answered_sent, sent)
+
+    def streak_full(self, request: object) -> bool:
+        """Count a fault of `request` in the streak; whether that takes the endpoint out."""
+        if not self.streak:  # what chance explains is judged from before the streak
+            self.streak_limit = max(FAILURE_STREAK,
+                                    min(STREAK_MAX, runs_of_chance(self.fault_share)))
+        self.streak.add(request)
+        return len(self.streak) >= self.streak_limit
+
+
+@dataclass(eq=False)
+class Tries:
+    """One request over all its attempts (its client keeps one and passes it to every
+    release): whether its faults are its own."""
+
+    faults: int = 0  # server faults so far
+    fault_at: Endpoint | None = None  # where the latest one was
+    answers_then: int = 0  # what that endpoint had answered by then
+    alone: bool = False  # it failed again after others were answered: for good
+
+    def failed_alone(self, endpoint: Endpoint) -> bool:
+        """Count a server fault at `endpoint`; whether the request fails alone."""
+        if self.fault_at is endpoint and endpoint.answers > self.answers_then:
+            # sticky: at the end of a run a poisoned prompt may be all that is still sent,
+            # so that nothing is answered between its last faults
+            self.alone = True
+        self.faults += 1
+        self.fault_at, self.answers_then = endpoint, endpoint.answers
+        return self.alone
 
 
 class EndpointPool:
@@ -178,11 +222,11 @@ class EndpointPool:
         return all(e.down for e in self.endpoints)
 
     def release(self, endpoint: Endpoint, error: ProviderError | None = None,
-                latency: float | None = None, request: object = None) -> bool:
+                latency: float | None = None, request: Tries | None = None) -> bool:
         """Record how a request ended (`latency` None: it was never sent; `request`, the
-        same value for every attempt of one request); True when the endpoint is down
-        after it, i.e. the failure was the endpoint's and should not count against the
-        record's retries."""
+        same for every attempt of one request); True when the endpoint is down after it,
+        i.e. the failure was the endpoint's and should not count against the record's
+        retries."""
         endpoint.in_flight -= 1
         self.in_flight -= 1
         if latency is not None:
@@ -192,38 +236,36 @@ class EndpointPool:
                                       error is not None and error.status == 429)
         try:
             sent = self.clock() - (latency or 0.0)
-            return self._judge(endpoint, error, request if request is not None else object(),
-                               sent)
+            return self._judge(endpoint, error, request or Tries(), sent)
         finally:
             self._hand_over()
 
-    def _judge(self, endpoint: Endpoint, error: ProviderError | None, request: object,
+    def _judge(self, endpoint: Endpoint, error: ProviderError | None, request: Tries,
                sent: float) -> bool:
         was_probe, endpoint.probing = endpoint.probing, False
         fault = error is not None and error.server_fault
-        if error is None or fault:  # 4xx and 429 say nothing of the endpoint's health
+        # 4xx and 429 say nothing of the endpoint's health; the retries of a failing request
+        # would make its own faults look like the endpoint's share of chance
+        if (error is None or fault) and not request.faults:
             endpoint.fault_share += FAULT_SHARE_WEIGHT * (fault - endpoint.fault_share)
             self.fault_share += FAULT_SHARE_WEIGHT * (fault - self.fault_share)
         if not fault:
-            endpoint.streak.clear()
-            endpoint.answered_sent = max(endpoint.answered_sent, sent)
+            endpoint.answered(sent)
             if endpoint.down:
                 self._up(endpoint)
             return False
         assert error is not None
+        if request.failed_alone(endpoint) and not error.unreachable:
+            return False  # its own fault; as a probe it told nothing: the next one may go
         endpoint.last_error = str(error)
         if sent < endpoint.answered_sent and not endpoint.down:
             return False  # a request sent after it was answered: it failed alone (it hung)
-        if not endpoint.streak:  # what chance explains is judged from before the streak
-            endpoint.streak_limit = max(FAILURE_STREAK,
-                                        min(STREAK_MAX, runs_of_chance(endpoint.fault_share)))
-        endpoint.streak.add(request)
         if endpoint.down:
             if was_probe:
                 endpoint.cooldown = min(COOLDOWN_MAX_S, endpoint.cooldown * 2)
                 endpoint.down_until = self.clock() + endpoint.cooldown
             return True
-        if error.unreachable or len(endpoint.streak) >= endpoint.streak_limit:
+        if error.unreachable or endpoint.streak_full(request):
             self._down(endpoint)
             return True
         return False
