@@ -659,6 +659,14 @@ def serve(
                                                "safety filter does (200: Gemini's SAFETY, "
                                                "OpenAI's content_filter, Anthropic's refusal); "
                                                "'blocked' in /stats."),
+    authorization: Optional[str] = typer.Option(None, help="Require this exact "
+                                                "Authorization header on every model and "
+                                                "batch request (e.g. 'Basic YWxpY2U6cHc=', "
+                                                "what http://alice:pw@… sends), else 401."),
+    echo_authorization: bool = typer.Option(False, help="Quote the Authorization header a "
+                                            "request carried in its error bodies, as a "
+                                            "misconfigured proxy does: to check a client "
+                                            "masks it."),
 ) -> None:
     """Serve the sim model over HTTP: OpenAI, Anthropic and Gemini routes, plus /stats."""
     from .sim import server  # aiohttp.web is only needed here: keep the other commands' start fast
@@ -674,7 +682,8 @@ def serve(
                          batch_delay_s=batch_delay_s, batch_error_rate=batch_error_rate,
                          batch_expire_rate=batch_expire_rate, hang_rate=hang_rate,
                          fail_prompt=fail_prompt, storm_s=storm_s,
-                         storm_retry_after=storm_retry_after, block_prompt=block_prompt))
+                         storm_retry_after=storm_retry_after, block_prompt=block_prompt,
+                         authorization=authorization, echo_authorization=echo_authorization))
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import orjson
 
 from ..config import ModelSpec, redact_url
 from . import anthropic, gemini, openai
-from .http import RETRYABLE_STATUS, api_key
+from .http import RETRYABLE_STATUS, api_key, mask, masked_excerpt, ordered, split_credentials
 from .types import ProviderError, Reply, Request, excerpt
 
 
@@ -76,8 +76,10 @@ class BatchAPI:
         self.spec = spec
         self.session = session
         self.key = api_key(spec)
-        self.headers = self.protocol.headers(spec, self.key)
-        self.root = spec.base_url or ""
+        where = split_credentials(spec.base_url or "")  # user:password@ is Basic auth
+        self.headers = where.headers(self.protocol.headers(spec, self.key))
+        self.root, self.shown = where.url, where.shown  # sent to, named in texts
+        self.secrets = ordered([self.key, *where.secrets])  # what no error text may show
 
     async def submit(self, items: list[tuple[str, Request]], metadata: dict[str, str]) -> str:
         """Create one batch; returns its id."""
@@ -104,24 +106,34 @@ class BatchAPI:
         return data if raw else orjson.loads(data)
 
     async def _exchange(self, method: str, path: str, **kwargs: Any) -> tuple[bytes, Any]:
-        """One API call: the reply's bytes and headers, or a ProviderError without the key."""
-        url = path if path.startswith("http") else self.root + path
+        """One API call: the reply's bytes and headers, or a ProviderError without the key
+        or the URL's credentials."""
+        url = self._on_root(path) if path.startswith("http") else self.root + path
+        shown = self.shown + url[len(self.root):]
         headers = kwargs.pop("headers", self.headers)
         try:
             async with self.session.request(method, url, headers=headers, **kwargs) as response:
                 data = await response.read()
                 if response.status != 200:
-                    text = excerpt(data)
-                    if self.key:
-                        text = text.replace(self.key, "***")
-                    raise ProviderError(f"batch API: HTTP {response.status} from "
-                                        f"{redact_url(url)}: {text}",
+                    raise ProviderError(f"batch API: HTTP {response.status} from {shown}: "
+                                        f"{masked_excerpt(data, self.secrets)}",
                                         retryable=response.status in RETRYABLE_STATUS
                                         or response.status >= 500, status=response.status)
                 return data, response.headers
         except aiohttp.ClientError as e:
-            raise ProviderError(f"batch API: {redact_url(url)}: {redact_url(str(e))}",
+            raise ProviderError(f"batch API: {shown}: {mask(redact_url(str(e)), self.secrets)}",
                                 retryable=True) from None
+
+    def _on_root(self, url: str) -> str:
+        """A URL the server gave (Anthropic's results_url, Gemini's upload URL), without
+        userinfo; refused unless it is on the base URL, as the key and the base URL's
+        credentials go nowhere else."""
+        url = split_credentials(url).url
+        if not url.startswith(self.root + "/"):
+            raise ProviderError(f"batch API: the server gave the URL {url}, which "
+                                f"is not on {self.shown}: the credentials go to "
+                                f"{self.shown} only", retryable=False)
+        return url
 
 
 class OpenAIBatches(BatchAPI):
@@ -266,9 +278,6 @@ class GeminiBatches(BatchAPI):
         target = started.get("X-Goog-Upload-URL")
         if not target:
             raise ProviderError("batch API: the Files API gave no upload URL", retryable=True)
-        if not target.startswith(self.root + "/"):  # the key goes to the vendor's URL only
-            raise ProviderError(f"batch API: the upload URL {redact_url(target)} is not on "
-                                f"{redact_url(self.root)}", retryable=False)
         uploaded = await self._call("POST", target, data=data, headers={
             **{k: v for k, v in self.headers.items() if k != "content-type"},
             "X-Goog-Upload-Command": "upload, finalize", "X-Goog-Upload-Offset": "0"})

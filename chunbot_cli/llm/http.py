@@ -6,25 +6,33 @@ request and collapsed at a thousand requests in flight. The wire formats live in
 `openai.py`, `anthropic.py` and `gemini.py` (each: path, headers, body, reply, Stream,
 error_hints); this module owns the exchange: headers, timeouts, status codes,
 `retry-after`, SSE. The API key goes into headers only: error texts have it
-masked, and nothing here logs headers.
+masked, and nothing here logs headers. Credentials in a URL (`http://user:password@host`)
+are sent as HTTP Basic auth to that URL alone, which requests then go to without them;
+error texts have them masked too, raw, percent-decoded and base64 (what a server echoing
+the Authorization header shows).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import os
+import urllib.parse
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from types import ModuleType
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import aiohttp
 import orjson
 
-from ..config import ModelSpec
+from ..config import ModelSpec, redact_url
 from . import anthropic, gemini, openai
 from .types import ProviderError, RateLimits, Reply, Request, excerpt
+
+AUTHORIZATION = "authorization"
 
 PROTOCOLS: dict[str, ModuleType] = {"openai": openai, "anthropic": anthropic,
                                     "gemini": gemini}
@@ -44,6 +52,60 @@ def api_key(spec: ModelSpec) -> str | None:
     return os.environ.get(spec.api_key_env) or None if spec.api_key_env else None
 
 
+@dataclass(frozen=True)
+class Target:
+    """A URL as requests go to it: without the userinfo it may carry, the HTTP Basic
+    `authorization` header that userinfo makes, and the forms of it no text may show."""
+
+    url: str
+    shown: str  # the URL as texts name it: `http://***@host/…`, as its endpoint is named
+    auth: dict[str, str]
+    secrets: tuple[str, ...] = ()
+
+    def headers(self, sent: dict[str, str]) -> dict[str, str]:
+        """`sent` with this URL's credentials, which replace any other authorization:
+        aiohttp refuses both, and the URL's own credentials are meant for it."""
+        if not self.auth:
+            return sent
+        return {**{k: v for k, v in sent.items() if k.lower() != AUTHORIZATION}, **self.auth}
+
+
+def split_credentials(url: str) -> Target:
+    """The URL without its `user:password@`, and the Basic auth that stood for. Built here
+    rather than left to aiohttp, which refuses the URL's credentials beside an
+    authorization header and encodes them in latin-1 (RFC 7617 says UTF-8)."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at:
+        return Target(url, url, {})
+    raw_user, _, raw_password = userinfo.partition(":")
+    user, password = urllib.parse.unquote(raw_user), urllib.parse.unquote(raw_password)
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    secrets = {userinfo, f"{user}:{password}", raw_password, password, token}
+    return Target(urllib.parse.urlunsplit(parts._replace(netloc=host)), redact_url(url),
+                  {AUTHORIZATION: f"Basic {token}"}, ordered(secrets))
+
+
+def ordered(secrets: Iterable[str | None]) -> tuple[str, ...]:
+    """The non-empty secrets, longest first: masking a password inside `user:password`
+    first would leave the user name beside the mask, and the base64 of both unmasked."""
+    return tuple(sorted({s for s in secrets if s}, key=len, reverse=True))
+
+
+def mask(text: str, secrets: tuple[str, ...]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def masked_excerpt(data: bytes, secrets: tuple[str, ...]) -> str:
+    """The start of a body, with the secrets masked before it is cut: a secret cut in
+    half by the excerpt would no longer be found."""
+    if not secrets:
+        return excerpt(data)
+    return excerpt(mask(data.decode("utf-8", "replace"), secrets))
+
+
 class HTTPProvider:
     def __init__(self, spec: ModelSpec, session: aiohttp.ClientSession):
         self.spec = spec
@@ -51,41 +113,49 @@ class HTTPProvider:
         self.protocol = PROTOCOLS[spec.provider]
         self.key = api_key(spec)
         self.headers = self.protocol.headers(spec, self.key)
-        # what no error text may show: the key, and credentials in the URLs' userinfo
-        self.secrets = [secret for secret in (self.key, *map(_userinfo, spec.urls)) if secret]
+        # each endpoint's own credentials, sent to it alone
+        self.targets = {url: split_credentials(url) for url in spec.urls}
+        # what no error text may show: the key, and every endpoint's credentials
+        self.secrets = ordered([self.key, *(secret for t in self.targets.values()
+                                            for secret in t.secrets)])
         self.timeout = aiohttp.ClientTimeout(total=spec.timeout,
                                              sock_connect=min(CONNECT_TIMEOUT_S, spec.timeout))
 
     async def complete(self, request: Request, url: str) -> Reply:
         streaming = bool(request.params.get("stream"))
-        target = url + self.protocol.path(self.spec, streaming)
+        where = self.targets.get(url) or split_credentials(url)
+        path = self.protocol.path(self.spec, streaming)
+        # sent to the URL without userinfo, named in texts as its endpoint is
+        address, shown = where.url + path, where.shown + path
+        headers = where.headers(self.headers)
         payload = orjson.dumps(self.protocol.body(self.spec, request))
         try:
-            async with self.session.post(target, data=payload, headers=self.headers,
+            async with self.session.post(address, data=payload, headers=headers,
                                          timeout=self.timeout) as response:
                 limits = rate_limits(response.headers, self.protocol.LIMIT_HEADERS)
                 if response.status != 200:
-                    raise self._status_error(response, await response.read(), target, limits)
+                    raise self._status_error(response, await response.read(), shown, limits)
                 if streaming and response.content_type == "text/event-stream":
                     reply = await self._read_stream(response)
                 else:
-                    reply = self._parse(await response.read(), response, target)
+                    reply = self._parse(await response.read(), response, shown)
                 return reply if limits is None else dataclasses.replace(reply, limits=limits)
         except ProviderError as e:
             raise self._masked(e) from None
         except aiohttp.ClientConnectorError as e:
-            raise self._masked(ProviderError(f"cannot connect to {url}: {_reason(e)}",
+            raise self._masked(ProviderError(f"cannot connect to {where.shown}: {_reason(e)}",
                                              retryable=True, unreachable=True)) from None
         except aiohttp.ConnectionTimeoutError:
             raise self._masked(ProviderError(
-                f"cannot connect to {url}: no answer within {self.timeout.sock_connect:g}s",
+                f"cannot connect to {where.shown}: no answer within "
+                f"{self.timeout.sock_connect:g}s",
                 retryable=True, unreachable=True)) from None
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
             raise self._masked(ProviderError(
-                f"{target}: no complete reply within {self.spec.timeout:g}s (the alias's "
+                f"{shown}: no complete reply within {self.spec.timeout:g}s (the alias's "
                 "timeout)", retryable=True, timed_out=True)) from None
         except (aiohttp.ClientError, OSError) as e:
-            raise self._masked(ProviderError(f"{target}: connection lost: {_reason(e)}",
+            raise self._masked(ProviderError(f"{shown}: connection lost: {_reason(e)}",
                                              retryable=True)) from None
 
     def _masked(self, error: ProviderError) -> ProviderError:
@@ -99,7 +169,8 @@ class HTTPProvider:
             decoded = orjson.loads(data)
         except orjson.JSONDecodeError:
             raise ProviderError(f"reply from {target} is not JSON (HTTP 200, "
-                                f"{response.content_type}): {self._mask(excerpt(data))!r}",
+                                f"{response.content_type}): "
+                                f"{masked_excerpt(data, self.secrets)!r}",
                                 retryable=False) from None
         return self.protocol.reply(decoded, self.spec.model)
 
@@ -124,10 +195,10 @@ class HTTPProvider:
         server asked for, from its headers or (Gemini) its error body."""
         status = response.status
         delay, named = self.protocol.error_hints(data) if status == 429 else (None, None)
-        body = self._mask(excerpt(data))
+        body = masked_excerpt(data, self.secrets)
         if status == 401:
             return ProviderError(f"authentication failed (HTTP 401 from {target}; check "
-                                 f"{self.spec.api_key_env or 'api_key_env'}): {body}",
+                                 f"{self._credentials()}): {body}",
                                  retryable=False, status=status)
         hint = ""
         if status == 404 and self.spec.provider == "openai" and not target.endswith(
@@ -139,9 +210,15 @@ class HTTPProvider:
                              retry_after=retry_after(response.headers) or delay)
 
     def _mask(self, text: str) -> str:
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
-        return text
+        return mask(text, self.secrets)
+
+    def _credentials(self) -> str:
+        """What a 401 says to check: the key's variable, or the URLs' user:password."""
+        if self.spec.api_key_env:
+            return self.spec.api_key_env
+        if any(t.auth for t in self.targets.values()):
+            return "the user:password in the URL"
+        return "api_key_env"
 
     async def close(self) -> None:
         pass  # the session belongs to the run
@@ -186,13 +263,6 @@ def retry_after(headers: Any) -> float | None:
         return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
     except (TypeError, ValueError):
         return None
-
-
-def _userinfo(url: str) -> str | None:
-    """The `user:token` part of `https://user:token@host/…`, if any."""
-    rest = url.partition("://")[2]
-    authority = rest.split("/", 1)[0]
-    return authority.rpartition("@")[0] or None
 
 
 def _reason(error: BaseException) -> str:

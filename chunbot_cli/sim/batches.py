@@ -200,10 +200,10 @@ class BatchRoutes:
         answered with the vendor's error body."""
         async def run(request: web.Request) -> web.StreamResponse:
             try:
-                self.dialect.authorize(request, self.server.options.api_key)
+                self.server.authorize(request, self.dialect)
                 return await handler(request)
             except Refused as e:
-                return self.server.error(self.dialect, e)
+                return self.server.error(self.dialect, e, request)
         return run
 
     def find(self, request: web.Request) -> Any:

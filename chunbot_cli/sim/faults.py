@@ -55,6 +55,12 @@ class Options:
     storm_s: float = 0.0  # from the first model request, this long every one gets 429
     storm_retry_after: int = 1  # the retry-after (seconds) of the storm's 429s
     block_prompt: str | None = None  # requests whose messages contain it: blocked, as unsafe
+    # what URL credentials are for: the exact Authorization header every model and batch
+    # request must carry (`Basic <base64 of user:password>`), else 401
+    authorization: str | None = None
+    # a misconfigured proxy's habit: the error bodies quote the Authorization header the
+    # request carried, for tests that check a client never shows it
+    echo_authorization: bool = False
 
 
 @dataclass

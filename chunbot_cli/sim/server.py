@@ -137,14 +137,14 @@ class SimServer:
         """The response to a model request; None when it hung and its connection is gone."""
         options, faults = self.options, self.faults
         try:
-            dialect.authorize(request, options.api_key)
+            self.authorize(request, dialect)
             call = dialect.parse(json_object(await request.read()), request.match_info)
             if options.storm_s:
                 faults.storm()
             if faults.limited:
                 faults.admit(call)
         except Refused as e:
-            return self.error(dialect, e)
+            return self.error(dialect, e, request)
         poisoned = options.fail_prompt is not None and faults.poisoned(call)
         if options.hang_rate and not poisoned and faults.hangs():
             self.stats.hung += 1
@@ -154,11 +154,11 @@ class SimServer:
             await faults.delay()
         if poisoned:
             self.stats.poisoned += 1
-            return self.error(dialect, POISONED)
+            return self.error(dialect, POISONED, request)
         if options.error_rate:
             injected = faults.injected()
             if injected is not None:
-                return self.error(dialect, injected)
+                return self.error(dialect, injected, request)
 
         seed = sim_model.request_seed(call.model, call.messages, call.params)
         answer, cache, reply_id = self.model_reply(dialect, call)
@@ -202,7 +202,20 @@ class SimServer:
         cache = dialect.cache_use(self.caches[dialect.route], call, answer)
         return answer, cache, self.new_id(dialect.id_prefix)
 
-    def error(self, dialect: Dialect, refused: Refused) -> web.Response:
+    def authorize(self, request: web.Request, dialect: Dialect) -> None:
+        """The checks of every model and batch request: --authorization, then the vendor's
+        key (--api-key); or Refused."""
+        expected = self.options.authorization
+        if expected is not None and request.headers.get("Authorization") != expected:
+            # never echoed (unless --echo-authorization): it may be a real one sent by mistake
+            raise Refused(401, "auth", "The Authorization header is not the one this server "
+                          "requires (--authorization).")
+        dialect.authorize(request, self.options.api_key)
+
+    def error(self, dialect: Dialect, refused: Refused,
+              request: web.Request | None = None) -> web.Response:
+        if request is not None and self.options.echo_authorization:
+            refused = echoed(refused, request)
         headers = {"Content-Type": JSON, **dialect.retry_headers(refused)}
         faults = self.faults
         if faults.limited:
@@ -228,6 +241,15 @@ class SimServer:
         for cache in self.caches.values():
             cache.clear()
         return web.Response(body=orjson.dumps(self.stats.as_json()), content_type=JSON)
+
+
+def echoed(refused: Refused, request: web.Request) -> Refused:
+    """--echo-authorization: the refusal with the request's Authorization header in its
+    message, as a proxy dumping the request it could not pass on shows it."""
+    sent = request.headers.get("Authorization", "(none)")
+    return Refused(refused.status, refused.kind, f"{refused.message} Request headers: "
+                   f"Authorization: {sent}", refused.retry_after, refused.wait, refused.limit,
+                   refused.model)
 
 
 def shared(owners: list[tuple[BatchRoutes, Handler]]) -> Handler:
