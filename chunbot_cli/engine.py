@@ -424,7 +424,7 @@ class Run:
             lambda work, shard: self._part_input(work.stage, shard, work.source),
             output=None if self.output is None
             else "records" if self.output.needs_records else "lines", note=self.note,
-            report=self.report)
+            report=self.report, spending=self.spending)
         return executor
 
     # the shard walk
@@ -727,9 +727,6 @@ def _check_max_cost(pipeline: Pipeline, options: RunOptions) -> None:
     """A cost cap needs the price of every model the run may ask."""
     if _cost_cap(pipeline, options) is None:
         return
-    if (options.executor or pipeline.executor) == "ray":
-        raise ConfigError("--max-cost works with the local executor only: Ray's workers do "
-                          "not share one spending account yet")
     for stage in selected_stages(pipeline, options):
         for alias in stage.models if stage.kind == "llm" else ():
             if not pipeline.models[alias].price:

@@ -9,6 +9,20 @@ order, so the journal has every finished record within moments, and commits stay
 first. A worker that dies costs only its requests in flight: the job goes again from what
 the driver journalled, without the stages it had already committed. Jobs with batch-mode
 stages run on the driver, so provider batches are created and collected there only.
+
+The API keys the run's models name (`api_key_env`) go from the driver's environment to the
+workers with each task, as an argument of its own (`Keys`, which never shows them): a
+cluster's nodes need none of their own, and no key is in the pipeline, Ray's job or
+runtime_env metadata, a log or a trace. The run's spending account (`--max-cost`) is kept by
+the board: each worker takes room from it and says what it spent (raycost.py),
+and the driver's Spending follows it, so the cluster stays under the cap as one process does.
+
+When the driver is gone, so is its work: Ray ends the jobs' workers of a cluster that
+outlives the driver (its raylet tells the GCS the driver died); a worker whose board died
+(it lives on the driver's node, and Ray ends it with its owner) stops its job once Ray has
+the job as ended, whether Ray ends it or not; and a Ray this run started, whose GCS and
+raylet die with the driver so that nobody tells the workers, is ended whole by a watchdog
+process the moment the driver's end of a pipe closes (raywatch.py) — kill -9 too.
 """
 
 from __future__ import annotations
@@ -23,10 +37,13 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from .config import ConfigError
 from .flow import JobEvents, ShardJob, StageWork, run_job
+from .llm.price import Spending
+from .raycost import BOARD_TIMEOUT_S, Account, Allowance, Mirror
+from .raywatch import guard
 from .stages import Batch
 
 LOST_WORKER_RETRIES = 5  # times one job goes again after the worker running it died
@@ -72,11 +89,32 @@ class Blueprint:
     output: str | None = None
     drain_s: float = DRAIN_S  # how often a worker sends its job's events…
     share_s: float = SHARE_S  # …and asks the board for its share: longer on a big cluster
+    capped: bool = False  # the run has a cost cap: requests take room from the board's account
 
     @property
     def key(self) -> tuple[Any, ...]:
         return (self.pipeline.path, tuple(s.fingerprint for s in self.pipeline.stages),
                 self.selected, self.cache, self.rerun, self.mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class Keys:
+    """The API keys of the run's models, by variable (`api_key_env`), as the driver has
+    them: shipped with each task, set in the worker process's environment, never shown —
+    its repr names the variables only."""
+
+    values: Mapping[str, str]
+
+    def __repr__(self) -> str:
+        return f"Keys({', '.join(sorted(self.values))})"
+
+
+def keys_of(pipeline: Any, selected: list[Any]) -> Keys:
+    """The keys the selected stages' models name, from this process's environment."""
+    variables = {pipeline.models[alias].api_key_env for stage in selected
+                 if stage.kind == "llm" for alias in stage.models}
+    return Keys({name: os.environ[name] for name in sorted(v for v in variables if v)
+                 if os.environ.get(name)})
 
 
 class RayExecutor:
@@ -86,19 +124,33 @@ class RayExecutor:
     def __init__(self, blueprint: Blueprint, events: JobEvents, window: int,
                  ended: Callable[[ShardJob, BaseException | None], None],
                  local: Any, resume: Callable[[ShardJob, set[str], dict[str, dict]], ShardJob],
-                 note: Callable[[str], None], report: Any):
+                 note: Callable[[str], None], report: Any, keys: Keys = Keys({}),
+                 spending: Spending | None = None):
         self.ray = sys.modules["ray"]  # imported by start()
         self.blueprint, self.events, self.ended = blueprint, events, ended
         self.local, self.resume, self.note = local, resume, note
         self.report = report  # the run's engine.RunReport: the workers' cache use adds up
+        self.keys = keys
         self.remote = self.ray.remote(max_retries=0)(_run_remote)
-        self.board = self.ray.remote(num_cpus=0)(Board).remote()
+        # on the driver's node, so the board is gone only when the driver is: then the
+        # workers stop (and Ray ends an actor whose owner died)
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(self.ray.get_runtime_context().get_node_id(),
+                                              soft=False)
+        self.mirror = Mirror(spending) if spending is not None else None
+        self.board = self.ray.remote(num_cpus=0, scheduling_strategy=here)(Board).remote(
+            *((spending.cap, self.mirror.own()) if self.mirror is not None else ()))
+        self.syncing: asyncio.Task[None] | None = None  # the mirror, kept in step
+        self.unsynced = False  # the board did not answer a sync: said once
         self.cpus = cluster_cpus(self.ray)
         self.running = 0  # jobs on the cluster: tasks queued or at work
         self.window = asyncio.Semaphore(window)
         self.jobs: dict[asyncio.Task[None], ShardJob] = {}
 
     async def submit(self, job: ShardJob) -> None:
+        if self.mirror is not None and self.syncing is None:
+            self.syncing = asyncio.create_task(self._keep_account())
         if any(work.mode is not None for work in job.stages):  # provider batches
             await self.local.submit(job)
             return
@@ -123,7 +175,7 @@ class RayExecutor:
         self._count(+1)
         try:
             for lost in range(LOST_WORKER_RETRIES + 1):
-                events = self.remote.remote(self.blueprint, attempt, self.board)
+                events = self.remote.remote(self.blueprint, attempt, self.board, self.keys)
                 try:
                     async for ref in events:
                         for event in await ref:
@@ -180,6 +232,8 @@ class RayExecutor:
                 await commit  # committed before anything that comes after it
             committed.add(job.stages[position].stage)
         elif kind == "pending":
+            if event[3] == "max_cost" and self.mirror is not None:  # a worker was refused:
+                self.mirror.spending.reached = True  # the driver reads no more input either
             self.events.pending(*event[1:])
         elif kind == "note":
             self.note(event[1])
@@ -194,10 +248,32 @@ class RayExecutor:
         while self.jobs:
             await asyncio.wait(list(self.jobs))
         await self.local.join()
+        if self.syncing is not None:  # every job has ended: the account as it is now
+            self.syncing.cancel()
+            await self._sync()
+
+    async def _keep_account(self) -> None:
+        """The driver's Spending and the board's account in step, as long as the run
+        goes (join() and stop() end it)."""
+        while True:
+            await self._sync()
+            await asyncio.sleep(self.blueprint.share_s)
+
+    async def _sync(self) -> None:
+        assert self.mirror is not None
+        try:
+            await asyncio.wait_for(self.mirror.sync(self.board), BOARD_TIMEOUT_S)
+        except (asyncio.TimeoutError, self.ray.exceptions.RayError) as e:
+            if not self.unsynced:  # once: it is asked again every share_s
+                self.note(f"--max-cost: the board did not answer ({type(e).__name__}); "
+                          "the driver counts what it last heard from it")
+            self.unsynced = True
 
     def stop(self) -> None:
         for task in self.jobs:
             task.cancel()
+        if self.syncing is not None:
+            self.syncing.cancel()
         self.local.stop()
 
     async def cancel(self) -> None:
@@ -210,20 +286,24 @@ class RayExecutor:
 def for_run(pipeline: Any, selected: list[Any], options: Any, events: JobEvents,
             ended: Callable[[ShardJob, BaseException | None], None], local: Any,
             part_input: Callable[[StageWork, int], Any], output: str | None,
-            note: Callable[[str], None], report: Any) -> tuple["RayExecutor", bool]:
+            note: Callable[[str], None], report: Any, spending: Spending | None = None
+            ) -> tuple["RayExecutor", bool]:
     """A run's Ray executor (its engine.RunOptions say where the cluster is), and whether
-    it started a Ray of its own, to shut down after the run."""
+    it started a Ray of its own, to shut down after the run. `spending`: the run's cost
+    cap, if it has one, which the workers' requests count against too."""
     ray, started = start(options.ray_address or pipeline.ray_address)
     cpus = cluster_cpus(ray)
-    blueprint = blueprint_of(pipeline, selected, options.cache, options.rerun, options.mode,
-                             output, workers=cpus)
+    blueprint = dataclasses.replace(
+        blueprint_of(pipeline, selected, options.cache, options.rerun, options.mode, output,
+                     workers=cpus), capped=spending is not None)
     window = 2 * cpus  # a task holds a CPU while its shard runs
     note(f"executor: Ray, {cpus} CPUs, {window} shards in flight")
 
     def resume(job: ShardJob, committed: set[str], received: dict[str, dict]) -> ShardJob:
         return resumed(job, committed, received, part_input)
 
-    return RayExecutor(blueprint, events, window, ended, local, resume, note, report), started
+    return RayExecutor(blueprint, events, window, ended, local, resume, note, report,
+                       keys_of(pipeline, selected), spending), started
 
 
 def start(address: str | None) -> tuple[Any, bool]:
@@ -239,6 +319,8 @@ def start(address: str | None) -> tuple[Any, bool]:
                        _temp_dir=os.environ.get("CHUNBOT_RAY_TEMP", "/tmp/chunbot-ray"))
     ray.init(address=address, **options)
     _news_to_stderr()
+    if address is None:
+        guard(ray)
     return ray, address is None
 
 
@@ -278,15 +360,28 @@ class Board:
     limits; concurrency limits stay each worker's own after that (like TCP flows, their
     AIMD finds each its share)."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cap: float | None = None, used: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self.workers = 1
         self.limits: Learned = {}
         self.concurrency: dict[str, tuple[float, Concurrency]] = {}  # worker: when, what
         self.calls = 0  # share() calls answered: what bench/ray.py counts
+        self.account = Account(cap, driver=used) if cap is not None else None
 
     def expect(self, workers: int) -> None:
         self.workers = max(1, workers)
+
+    def take(self, worker: str, spent: float, used: float, returned: float, want: float,
+             need: float) -> tuple[float, bool]:
+        """A worker's part of the run's spending account: see Account.take()."""
+        assert self.account is not None, "a run with no cost cap keeps no account"
+        return self.account.take(worker, spent, used, returned, want, need, self.workers)
+
+    def sync(self, driver: float, reached: bool) -> tuple[float, float, bool]:
+        """The driver's side of the account: see Account.sync()."""
+        assert self.account is not None, "a run with no cost cap keeps no account"
+        return self.account.sync(driver, reached)
 
     def share(self, worker: str, learned: Learned, concurrency: Concurrency, stale_s: float
               ) -> tuple[int, Learned, Concurrency]:
@@ -347,21 +442,41 @@ class _Recorder:
         self.out.put(("pending", stage, shard, why))
 
 
+def use_keys(keys: Keys, pipeline: Any, selected: list[Any], worker: str) -> str | None:
+    """Put the driver's keys in this worker process's environment, where the model
+    clients read them as on the driver (the process serves the driver's job only); a
+    model that still has none, in one line — its requests would all fail with 401."""
+    os.environ.update(keys.values)
+    missing = sorted({f"{alias!r} ({variable})" for stage in selected
+                      if stage.kind == "llm" for alias in stage.models
+                      if (variable := pipeline.models[alias].api_key_env)
+                      and not os.environ.get(variable)})
+    if not missing:
+        return None
+    return (f"worker {worker}: no API key for model {', '.join(missing)}: it is set "
+            "neither where the driver runs nor here")
+
+
 class _Runtime:
     """A worker process's event loop (on a thread) and the run's stages built on it."""
 
-    def __init__(self, blueprint: Blueprint):
+    def __init__(self, blueprint: Blueprint, keys: Keys):
         from .stageset import StageSet
 
         if blueprint.cwd not in sys.path:
             sys.path.insert(0, blueprint.cwd)
         self.notes: "queue.SimpleQueue[str]" = queue.SimpleQueue()
         self.name = f"{socket.gethostname()}/{os.getpid()}"  # this worker, to the board
+        self.keys = keys
+        self.driver_gone = False  # board and job ended: nobody takes what the jobs report
         self.loop = asyncio.new_event_loop()
         threading.Thread(target=self.loop.run_forever, daemon=True,
                          name="chunbot-worker").start()
         pipeline = blueprint.pipeline
         selected = [pipeline.stage(name) for name in blueprint.selected]
+        missing = use_keys(keys, pipeline, selected, self.name)
+        if missing is not None:
+            self.notes.put(missing)
 
         async def build() -> Any:
             return StageSet(pipeline, selected, self.notes.put, blueprint.cache,
@@ -383,8 +498,15 @@ class _Runtime:
                  for e in c.pool.endpoints if e.limiter.answered}
         try:
             workers, limits, others = await asyncio.wait_for(
-                board.share.remote(self.name, learned, found, stale_s), 10)
-        except Exception:  # the board is gone (the driver ended): keep what it has
+                board.share.remote(self.name, learned, found, stale_s), BOARD_TIMEOUT_S)
+        except Exception as e:
+            # dead, the board says the driver may be (they share a node, and Ray ends an
+            # actor with its owner): if Ray has the job as ended, the job stops, whether or
+            # not Ray ends its workers itself. Slow to answer: keep what it has
+            import ray
+
+            if isinstance(e, ray.exceptions.ActorDiedError):
+                self.driver_gone = await asyncio.to_thread(_job_ended)
             return
         for alias, client in clients.items():
             requests, tokens = limits.get(alias, (None, None))
@@ -404,32 +526,61 @@ class _Runtime:
             self.loop.call_soon_threadsafe(self.loop.stop)
 
 
+def _job_ended() -> bool:
+    """Whether Ray's GCS has this worker's job as ended (its driver gone), or cannot say;
+    not when only the board was lost (the kernel's OOM killer) and the driver goes on."""
+    import ray
+
+    try:
+        job = ray.get_runtime_context().get_job_id()
+        return any(info["JobID"] == job and info["IsDead"]
+                   for info in ray._private.state.jobs())
+    except Exception:  # no GCS to ask, or a Ray whose job table reads otherwise
+        return True
+
+
 _runtimes: dict[tuple[Any, ...], _Runtime] = {}  # this worker process's: at most one
 
 
-def _runtime(blueprint: Blueprint) -> _Runtime:
+def _runtime(blueprint: Blueprint, keys: Keys) -> _Runtime:
     """The worker's runtime for this run's pipeline; another pipeline's is closed first
     (a worker of a long-lived cluster serves one run after another)."""
     runtime = _runtimes.get(blueprint.key)
-    if runtime is None:
+    if runtime is None or runtime.keys != keys:
         for old in _runtimes.values():
             old.close()
         _runtimes.clear()
-        runtime = _runtimes[blueprint.key] = _Runtime(blueprint)
+        runtime = _runtimes[blueprint.key] = _Runtime(blueprint, keys)
     return runtime
 
 
-def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any) -> Any:
+class DriverGone(Exception):
+    """The driver of this job is gone: what the job would report reaches nobody."""
+
+
+def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any, keys: Keys) -> Any:
     """The Ray task: run the job on this worker's loop, yielding its events as they come."""
-    runtime = _runtime(blueprint)
+    runtime = _runtime(blueprint, keys)
     hits, misses = runtime.stageset.cache_counts()
     events: "queue.SimpleQueue[tuple[Any, ...]]" = queue.SimpleQueue()
     stale_s = 4 * blueprint.share_s  # a worker not heard from for longer is not at work
+    allowance = Allowance(board, runtime.name) if blueprint.capped else None
+    for client in runtime.stageset.clients.values():
+        client.spending = allowance  # this job's part of the run's account, if it has one
 
     async def shared_then_run() -> None:
         await runtime.take_share(board, stale_s)  # before its first request
-        await run_job(job, runtime.stages, _Recorder(events, blueprint.output,
-                                                         blueprint.selected[-1]))
+        try:
+            await run_job(job, runtime.stages, _Recorder(events, blueprint.output,
+                                                             blueprint.selected[-1]))
+        finally:
+            if allowance is not None:  # stopped too: what it used, and the room left
+                await allowance.close()
+
+    async def in_touch() -> None:  # every share_s
+        await runtime.take_share(board, stale_s)
+        if allowance is not None:
+            allowance.report()
 
     future = asyncio.run_coroutine_threadsafe(shared_then_run(), runtime.loop)
     asked = time.monotonic()
@@ -445,24 +596,31 @@ def _run_remote(blueprint: Blueprint, job: ShardJob, board: Any) -> Any:
                 yield batch
             if finished:
                 break
+            if runtime.driver_gone:
+                raise DriverGone(f"worker {runtime.name}: the driver is gone: job stopped")
             concurrent.futures.wait([future], timeout=blueprint.drain_s)
             if time.monotonic() - asked > blueprint.share_s:
-                asyncio.run_coroutine_threadsafe(runtime.take_share(board, stale_s),
-                                             runtime.loop)
+                asyncio.run_coroutine_threadsafe(in_touch(), runtime.loop)
                 asked = time.monotonic()
-    finally:  # cancelled by the driver (the run stopped): the job stops sending too
+    finally:  # cancelled by the driver (the run stopped), or it is gone: the job stops
         if not future.done():
             future.cancel()
-    cache = runtime.stageset.cache
-    if cache is not None:  # the replies it got, for the jobs after it; and how it served
-        failure = None
-        try:
-            asyncio.run_coroutine_threadsafe(cache.flush(), runtime.loop).result()
-        except Exception as e:  # a full disk, a Redis gone away: the run's error, as locally
-            failure = (f"the response cache could not store replies on worker "
-                       f"{runtime.name}: {type(e).__name__}: {e}")
-        yield [("cache", cache.hits - hits, cache.misses - misses, failure)]
+    yield from _flush_cache(runtime, hits, misses)
     future.result()  # the job's error, after what it sent
+
+
+def _flush_cache(runtime: _Runtime, hits: int, misses: int) -> Iterator[list[tuple]]:
+    """The replies the job got, stored for the jobs after it; and how the cache served."""
+    cache = runtime.stageset.cache
+    if cache is None:
+        return
+    failure = None
+    try:
+        asyncio.run_coroutine_threadsafe(cache.flush(), runtime.loop).result()
+    except Exception as e:  # a full disk, a Redis gone away: the run's error, as locally
+        failure = (f"the response cache could not store replies on worker "
+                   f"{runtime.name}: {type(e).__name__}: {e}")
+    yield [("cache", cache.hits - hits, cache.misses - misses, failure)]
 
 
 def blueprint_of(pipeline: Any, selected: list[Any], cache: str, rerun: str | None,

@@ -206,7 +206,7 @@ class ModelClient:
         try:
             # paced after taking room, so requests queued for room never burst out unpaced
             estimate = await self._pace(request)
-            reserved = self._reserve(request)
+            reserved = await self._reserve(request)
         except BaseException:
             self.pool.release(endpoint)
             raise
@@ -271,10 +271,14 @@ class ModelClient:
             await asyncio.sleep(wait)
         return estimate
 
-    def _reserve(self, request: Request) -> float:
+    async def _reserve(self, request: Request) -> float:
         """Room under the run's cost cap for this request (raises CostCap when there is
         none)."""
-        return 0.0 if self.spending is None else self.spending.reserve(self.most_cost(request))
+        if self.spending is None:
+            return 0.0
+        most = self.most_cost(request)  # once: the replies that come meanwhile change it
+        await self.spending.ready(most)
+        return self.spending.reserve(most)
 
     def most_cost(self, request: Request) -> float:
         """What a request may cost, as far as can be told before it is sent: its prompt as

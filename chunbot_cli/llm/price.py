@@ -66,6 +66,10 @@ class Spending:
     def total(self) -> float:
         return self.before + self.spent
 
+    async def ready(self, estimate: float) -> None:
+        """Before reserve(estimate): here there is nothing to wait for; an account kept
+        elsewhere (a Ray worker's part of the run's, rayexec.py) first asks for room."""
+
     def reserve(self, estimate: float) -> float:
         """Room for one request that may cost `estimate`; raises CostCap when there is none."""
         if self.reached or self.total + self.in_flight + estimate > self.cap:
