@@ -620,6 +620,7 @@ class LLMShard:
         self.queue: deque[tuple[Key, Request]] = deque()
         self.workers: set[asyncio.Task[None]] = set()
         self.held = 0  # records the cost cap or the tripwire kept from being sent
+        self.failure: BaseException | None = None  # what a worker raised (the shard fails)
 
     async def feed(self, batch: Batch) -> None:
         records = dict(zip(*batch))
@@ -657,7 +658,14 @@ class LLMShard:
         for _ in range(room):
             worker = self.outlet.spawn(self._work())
             self.workers.add(worker)
-            worker.add_done_callback(self.workers.discard)
+            worker.add_done_callback(self._ended)
+
+    def _ended(self, worker: "asyncio.Task[None]") -> None:
+        """A worker is done: its error, if any, is the shard's (kept, and so retrieved, even
+        when no one is waiting on the workers then: a full disk fails them all)."""
+        self.workers.discard(worker)
+        if not worker.cancelled() and worker.exception() is not None and self.failure is None:
+            self.failure = worker.exception()
 
     async def _work(self) -> None:
         process, queue = self.stage.process, self.queue
@@ -681,12 +689,11 @@ class LLMShard:
         await self._join()
 
     async def _join(self) -> None:
-        """Wait for every worker; raise the first one's error once all have ended, so no
-        failure (a full disk fails them all) is left unretrieved."""
+        """Wait for every worker; then raise the first one's error, if one failed."""
         while self.workers:
-            for result in await asyncio.gather(*self.workers, return_exceptions=True):
-                if isinstance(result, BaseException):
-                    raise result
+            await asyncio.gather(*self.workers, return_exceptions=True)
+        if self.failure is not None:
+            raise self.failure
 
     async def finish(self) -> StageOutput | Waiting:
         if self.mode is None:

@@ -141,3 +141,28 @@ def test_other_errors_fail_the_record_at_once():
     out = Shard(stage, records("x"))
     assert out.errors[0]["error"] == "model 'a': HTTP 400"
     assert len(out.trace[0]["attempts"]) == 1
+
+
+def test_a_record_whose_journal_write_fails_fails_the_shard_rather_than_vanishing():
+    """A worker that raises (a full disk under the journal) before the shard is finished
+    makes finish() raise: its shard is never committed without that record."""
+    stage = llm_stage()
+    written = []
+
+    def entry(done, new):
+        if len(written) == 1:
+            raise OSError(28, "No space left on device")
+        written.append(done)
+
+    async def run():
+        shard = stage.open(0, "source", Outlet(lambda batch, data, counts: None, entry))
+        await shard.feed(Batch([0, 1, 2], records("great", "terrible", "okay")))
+        await asyncio.sleep(0.05)  # the workers are done before finish() is called
+        return await shard.finish()
+
+    try:
+        asyncio.run(run())
+    except OSError as e:
+        assert e.errno == 28
+    else:
+        raise AssertionError("the shard finished without a record")
