@@ -550,15 +550,24 @@ def _model(path: Path, alias: str, spec: Any, parent: Any = None) -> ModelSpec:
 
 def _tests(top: "_Where", folder: Path, models: dict[str, ModelSpec]) -> tuple[Any, ...]:
     """`tests:`: the assertions `chunbot test` applies to every case."""
+    from dataclasses import replace
+
     from .testbench.assertions import AssertionSpecError, parse_assertion
 
     raw = top.get("tests", list, default=[])
     found = []
+    tests_line = getattr(top.mapping, "lines", {}).get("tests", 0)
     for n, entry in enumerate(raw, 1):
+        # the entry's own line, and the line of the key at fault within it: a list of
+        # tests is long, and `tests:`'s line would not say which entry is wrong
+        line = getattr(entry, "line", 0) or tests_line
         try:
-            found.append(parse_assertion(entry, folder, models))
+            assertion = parse_assertion(entry, folder, models)
         except AssertionSpecError as e:
-            raise top.fail(f"entry #{n}: {e}", "tests") from None
+            at = getattr(entry, "lines", {}).get(e.key) or line
+            where = f"{top.path}:{at}: " if at else f"{top.path}: "
+            raise ConfigError(f"{where}key 'tests': entry #{n}: {e}") from None
+        found.append(replace(assertion, line=line))
     return tuple(found)
 
 

@@ -57,7 +57,18 @@ def test_each_assertion_kind_passes_and_fails(raw, record, passed):
     ({"equals": 1}, "needs a `field`"),
     ({"field": "x", "regex": "("}, "regex does not compile"),
     ({"field": "x", "one_of": "a"}, "takes a list"),
-    ({"field": "x", "min": "a lot"}, None),
+    ({"field": "x", "min": "a lot"}, r"'min' takes a number .*not 'a lot'"),
+    ({"field": "x", "max": "high"}, r"'max' takes a number"),
+    ({"field": "x", "min": [1]}, r"'min' takes a number"),
+    ({"field": "x", "min": True}, r"'min' takes a number"),
+    ({"field": "x", "max": "nan"}, r"'max' takes a number"),
+    ({"field": "x", "min_length": 2.5}, "whole number"),
+    ({"field": "x", "max_length": -1}, "whole number"),
+    ({"field": "x", "min": "{{ floor }}"}, None),  # a template: filled in per case
+    ({"field": "x", "min": "2.5"}, None),  # a number in a string
+    ({"field": "x", "min_length": 3}, None),
+    ({"field": "x", "equalz": 1}, r"unknown assertion 'equalz' \(did you mean 'equals'\?\)"),
+    ({"field": "x"}, "it has none, so it would check nothing"),
     ({"field": "x", "json_schema": {"type": "nonsense"}}, "not a valid JSON Schema"),
     ({"field": "x", "json_schema": {"file": "missing.json"}}, "cannot read"),
     ({"python": "no_such_module:check"}, "cannot import 'no_such_module'"),
@@ -66,7 +77,7 @@ def test_each_assertion_kind_passes_and_fails(raw, record, passed):
 ])
 def test_bad_assertions_are_refused(raw, message):
     if message is None:
-        parse_assertion(raw, models={"big"})  # a number as a string is left to the check
+        parse_assertion(raw, models={"big"})
         return
     with pytest.raises(AssertionSpecError, match=message):
         parse_assertion(raw, models={"big"})
@@ -93,6 +104,23 @@ def test_a_plain_expect_value_means_equals():
     found = case_assertions({"label": "negative", "reply": {"icontains": "sorry"}})
     assert [(a.field, a.kind, a.value) for a in found] == [("label", "equals", "negative"),
                                                            ("reply", "icontains", "sorry")]
+    wrapped = case_assertions({"data": {"equals": {"name": "x"}}})  # an object, compared
+    assert [(a.kind, a.value) for a in wrapped] == [("equals", {"name": "x"})]
+
+
+@pytest.mark.parametrize("expect, message", [
+    # an object is an assertion: a misspelt kind was taken for the value to equal
+    ({"sentiment": {"equalz": "x"}}, r"unknown assertion 'equalz' \(did you mean 'equals'\?\)"
+                                     r".*\(field 'sentiment'\)"),
+    ({"data": {"name": "x", "n": 1}}, r"unknown assertion 'name'.*\{\"equals\": \{…\}\}"),
+    ({"score": {"min": "high"}}, r"'min' takes a number .*not 'high' \(field 'score'\)"),
+    ({"label": {}}, r"an object names one assertion"),
+    ({"label": {"field": "other", "equals": "x"}}, r"an object names one assertion"),
+    (["label"], "must be an object"),
+])
+def test_a_bad_expect_is_refused_not_compared_with(expect, message):
+    with pytest.raises(AssertionSpecError, match=message):
+        case_assertions(expect)
 
 
 PIPELINE = """
@@ -157,6 +185,93 @@ def test_a_bad_expect_in_a_case_names_its_line_before_anything_runs(project):
     assert result.returncode == 2
     assert b"cases.jsonl:2: case 'b': key 'expect': regex does not compile" in result.stderr
     assert not (project / "requests.log").exists()
+
+
+NO_TESTS = PIPELINE.split("tests:")[0]
+ENTRY_LINE = PIPELINE.splitlines().index("tests:") + 2  # the first entry's line
+
+
+@pytest.mark.parametrize("pipeline, cases, where, message", [
+    # each of these checked nothing, or what never passes, and ran to a report
+    (PIPELINE, [CASES[0], {**CASES[1], "expect": {"sentiment": {"equalz": "x"}}}],
+     "cases.jsonl:2: case 'b': key 'expect': ",
+     "unknown assertion 'equalz' (did you mean 'equals'?)"),
+    (PIPELINE, [{**CASES[0], "expect": {"sentiment": {"min": "high"}}}],
+     "cases.jsonl:1: case 'a': key 'expect': ", "'min' takes a number"),
+    (PIPELINE.replace('equals: "{{ label }}"', "min: high"), CASES,
+     f"p.yaml:{ENTRY_LINE}: key 'tests': entry #1: ", "'min' takes a number"),
+    (PIPELINE.replace("field: sentiment,", "field: sentimnt,"), CASES,
+     f"p.yaml:{ENTRY_LINE}: key 'tests': entry #1: ",
+     "no output record has a field 'sentimnt' (did you mean 'sentiment'?)"),
+    (PIPELINE, [*CASES[:2], {**CASES[2], "expect": {"lable": "positive"}}],
+     "cases.jsonl:3: case 'c': key 'expect': ",
+     "no output record has a field 'lable' (did you mean 'label'?)"),
+    (NO_TESTS + "tests:\n  - {field: sentiment, equals: x}\n  - field: sentiment\n", CASES,
+     f"p.yaml:{ENTRY_LINE + 1}: key 'tests': entry #2: ", "so it would check nothing"),
+    (NO_TESTS, [c for c in CASES if "expect" not in c], "cases.jsonl:1: key 'expect': ",
+     "nothing would be checked"),
+    (NO_TESTS, [{**c, "expect": {}} for c in CASES], "cases.jsonl:1: key 'expect': ",
+     "nothing would be checked"),
+])
+def test_a_test_that_checks_nothing_is_refused_before_anything_runs(project, pipeline, cases,
+                                                                    where, message):
+    (project / "p.yaml").write_text(pipeline)
+    write_jsonl(project / "cases.jsonl", cases)
+    result = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "-q", cwd=project)
+    assert result.returncode == 2, result.stderr.decode()
+    (line,) = result.stderr.decode().splitlines()  # one line, no traceback
+    assert line.startswith(f"chunbot: {where}") and message in line, line
+    assert not (project / "requests.log").exists() and not (project / "runs").exists()
+
+
+def test_the_key_at_fault_in_a_tests_entry_gives_its_line(project):
+    (project / "p.yaml").write_text(NO_TESTS + "tests:\n  - field: sentiment\n"
+                                               "    max_length: lots\n")
+    write_jsonl(project / "cases.jsonl", CASES)
+    result = chunbot("test", "p.yaml", "--cases", "cases.jsonl", cwd=project)
+    assert result.returncode == 2
+    assert f"p.yaml:{ENTRY_LINE + 1}: key 'tests': entry #1: 'max_length' takes a number" \
+        in result.stderr.decode()
+
+
+def test_every_case_is_read_before_a_request_and_a_field_may_come_late(project):
+    """A bad `expect` deep in a many-shard file stops the test before any request; a field
+    only the last case has is a field (the whole file is read, not its first cases)."""
+    (project / "p.yaml").write_text(PIPELINE.replace("input: unused.jsonl",
+                                                     "input: unused.jsonl\nshard_size: 10"))
+    cases = [{"id": f"c{i}", "text": "fine", "label": "positive"} for i in range(300)]
+    late = {"id": "late", "text": "fine", "label": "positive", "gold": "positive",
+            "expect": {"gold": "positive"}}
+    write_jsonl(project / "cases.jsonl", [*cases, {**cases[0], "id": "bad",
+                                                   "expect": {"sentiment": {"regx": "."}}}])
+    result = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "-q", cwd=project)
+    assert result.returncode == 2
+    assert b"cases.jsonl:301: case 'bad': key 'expect': unknown assertion 'regx' (did you " \
+           b"mean 'regex'?)" in result.stderr
+    assert not (project / "requests.log").exists()
+    (project / "p.yaml").write_text(PIPELINE.replace('field: sentiment, equals: "{{ label }}"',
+                                                     "field: gold, equals: positive"))
+    write_jsonl(project / "cases.jsonl", [*cases[:20], late])
+    result = chunbot("test", "p.yaml", "--cases", "cases.jsonl", "--stage", "sentiment", "-q",
+                     "--json", "r.json", cwd=project)
+    assert result.returncode == 1, result.stderr.decode()  # the first 20 have no gold
+    report = json.loads((project / "r.json").read_text())
+    assert (report["cases"], report["passed"]) == (21, 1)
+
+
+def test_fields_a_stage_may_add_at_will_are_not_held_to_a_list():
+    from chunbot_cli import config
+    from chunbot_cli.testbench.validate import stage_fields
+
+    spec = config.StageSpec
+    nested = spec("s", "llm", "", output="reply")
+    closed = spec("j", "llm", "", spread=True, schema={
+        "type": "object", "properties": {"score": {}}, "additionalProperties": False})
+    assert stage_fields([nested, spec("f", "filter", "")]) == {"reply"}
+    assert stage_fields([nested, closed]) == {"reply", "score"}
+    assert stage_fields([nested, spec("p", "python", "")]) is None  # any field
+    assert stage_fields([spec("j", "llm", "", spread=True, schema={
+        "properties": {"score": {}}})]) is None  # the reply may have more keys
 
 
 def test_sim_gen_hard_share_is_the_share_a_test_finds_failing(project):

@@ -3,6 +3,8 @@ in a workdir of their own and checks each case's output record.
 
 - assertions.py: the assertion kinds, read from `tests:` and each case's `expect`, and the
   check of one against an output record;
+- validate.py: one cheap pass over the cases before any request, refusing a test that
+  checks nothing (no assertion, a bad `expect`, a field no output record has);
 - judges.py: `judge` assertions, asked of an LLM as one more resumable, cached run;
 - report.py: per-case results, their tally, the JSON report, JUnit XML and baselines;
 - bench.py: all of it in order — the pipeline once per repeat, the judges, and the walk

@@ -12,6 +12,8 @@ values templates over the case's fields; a case's own `expect` object adds more 
 
 from __future__ import annotations
 
+import difflib
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -27,7 +29,12 @@ _NOT_TEMPLATES = ("expr", "regex", "python", "json_schema")
 
 
 class AssertionSpecError(ValueError):
-    """An assertion that cannot be checked (an unknown kind, a value of the wrong type)."""
+    """An assertion that cannot be checked (an unknown kind, a value of the wrong type).
+    `key`: the key at fault, so the pipeline file's message can give that key's line."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,7 @@ class Assertion:
     value: Any  # as written: a template (a string) for the `tests:` list's values
     # json_schema: the compiled validator; python: the imported function
     function: Callable[..., Any] | None = field(default=None, compare=False, repr=False)
+    line: int = field(default=0, compare=False)  # a `tests:` entry's line in the pipeline file
 
     @property
     def label(self) -> str:
@@ -61,17 +69,31 @@ def parse_assertion(raw: Any, folder: Path | None = None,
     kinds = [k for k in raw if k != "field"]
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
-        raise AssertionSpecError(f"unknown assertion {unknown[0]!r}; known: {', '.join(KINDS)}")
+        raise AssertionSpecError(f"unknown assertion {unknown[0]!r}"
+                                 f"{did_you_mean(unknown[0], KINDS)}; known: {', '.join(KINDS)}",
+                                 str(unknown[0]))
+    if not kinds:  # `{field: x}` alone would pass every case
+        raise AssertionSpecError("needs exactly one assertion kind besides `field` (it has "
+                                 "none, so it would check nothing)", "field")
     if len(kinds) != 1:
-        raise AssertionSpecError("needs exactly one assertion kind besides `field`")
+        raise AssertionSpecError("needs exactly one assertion kind besides `field`", kinds[1])
     kind = kinds[0]
     name = raw.get("field")
     if name is not None and not isinstance(name, str):
-        raise AssertionSpecError("`field` must be a field name")
+        raise AssertionSpecError("`field` must be a field name", "field")
     if name is None and kind not in _WHOLE_RECORD:
-        raise AssertionSpecError(f"{kind!r} needs a `field`")
-    value = raw[kind]
-    function = None
+        raise AssertionSpecError(f"{kind!r} needs a `field`", kind)
+    try:
+        value, function = _value(kind, raw[kind], folder, models)
+    except AssertionSpecError as e:
+        raise AssertionSpecError(str(e), kind) from None
+    return Assertion(name, kind, value, function)
+
+
+def _value(kind: str, value: Any, folder: Path | None, models: Collection[str] | None
+           ) -> tuple[Any, Callable[..., Any] | None]:
+    """An assertion's value, checked to be one its kind can compare with (and what the kind
+    compiled from it); raises AssertionSpecError."""
     if kind in ("expr", "regex", "python") and not isinstance(value, str):
         raise AssertionSpecError(f"{kind!r} takes a string")
     if kind == "regex":
@@ -87,34 +109,73 @@ def parse_assertion(raw: Any, folder: Path | None = None,
         except templates.TemplateError as e:
             raise AssertionSpecError(f"expr does not compile: {e}") from None
     elif kind == "python":
-        function = _import(value, str(folder or Path.cwd()))
+        return value, _import(value, str(folder or Path.cwd()))
     elif kind == "json_schema":
-        value, function = _schema(value, folder)
+        return _schema(value, folder)
     elif kind == "judge":
-        value = _judge(value, models)
+        return _judge(value, models), None
     elif kind == "one_of" and not isinstance(value, list):
         raise AssertionSpecError("'one_of' takes a list")
     elif kind == "filtered" and not isinstance(value, bool):
         raise AssertionSpecError("'filtered' takes true or false")
-    elif kind in ("min", "max", "min_length", "max_length") and (
-            isinstance(value, bool) or not isinstance(value, (int, float, str))):
-        raise AssertionSpecError(f"{kind!r} takes a number")
-    return Assertion(name, kind, value, function)
+    elif kind in _NUMBERS:
+        _number(kind, value)
+    return value, None
+
+
+_NUMBERS = ("min", "max", "min_length", "max_length")
+
+
+def _number(kind: str, value: Any) -> None:
+    """`min`/`max` take a number, `min_length`/`max_length` a whole one of 0 or more: as
+    written, or as a string holding one (`"3"`), or a template filled in per case
+    (`"{{ floor }}"`). Anything else (`"high"`) would fail every case without saying why."""
+    if isinstance(value, str) and "{" in value:  # check() renders it, as every template
+        return
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    if isinstance(number, bool) or not isinstance(number, (int, float)) or \
+            not math.isfinite(number):
+        raise AssertionSpecError(f"{kind!r} takes a number (or a template like "
+                                 f"\"{{{{ floor }}}}\"), not {value!r}")
+    if kind.endswith("_length") and (number < 0 or number != int(number)):
+        raise AssertionSpecError(f"{kind!r} takes a whole number of 0 or more, not {value!r}")
+
+
+def did_you_mean(name: Any, known: Collection[str]) -> str:
+    """' (did you mean 'x'?)' for the closest of `known`, or ''."""
+    close = difflib.get_close_matches(str(name), sorted(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def case_assertions(expect: Any, folder: Path | None = None,
                     models: Collection[str] | None = None) -> list[Assertion]:
-    """A case's `expect` object: per field a plain value (equals) or `{KIND: VALUE}`."""
+    """A case's `expect` object: per field a plain value (equals) or an object naming one
+    kind, `{KIND: VALUE}`. An object always names a kind — to compare with an object, write
+    `{"equals": {…}}` — so a misspelt kind (`{"equalz": "x"}`) is refused, not taken for
+    the value the field must equal (which no reply ever is: it failed every case)."""
     if expect is None:
         return []
     if not isinstance(expect, dict):
         raise AssertionSpecError("`expect` must be an object of field: value")
     found = []
     for name, wanted in expect.items():
-        if isinstance(wanted, dict) and len(wanted) == 1 and next(iter(wanted)) in KINDS:
-            found.append(parse_assertion({"field": name, **wanted}, folder, models))
-        else:
+        if not isinstance(wanted, dict):
             found.append(Assertion(name, "equals", wanted))
+            continue
+        if not wanted or "field" in wanted:
+            raise AssertionSpecError(f"an object names one assertion, {{\"KIND\": VALUE}} "
+                                     f"(to compare with an object: {{\"equals\": {{…}}}}), "
+                                     f"not {orjson.dumps(wanted).decode()[:80]} (field {name!r})")
+        try:
+            found.append(parse_assertion({"field": name, **wanted}, folder, models))
+        except AssertionSpecError as e:
+            hint = "; to compare with an object: {\"equals\": {…}}" if e.key not in KINDS else ""
+            raise AssertionSpecError(f"{e}{hint} (field {name!r})") from None
     return found
 
 

@@ -22,6 +22,7 @@ import orjson
 from . import judges
 from .assertions import AssertionSpecError, Outcome, case_assertions, check
 from .report import Baseline, CaseResult, Report, Tally, Usage, percentiles
+from .validate import validate
 
 class ComeBackLater(Exception):
     """Batch-mode stages wait for provider batches: run `chunbot test` again later."""
@@ -60,7 +61,7 @@ def run_tests(pipeline: Any, cases: str, options: TestOptions | None = None,
     last = pipeline.stage(options.stage) if options.stage else pipeline.stages[-1]
     checked = pipeline.stages[: pipeline.stages.index(last) + 1]
     files = resolve(cases)
-    has_judges = _validate(files, pipeline, options.limit)
+    has_judges = validate(files, pipeline, checked, options.limit)  # before any request
     baseline = Baseline(options.baseline) if options.baseline is not None else None
     stem = Path(cases).name.removesuffix(".zst").removesuffix(".jsonl")
     base = Path(pipeline.workdir) / "tests" / stem
@@ -266,16 +267,6 @@ def _renderer() -> Callable[[str, dict[str, Any]], Any]:
         return compiled[template].render(case)
 
     return render
-
-
-def _validate(files: list[str], pipeline: Any, limit: int | None) -> bool:
-    """Read every case before anything runs, so a bad `expect` stops the test before it
-    sends a request; True when some case has a judge."""
-    judged = any(a.kind == "judge" for a in pipeline.tests)
-    for _, shard_cases in _cases(files, pipeline, limit):
-        if not judged:
-            judged = any(a.kind == "judge" for item in shard_cases for a in item.checks)
-    return judged
 
 
 def _cases(files: list[str], pipeline: Any, limit: int | None
