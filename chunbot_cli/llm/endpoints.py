@@ -142,6 +142,12 @@ class EndpointPool:
         """The most requests that may ever be in flight."""
         return self.cap or sum(e.limiter.ceiling for e in self.endpoints)
 
+    @property
+    def waiting(self) -> int:
+        """Requests in line for room: the limit is what holds them back (for the display;
+        counts the line, so it is not for a request's path)."""
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
     def pick(self) -> Endpoint | None:
         """The endpoint for the next request, or None when all are full, or down with no
         probe due. Counts the request as in flight there."""

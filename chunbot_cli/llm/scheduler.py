@@ -209,6 +209,24 @@ class Budget:
     def __post_init__(self) -> None:
         self._update()
 
+    @property
+    def behind(self) -> float:
+        """Seconds of refill already promised to requests that sleep for it (0: nobody
+        waits): whether, and how hard, this budget holds requests back now. Only reads."""
+        if self.rate is None:
+            return 0.0
+        level = min(self.rate * BURST_S, self.level + (self.clock() - self.stamp) * self.rate)
+        return max(0.0, -level / self.rate)
+
+    @property
+    def per_minute(self) -> tuple[float, str] | None:
+        """The limit in force, as the YAML or the server gave it (before BUDGET_SHARE and
+        `share`), and which one it is: "announced" or "configured"; None: unlimited."""
+        if self.announced and (not self.configured
+                               or self.announced * BUDGET_SHARE < self.configured):
+            return self.announced, "announced"
+        return (self.configured, "configured") if self.configured else None
+
     def announce(self, per_minute: float) -> None:
         if per_minute > 0 and per_minute != self.announced:
             self.announced = per_minute
