@@ -22,6 +22,11 @@ from typing import TYPE_CHECKING, Any, Callable
 from .llm.types import Reply, Request
 from .store import Entry, Key, failpoint
 
+# `--wait` asks about new batches after this many seconds, then twice as long each time up
+# to the poll interval: a small batch done in seconds is collected within seconds of it, a
+# day-long one costs a request per interval (a fixed 30 s made a 3 s batch wait 30.7 s)
+FIRST_POLL_S = 1.0
+
 if TYPE_CHECKING:
     from .config import Pipeline, StageSpec
     from .llm.batch import BatchAPI, BatchState
@@ -186,12 +191,17 @@ class BatchMode:
     async def run(self, shard: "LLMShard", realtime_rest: bool = False) -> bool:
         """Finish the shard's records through batches; False while they are pending."""
         self.ledgers.open(shard.shard, shard.source, shard.stage.spec.fingerprint)
+        delay, waited_for = 0.0, None
         while True:
             if await self._round(shard, realtime_rest):
                 return True
             if not self.wait or shard.held:  # the cost cap: waiting would not change it
                 return False
-            await asyncio.sleep(self.poll_s)
+            batches = self.ledgers.shards[shard.shard].batches
+            if batches != waited_for:  # new batches (a retry round's too) may be quick
+                delay, waited_for = min(FIRST_POLL_S, self.poll_s), list(batches)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, self.poll_s)
 
     async def _round(self, shard: "LLMShard", realtime_rest: bool) -> bool:
         from .llm.batch import split

@@ -3,8 +3,9 @@ fields the stages' templates and filters use.
 
 A field a record lacks fails that record at run time (it lands in errors.jsonl), so a typo
 in a template fails every record; this finds it before any request. Fields that earlier
-LLM stages add count as present; after a python stage, which may add anything, nothing
-further is checked.
+LLM stages add (their `output`, or with `fields: spread` the keys their schema names) count
+as present; after a python stage or a spread stage whose schema names no keys, which may
+add anything, nothing further is checked.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import itertools
 import orjson
 
 from . import templates
-from .config import Pipeline
+from .config import Pipeline, StageSpec
 from .source import InputError, read_shards, resolve
 
 SAMPLE = 100
@@ -51,9 +52,28 @@ def field_warnings(pipeline: Pipeline, sample: int = SAMPLE) -> list[str]:
                         f"uses {name!r}, which {lacking} of the first {len(records)} input "
                         f"records lack (they would fail); fields seen: "
                         f"{', '.join(sorted(set().union(*records))[:12])}")
-        if stage.kind == "llm":
-            added.add(stage.output or stage.name)
+        more = _fields_added(stage)
+        if more is None:
+            break  # what follows may use fields no one can foresee here
+        added |= more
     return warnings
+
+
+def _fields_added(stage: StageSpec) -> set[str] | None:
+    """The fields a stage adds to the records it passes on; None when they cannot be known.
+
+    An LLM stage adds its `output`; with `fields: spread`, the reply's keys instead, which
+    its schema names (`properties`, `required`): without a schema naming any, they are
+    the model's choice."""
+    if stage.kind != "llm":
+        return set()
+    if not stage.spread:
+        return {stage.output or stage.name}
+    schema = stage.schema if isinstance(stage.schema, dict) else {}
+    properties = schema.get("properties")
+    named = set(properties) if isinstance(properties, dict) else set()
+    named |= {k for k in schema.get("required") or () if isinstance(k, str)}
+    return named or None
 
 
 def _first_records(files: list[str], sample: int) -> list[object]:

@@ -21,6 +21,7 @@ import typer
 from . import __version__, config, engine
 from .progress import make_progress
 from .sinks import JsonLinesOut
+from .store import CorruptState, Workdir
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Stream JSONL records through LLM stages described in YAML.")
@@ -63,6 +64,32 @@ class Malformed(str, Enum):
 def _fail(message: str, code: int) -> typer.Exit:
     print(f"chunbot: {message}", file=sys.stderr)
     return typer.Exit(code)
+
+
+def _usage_error(error: Exception, pipeline: config.Pipeline | None) -> typer.Exit:
+    """Exit 2 with the error's message. A corrupt state.json's advice says the cache keeps
+    the replies only when the pipeline has a response cache: without one, starting afresh
+    asks every model again."""
+    if isinstance(error, CorruptState):
+        cached = pipeline is not None and pipeline.cache.enabled and any(
+            s.kind == "llm" and s.cache for s in pipeline.stages)
+        return _fail(error.advice(cached), engine.EXIT_USAGE)
+    return _fail(str(error), engine.EXIT_USAGE)
+
+
+def _check_rerun(pipeline: config.Pipeline, options: engine.RunOptions) -> None:
+    """Refuse to rerun a stage that has not run: there is nothing to redo or to keep in
+    `<stage>.prev/`, and `--failed` would send every record, not the failed ones."""
+    engine.selected_stages(pipeline, options)  # an unknown stage, --failed on a filter: first
+    if options.rerun not in Workdir(pipeline.workdir, pipeline.compress).load_state().stages:
+        raise config.ConfigError(f"stage {options.rerun!r} has not run yet: there is nothing "
+                                 f"to rerun; `chunbot run {pipeline.path}` runs it")
+
+
+def _announce_stdin(pipeline: config.Pipeline) -> None:
+    """Reading stdin from a terminal looks like a hang: say once what is awaited."""
+    if pipeline.input == "-" and sys.stdin is not None and os.isatty(0):
+        print("chunbot: reading JSONL records from stdin (Ctrl-D to end)…", file=sys.stderr)
 
 
 def _version(value: bool) -> None:
@@ -167,12 +194,15 @@ def _execute(pipeline: Path, options: engine.RunOptions, quiet: bool,
     """Run or rerun, and leave with the exit code DESIGN.md gives."""
     _keep_freed_memory()
     _collect_garbage_rarely()
-    output = error_file = None
+    output = error_file = loaded = None
     try:
         loaded = config.load(pipeline)
         if input is not None or workdir is not None:  # paths given here are the shell's
             loaded = dataclasses.replace(loaded, input=loaded.input if input is None else input,
                                          workdir=loaded.workdir if workdir is None else workdir)
+        if options.rerun:
+            _check_rerun(loaded, options)
+        _announce_stdin(loaded)
         if stream:
             output = JsonLinesOut(sys.stdout.buffer)
         failed = None
@@ -189,12 +219,15 @@ def _execute(pipeline: Path, options: engine.RunOptions, quiet: bool,
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, signal.SIG_IGN)
     except (config.ConfigError, engine.InputError, engine.StoreError) as e:
-        raise _fail(str(e), engine.EXIT_USAGE) from None
+        raise _usage_error(e, loaded) from None
     except engine.Locked as e:
         raise _fail(str(e), engine.EXIT_LATER) from None
     except engine.Interrupted as e:
         if e.signum == signal.SIGPIPE:  # what stdout still buffers goes nowhere, instead
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # of failing at exit
+            # the reader chose to stop (`| head`): leave without a word, as `yes | head`
+            # does; state.json says how the run ended and the next run resumes anyway
+            raise typer.Exit(e.exit_code) from None
         raise _fail(str(e), e.exit_code) from None
     except KeyboardInterrupt:  # before the run had started
         raise _fail("interrupted; nothing was run", 130) from None
@@ -401,12 +434,13 @@ def status(pipeline: Path = typer.Argument(..., help="The pipeline YAML file."),
     """Per stage: fresh or stale and why, shards, records, tokens, cost; the last run."""
     from .lookback import status as lookback
 
+    loaded = None
     try:
         loaded = config.load(pipeline)
         report = lookback.status(loaded)
         report["batches"] = engine.pending_batches(loaded)
     except (config.ConfigError, engine.StoreError) as e:
-        raise _fail(str(e), engine.EXIT_USAGE) from None
+        raise _usage_error(e, loaded) from None
     if as_json:
         import orjson
 

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol
 from . import batchmode
 from .batchmode import pending_batches
 from .config import ConfigError, Pipeline, StageSpec, check_api_keys
+from .duplicates import DuplicateIds
 from .executor import LocalExecutor
 from .export import check_output, remove_orphan_temp_files
 from .flow import Lines, Part, Rows, ShardJob, StageWork
@@ -37,6 +38,7 @@ from .state import Counters, Export, StageState, State
 from .store import Entry, Locked, StoreError, Workdir, describe, reason_of
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LATER = 0, 1, 2, 75
+# `run --wait` polls a batch after 1 s, then ever less often, up to this (seconds)
 BATCH_POLL_S = float(os.environ.get("CHUNBOT_BATCH_POLL_S", "30"))
 MAX_SHARDS_IN_FLIGHT = 64
 
@@ -45,13 +47,16 @@ __all__ = ["RunOptions", "RunReport", "run", "arun", "ConfigError", "InputError"
 
 
 class Interrupted(Exception):
-    """The run was stopped by SIGINT (Ctrl-C) or SIGTERM; what finished is kept."""
+    """The run was stopped by SIGINT (Ctrl-C), SIGTERM or a closed stdout (SIGPIPE's exit
+    code); what finished is kept."""
 
     def __init__(self, signum: int):
         self.signum = signum
         self.exit_code = 128 + signum
-        name = {signal.SIGINT: "interrupted", signal.SIGPIPE: "stdout was closed"}.get(
-            signum, "terminated (SIGTERM)")
+        if signum == signal.SIGPIPE:  # the reader chose to stop (`| head`): nothing to resume
+            super().__init__("stdout was closed: what finished is kept")
+            return
+        name = "interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)"
         super().__init__(f"{name}: what finished is kept; run the same command again to "
                          "resume")
 
@@ -237,6 +242,7 @@ class Run:
             self.output = InputOrder(output)
         self.errors_out = errors  # failed records, when no errors.jsonl keeps them
         self.reasons: dict[str, Counter[str]] = {}  # why they failed, per stage
+        self.duplicates = DuplicateIds()  # input ids seen before, for a note
         self.traces = traces
         self.stopped_by: int | None = None  # the signal that interrupted the run
         self.stopping = False  # a fault of the workdir: read no more input
@@ -466,15 +472,22 @@ class Run:
                     await executor.submit(job)
                 else:
                     read_through = self.read_through = not self.stopping
-            except InputError as e:  # a file that breaks off after some shards were read
-                if count == 0:
-                    raise
-                self.report.errors.append(f"{e}; the records read before it were processed")
+            except InputError as e:  # a file refused or breaking off once reading began
+                if count == 0 and not e.midway:
+                    raise  # nothing was run: exit 2, as for a missing file
+                # a break (truncated .zst) is exit 1 wherever the cut fell, even before the
+                # first whole record: what came before is kept, the rest is for the next run
+                before = "the records read before it were processed" if count else \
+                    "no record was read before it"
+                self.report.errors.append(f"{e}; {before}")
             await executor.join()
         except BaseException:
             await executor.cancel()
             raise
-        if count == 0:
+        duplicates = self.duplicates.note()
+        if duplicates:
+            self.note(duplicates)
+        if count == 0 and not self.report.errors:
             self.note("input is empty: nothing to do")
         elif not any(stage.shards_run or stage.batches_pending or stage.capped or stage.stopped
                      for stage in self.report.stages.values()) \
@@ -563,6 +576,8 @@ class Run:
         report.shards_run += 1
         report.committed.append(job.shard)
         report.last_end = time.monotonic()
+        if position == 0 and output.ids is not None:  # sorted CRC-32s: its id index
+            output.ids = self.duplicates.add(job.shard, output.ids)  # type: ignore[assignment]
         if self.errors_out is not None:
             reasons = self.reasons.setdefault(work.stage, Counter())
             for error in output.errors:

@@ -8,6 +8,7 @@ failure (with its file and line number) instead of stopping the run. A shard's d
 
 from __future__ import annotations
 
+import codecs
 import glob
 import itertools
 import os
@@ -25,7 +26,17 @@ MAX_LINE_BYTES = 16 << 20  # a longer input line is a bad record (`max_line_byte
 
 
 class InputError(Exception):
-    """The input cannot be read at all (missing file, unreadable folder)."""
+    """The input cannot be read at all (missing file, unreadable folder, not JSON Lines)."""
+
+    midway = False  # a file that broke off after its start was read: see InputBrokeOff
+
+
+class InputBrokeOff(InputError):
+    """A file that breaks off after its start was read (a truncated .zst, corrupt data
+    further on): the records before it count, and the run ends with exit 1 even when no
+    whole record came before, so the exit code does not depend on where the cut fell."""
+
+    midway = True
 
 
 @dataclass
@@ -85,8 +96,9 @@ def _is_jsonl(name: str) -> bool:
 
 def _blocks(name: str) -> Iterator[bytes]:
     """The decompressed bytes of one input file, block by block; raises InputError when
-    it cannot be read, or is a .zst file that is not zstd or ends mid-frame (a truncated
-    copy would otherwise pass for a shorter input)."""
+    it cannot be read or is a .zst file that is not zstd, InputBrokeOff when it ends
+    mid-frame (a truncated copy would otherwise pass for a shorter input) or its zstd data
+    breaks further on."""
     if name == "-":
         yield from iter(lambda: sys.stdin.buffer.read1(BLOCK_SIZE), b"")
         return
@@ -101,13 +113,15 @@ def _blocks(name: str) -> Iterator[bytes]:
             raise InputError(f"input {name!r}: reading .zst needs pip install 'chunbot[zstd]'") \
                 from None
         frame, open_frame = zstandard.ZstdDecompressor().decompressobj(), False
+        decoded = False  # some of it was zstd: an error from here on is a break, not a misnomer
         for block in blocks:
             while block:  # a file may hold several frames one after the other
                 try:
                     data = frame.decompress(block)
                 except zstandard.ZstdError as e:
-                    raise InputError(f"input {name!r}: not valid zstd data ({e})") from None
-                open_frame = True
+                    error = InputBrokeOff if decoded else InputError
+                    raise error(f"input {name!r}: not valid zstd data ({e})") from None
+                open_frame = decoded = True
                 if data:
                     yield data
                 block = b""
@@ -115,8 +129,88 @@ def _blocks(name: str) -> Iterator[bytes]:
                     block, open_frame = frame.unused_data, False
                     frame = zstandard.ZstdDecompressor().decompressobj()
         if open_frame:
-            raise InputError(f"input {name!r}: the file ends in the middle of a zstd frame "
-                             "(truncated?)")
+            raise InputBrokeOff(f"input {name!r}: the file ends in the middle of a zstd frame "
+                                "(truncated?)")
+
+
+BOM = b"\xef\xbb\xbf"
+HEAD_LINES = 8  # non-blank lines of a file's first block looked at before it is refused
+MAGIC = [  # what a file that starts so is, and what to do
+    (b"\x1f\x8b", "is gzip-compressed, which chunbot does not read: decompress it "
+                  "(gunzip -c) or recompress it with zstd as .jsonl.zst"),
+    (b"\x28\xb5\x2f\xfd", "is zstd-compressed: name it .jsonl.zst"),
+    (b"BZh", "is bzip2-compressed: decompress it (bunzip2 -c)"),
+    (b"\xfd7zXZ\x00", "is xz-compressed: decompress it (unxz -c)"),
+    (b"PK\x03\x04", "is a zip archive: unzip it"),
+    (b"\xff\xfe", "is UTF-16 text: convert it to UTF-8 (iconv -f UTF-16 -t UTF-8)"),
+    (b"\xfe\xff", "is UTF-16 text: convert it to UTF-8 (iconv -f UTF-16 -t UTF-8)"),
+]
+
+
+def _checked(name: str, blocks: Iterator[bytes]) -> Iterator[bytes]:
+    """A file's blocks, the first one looked at: a UTF-8 BOM is dropped (so the first
+    record parses), and a file that plainly is not JSON Lines raises InputError. Otherwise
+    each of its lines would fail alike, and `rerun --failed` would fail again."""
+    first = next(blocks, b"")
+    while 0 < len(first) < 8:  # a pipe may hand over a few bytes first: the magic needs more
+        more = next(blocks, b"")
+        if not more:
+            break
+        first += more
+    if first.startswith(BOM):
+        first = first[len(BOM):]
+    problem = _not_jsonl(first)
+    if problem:
+        raise InputError(f"input {name!r} is not read: it {problem}")
+    if first:
+        yield first
+    yield from blocks
+
+
+def _not_jsonl(head: bytes) -> str | None:
+    """What a file's first block looks like when none of its first non-blank lines is a
+    JSON object, else None. Only whole lines are parsed (a valid file stops at the first);
+    a file with bad lines later is read, its bad lines failing one by one."""
+    seen: list[tuple[int, bytes, str]] = []  # (line number, line, why it is no record)
+    start = number = 0
+    while len(seen) < HEAD_LINES:
+        end = head.find(b"\n", start)
+        if end < 0:
+            break
+        line, start, number = head[start:end], end + 1, number + 1
+        if line.strip():
+            record, why = parse_line(line)
+            if record is not None:
+                return None
+            seen.append((number, line, why or ""))
+    for magic, what in MAGIC:  # after the lines: a record first is JSONL whatever follows
+        if head.startswith(magic):
+            return what
+    if not seen:  # no whole line in the first block: only bytes can tell
+        return "is binary, not UTF-8 text" if _binary(head[:1 << 16]) else None
+    if any(_binary(line) for _, line, _ in seen):
+        return "is binary, not UTF-8 text"
+    number, line, why = seen[0]
+    text = line.decode().strip()
+    if "," in text and text[:1] not in "{[":
+        return (f"looks like CSV (line {number}: {text[:60]!r}), not JSON Lines: convert it "
+                "to one JSON object a line first (e.g. mlr --icsv --ojsonl cat)")
+    if text in ("{", "["):
+        return ("looks like one JSON document over many lines, not one JSON object a line: "
+                "convert it first (e.g. jq -c '.[]')")
+    return (f"is not JSON Lines: none of its first {len(seen)} non-blank lines is a JSON "
+            f"object (line {number}: {why})")
+
+
+def _binary(data: bytes) -> bool:
+    """NUL bytes or invalid UTF-8 (a sequence cut at the end of `data` is no sign)."""
+    if b"\0" in data:
+        return True
+    try:
+        codecs.utf_8_decode(data, "strict", False)
+    except UnicodeDecodeError:
+        return True
+    return False
 
 
 def read_shards(files: list[str], shard_size: int, limit: int | None = None,
@@ -131,16 +225,16 @@ def read_shards(files: list[str], shard_size: int, limit: int | None = None,
     shard = Shard(index=0, start=0, lines=[])
     position = 0
     for name in files:
-        pieces = _lines(_blocks(name), max_line_bytes)
+        pieces = _lines(_checked(name, _blocks(name)), max_line_bytes)
         consumed, first = 0, 1
         try:
             while limit is None or position < limit:
                 try:
                     lines = next(pieces, None)
-                except InputError:  # the file breaks off: what came before it still counts
-                    if consumed >= first:
+                except InputError as e:  # the file breaks off: what came before it counts,
+                    if consumed >= first:  # but a file refused before any shard went out
                         shard.origins.append((name, first, consumed - first + 1))
-                    if shard.lines:
+                    if shard.lines and (e.midway or shard.index > 0):  # leaves nothing run
                         yield _sealed(shard)
                     raise
                 if lines is None:

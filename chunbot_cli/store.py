@@ -41,6 +41,20 @@ class StoreError(Exception):
     disk); the message names the file and says why, for the user as is."""
 
 
+class CorruptState(StoreError):
+    """A state.json chunbot cannot read. Moving it away starts the workdir afresh, which
+    the response cache answers only if the pipeline has one: the workdir does not know,
+    so `advice(cached)` says it for whoever does; str() leaves the cache out."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+        super().__init__(self.advice(cached=False))
+
+    def advice(self, cached: bool) -> str:
+        advice = f"{self.problem}; move it away to start this workdir afresh"
+        return advice + " (the cache keeps the replies)" if cached else advice
+
+
 def describe(error: OSError) -> str:
     """An OSError as one line: what could not be done to which file."""
     where = f"{error.filename}: " if error.filename else ""
@@ -238,13 +252,10 @@ class Workdir:
         except OSError as e:
             raise StoreError(f"cannot read {describe(e)}") from None
         except orjson.JSONDecodeError as e:
-            raise StoreError(f"{path}: not a state file chunbot can read ({e}); move it "
-                             "away to start this workdir afresh (the cache keeps the "
-                             "replies)") from None
+            raise CorruptState(f"{path}: not a state file chunbot can read ({e})") from None
         state = State.from_json(data)
         if state is None:
-            raise StoreError(f"{path}: not a chunbot state file; move it away to start this "
-                             "workdir afresh (the cache keeps the replies)")
+            raise CorruptState(f"{path}: not a chunbot state file")
         if data.get("version") != STATE_VERSION:
             raise StoreError(f"{path}: unknown state version {data.get('version')!r}")
         return state
@@ -348,14 +359,15 @@ class Workdir:
             elif path.name.startswith(("part-", "trace-")) and not path.name.endswith((".journal", ".keys")):
                 os.link(path, previous / path.name)
 
-    def write_id_index(self, stage: str, shard: int, ids: list[Any]) -> None:
+    def write_id_index(self, stage: str, shard: int, ids: "list[Any] | array") -> None:
         """The first stage's shards carry the sorted CRC-32s of their records' ids, so
         `chunbot trace` finds a record's shard among millions without reading them. It is
-        a look-up aid, rebuilt with the shard: no fsync."""
+        a look-up aid, rebuilt with the shard: no fsync. `ids` may be that index already
+        (an array, from duplicates.DuplicateIds.add, which needs the same CRCs)."""
         folder = self.stage_dir(stage)
         folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.index_path(stage, shard),
-                     array("I", sorted(id_crc(i) for i in ids)).tobytes(), sync=False)
+        crcs = ids if isinstance(ids, array) else array("I", sorted(id_crc(i) for i in ids))
+        write_atomic(self.index_path(stage, shard), crcs.tobytes(), sync=False)
 
     def shards_holding(self, stage: str, record_id: Any) -> list[int]:
         """The shards whose id index has `record_id` (a CRC-32 match: check the records)."""

@@ -147,3 +147,19 @@ def test_batch_deadline_finishes_stragglers_in_realtime(project, sim_server):
     assert result.returncode == 0, result.stderr.decode()
     assert len(read_stage(project / "runs/d", "reply")) == 30
     assert server.stats()["answered"] == 60 + 30  # all of it in realtime, after the deadline
+
+
+def test_wait_collects_a_quick_batch_within_seconds_of_it_finishing(project, sim_server):
+    """Without CHUNBOT_BATCH_POLL_S: the first poll comes after 1 s, then 2, 4… up to 30 s,
+    so a 3 s batch is not waited for 30 s."""
+    server = sim_server("--batch-delay-s", "3")
+    batch = batch_project(project, server.url, "openai", "batch", "q")
+    batch.write_text(batch.read_text().replace("shard_size: 25", "shard_size: 100"))
+    started = time.monotonic()
+    result = chunbot("run", str(batch), "-q", "--wait", "--no-cache", "--until", "sentiment",
+                     cwd=project, env={"CHUNBOT_BATCH_POLL_S": "30"})
+    took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr.decode()
+    assert len(read_stage(project / "runs/q", "sentiment")) == 60
+    assert server.stats()["batches_created"] == 1
+    assert took < 3 + 6, took  # polled at 1, 3 and 7 s at most; a fixed 30 s: over 30 s

@@ -238,3 +238,63 @@ def test_input_and_workdir_given_on_the_command_line_win(project):
     assert result.returncode == 0, result.stderr.decode()
     assert [r["_id"] for r in read_stage(project / "w", "s")] == ["a", 1]  # `id`, else position
     assert not (project / "jobs/runs").exists()
+
+
+def test_a_reader_that_stops_early_ends_a_finished_run_quietly(project):
+    """`run --stream | head` on a finished run: SIGPIPE's exit code (README), and no advice
+    to run again: the reader chose to stop, there is nothing to resume."""
+    pipeline = slow_project(project, n=60, latency=1)
+    assert chunbot("run", str(pipeline), "-q", cwd=project).returncode == 0
+    shell = subprocess.run(f"{sys.executable} -m chunbot_cli run {pipeline} -q --stream | head -2;"
+                           " exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                           cwd=project, capture_output=True, timeout=60)
+    assert shell.returncode == 141, shell.stderr.decode()
+    assert len(shell.stdout.splitlines()) == 2
+    assert b"nothing to do" in shell.stderr  # the log lines, and nothing after them
+    assert b"again" not in shell.stderr and b"stdout was closed" not in shell.stderr, \
+        shell.stderr.decode()
+
+
+def test_rerunning_a_stage_that_never_ran_says_so_and_sends_nothing(project):
+    pipeline = slow_project(project, n=30, latency=1)
+    for flags in (["--failed"], ["--only"], []):
+        result = chunbot("rerun", str(pipeline), "--stage", "sentiment", *flags, cwd=project)
+        assert result.returncode == 2, result.stderr.decode()
+        message = result.stderr.decode()
+        assert "stage 'sentiment' has not run yet" in message and ".prev" not in message
+        assert f"chunbot run {pipeline}" in message
+    assert logged_keys(project) == [] and not (project / "runs/slow/sentiment").exists()
+    unknown = chunbot("rerun", str(pipeline), "--stage", "sentimnet", "--failed", cwd=project)
+    assert unknown.returncode == 2 and b"no stage named 'sentimnet'" in unknown.stderr
+    assert chunbot("run", str(pipeline), "-q", cwd=project).returncode == 0
+    again = chunbot("rerun", str(pipeline), "--stage", "sentiment", "--failed", "-q",
+                    cwd=project)
+    assert again.returncode == 0, again.stderr.decode()
+
+
+def test_stdin_from_a_terminal_is_announced_once(project):
+    import pty
+
+    (project / "p.yaml").write_text("name: t\ninput: '-'\nstages:\n"
+                                    "  - name: s\n    prompt: 'sentiment: {{ text }}'\n")
+    main, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, "-m", "chunbot_cli", "run", "p.yaml", "-q"],
+                               cwd=project, stdin=terminal, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    os.close(terminal)
+    try:
+        first = process.stderr.readline()  # before any record: said while it waits
+        assert b"reading JSONL records from stdin (Ctrl-D to end)" in first, first
+        os.write(main, json.dumps({"text": "great"}).encode() + b"\n\x04")  # a line, then EOF
+        _, rest = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        os.close(main)
+    assert process.returncode == 0, rest.decode()
+    assert b"stdin" not in rest  # once
+    assert len(read_stage(project / "runs/t", "s")) == 1
+    piped = chunbot("run", "p.yaml", "-q", "--workdir", "w", cwd=project,
+                    input=json.dumps({"text": "awful"}).encode() + b"\n")
+    assert piped.returncode == 0 and b"stdin" not in piped.stderr  # a pipe says nothing

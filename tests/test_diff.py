@@ -260,7 +260,7 @@ def test_bad_options_exit_2(project):
 
 def test_several_sorted_runs_merge_like_one(project, monkeypatch):
     """Small runs and fan-in force spilling and a multi-pass merge; repeated keys keep their
-    first occurrence through both."""
+    input order through both (the extra copies of 37 are only in A)."""
     a = [{"_id": (i * 37) % 101, "v": i % 4} for i in range(101)]   # ids 0…100, shuffled
     a.insert(60, {"_id": 37, "v": "second copy"})      # a[1] has id 37: repeated later
     a.insert(95, {"_id": 37, "v": "third copy"})
@@ -282,13 +282,58 @@ def test_several_sorted_runs_merge_like_one(project, monkeypatch):
     assert len(written) > 2 * (103 // 4)       # runs, plus the passes that merge them
     assert list(spilled_to.iterdir()) == []    # temp runs removed
     for result in (in_memory, spilled):
-        assert counts(result) == (100, 1, 0, 3)
-        assert (result.duplicates_a, result.duplicate_keys_a, result.duplicates_b) == (2, [37], 0)
-        # in order of the keys' JSON text
-        assert [(x.key, x.status) for x in result.differences] == \
-            [(500, "only_b"), (501, "only_b"), (502, "only_b"), (7, "changed")]
+        assert counts(result) == (100, 1, 2, 3)
+        assert (result.duplicates_a, result.duplicated_keys_a, result.duplicate_keys_a,
+                result.duplicates_b) == (2, 1, [37], 0)
+        # in order of the keys' JSON text, a key's records in input order
+        assert [(x.key, x.status, x.occurrence) for x in result.differences] == \
+            [(37, "only_a", 1), (37, "only_a", 2), (500, "only_b", 0), (501, "only_b", 0),
+             (502, "only_b", 0), (7, "changed", 0)]
+        assert [x.record["v"] for x in result.differences[:2]] == ["second copy", "third copy"]
     _, out, _ = run("a.jsonl", "b.jsonl")
-    assert "A has 2 extra records with a repeated key (e.g. 37)" in out
+    assert "A has 1 duplicated key (2 extra records, e.g. 37)" in out
+
+
+def test_duplicates_that_differ_are_not_equal(project, monkeypatch):
+    """Two outputs that differ only in a duplicated id's second record: paired 1st with
+    1st, 2nd with 2nd, so the change shows (it used to be hidden: exit 0, "equal")."""
+    a = [{"_id": "x", "v": 1}, {"_id": "y", "v": 2}, {"_id": "x", "v": 3}]
+    b = [{"_id": "x", "v": 1}, {"_id": "y", "v": 2}, {"_id": "x", "v": 4}]
+    write_jsonl(project / "a.jsonl", a)
+    write_jsonl(project / "b.jsonl", b)
+    for run_records in (200_000, 1):               # in memory, then spilled run by run
+        monkeypatch.setattr(d, "RUN_RECORDS", run_records)
+        result = d.diff("a.jsonl", "b.jsonl", limit=None)
+        assert counts(result) == (2, 1, 0, 0) and not result.equal
+        assert (result.duplicated_keys_a, result.duplicated_keys_b) == (1, 1)
+        (change,) = result.differences
+        assert (change.key, change.occurrence, change.changes) == ("x", 1, {"v": (3, 4)})
+    code, out, _ = run("a.jsonl", "b.jsonl")
+    assert code == 1 and "A and B differ: 1 of 3 keys" in out
+    assert "A has 1 duplicated key (1 extra record, e.g. \"x\")" in out
+    assert "B has 1 duplicated key" in out
+    code, out, _ = run("a.jsonl", "b.jsonl", format="jsonl")
+    assert code == 1
+    assert json.loads(out) == {"key": "x", "occurrence": 1, "status": "changed",
+                               "changes": {"v": [3, 4]}}
+
+
+def test_extra_duplicates_are_only_in_their_side(project):
+    """A key with three records in A and one in B: the 1st pair, the 2nd and 3rd are only
+    in A, in their order; the same file against itself is still equal."""
+    a = [{"_id": 1, "v": "a"}, {"_id": 2}, {"_id": 1, "v": "b"}, {"_id": 1, "v": "c"}]
+    write_jsonl(project / "a.jsonl", a)
+    write_jsonl(project / "b.jsonl", [{"_id": 2}, {"_id": 1, "v": "a"}])
+    result = d.diff("a.jsonl", "b.jsonl", limit=None)
+    assert counts(result) == (2, 0, 2, 0)
+    assert (result.duplicates_a, result.duplicated_keys_a, result.duplicates_b) == (2, 1, 0)
+    assert [(x.status, x.occurrence, x.record["v"]) for x in result.differences] == \
+        [("only_a", 1, "b"), ("only_a", 2, "c")]
+    same = d.diff("a.jsonl", "a.jsonl")
+    assert counts(same) == (4, 0, 0, 0) and same.equal
+    assert (same.duplicated_keys_a, same.duplicated_keys_b) == (1, 1)
+    code, out, _ = run("a.jsonl", "a.jsonl")
+    assert code == 0 and "A and B are equal: 4 records" in out
 
 
 def test_keys_match_as_json_values(project):

@@ -844,3 +844,97 @@ stages:
     again = chunbot("run", "p.yaml", "--no-cache", "-q", cwd=small_disk, timeout=120)
     assert again.returncode == 0, again.stderr.decode()
     assert len(read_stage(small_disk / "runs/t", "second")) == 20000
+
+
+# 12. input that is not JSON Lines is refused up front; a truncated .zst is exit 1 anywhere
+
+def gzipped(records: list[dict]) -> bytes:
+    import gzip
+
+    return gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
+
+
+NOT_JSONL = {
+    "csv": (lambda: ("id,text\n" + "".join(f"r{i:04d},{TEXTS[i % 3]}\n" for i in range(60))
+                     ).encode(), "looks like CSV"),
+    "gzip": (lambda: gzipped(reviews(60)), "gzip-compressed"),
+    "binary": (lambda: bytes(range(256)) * 40, "binary"),
+    "one JSON document": (lambda: json.dumps(reviews(60), indent=2).encode(),
+                          "one JSON document"),
+}
+
+
+@pytest.mark.parametrize("kind", NOT_JSONL)
+def test_input_that_is_not_jsonl_is_exit_2_in_one_line_before_any_request(project, kind):
+    content, said = NOT_JSONL[kind]
+    (project / "data.jsonl").write_bytes(content())
+    result = chunbot("run", str(make(project)), "-q", cwd=project)
+    assert result.returncode == 2
+    err = no_traceback(result)
+    [line] = [line for line in err.splitlines() if "data.jsonl" in line]
+    assert said in line and "is not read" in line
+    assert "rerun" not in err and "failed" not in err
+    assert logged_keys(project) == []
+    assert not list(project.glob("runs/t/*/part-*.jsonl"))
+
+
+def test_gzip_on_stdin_is_refused_from_its_first_bytes(project):
+    pipeline = make(project)
+    pipeline.write_text(pipeline.read_text().replace("input: data.jsonl", 'input: "-"'))
+    result = chunbot("run", str(pipeline), "-q", cwd=project, input=gzipped(reviews(60)))
+    assert result.returncode == 2
+    assert "gzip-compressed" in no_traceback(result)
+    assert logged_keys(project) == []
+
+
+def test_a_utf8_bom_at_the_start_is_skipped_and_the_first_record_parses(project):
+    write_jsonl(project / "data.jsonl", reviews(60))
+    (project / "data.jsonl").write_bytes(b"\xef\xbb\xbf" + (project / "data.jsonl").read_bytes())
+    result = chunbot("run", str(make(project)), "-q", cwd=project)
+    assert result.returncode == 0, result.stderr.decode()
+    assert [r["_id"] for r in read_stage(project / "runs/t", "sentiment")] == ids(60)
+
+
+def test_a_few_bad_lines_after_good_ones_still_fail_one_by_one(project):
+    write_jsonl(project / "data.jsonl", reviews(60))
+    with open(project / "data.jsonl", "ab") as f:
+        f.write(b"id,text\n\x00\x01binary\n")
+    result = chunbot("run", str(make(project)), "-q", cwd=project)
+    assert result.returncode == 1
+    assert "--failed" in no_traceback(result)
+    assert len(read_stage(project / "runs/t", "sentiment")) == 60
+
+
+def test_a_csv_file_in_a_folder_is_named_and_nothing_runs(project):
+    write_jsonl(project / "in/a.jsonl", reviews(10))
+    (project / "in/b.jsonl").write_text("id,text\nr0001,great\n")
+    result = chunbot("run", str(zst_project(project)), "-q", cwd=project)
+    assert result.returncode == 2
+    [line] = [line for line in no_traceback(result).splitlines() if "b.jsonl" in line]
+    assert "looks like CSV" in line
+    assert not list(project.glob("runs/t/s/part-*.jsonl"))
+
+
+def test_a_zst_holding_csv_is_refused_like_a_plain_csv(project):
+    import zstandard
+
+    (project / "in").mkdir()
+    (project / "in/x.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(b"id,text\nr0001,great\nr0002,bad\n"))
+    result = chunbot("run", str(zst_project(project)), "-q", cwd=project)
+    assert result.returncode == 2
+    assert "x.jsonl.zst" in no_traceback(result) and "looks like CSV" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("where", ["file", "folder", "folder after a file"])
+def test_a_zst_cut_before_its_first_record_is_exit_1_alone_or_in_a_folder(project, where):
+    (project / "in").mkdir()
+    whole = zst_frames(reviews(10), per_frame=10)
+    (project / "in/x.jsonl.zst").write_bytes(whole[:len(whole) - 5])  # nothing decodes
+    if where == "folder after a file":
+        write_jsonl(project / "in/a.jsonl", reviews(5))
+    spec = "in/x.jsonl.zst" if where == "file" else "in"
+    result = chunbot("run", str(zst_project(project, spec)), "-q", cwd=project)
+    assert result.returncode == 1
+    [line] = [line for line in no_traceback(result).splitlines() if "x.jsonl.zst" in line]
+    assert "ends in the middle of a zstd frame" in line

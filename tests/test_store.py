@@ -122,3 +122,20 @@ def test_lock_waits_for_nobody_when_free(tmp_path):
     with Workdir(tmp_path).lock():
         assert (tmp_path / "lock").read_text().strip().isdigit()
     assert time.monotonic() - start < 1
+
+
+@pytest.mark.parametrize("cache", ["", "cache: false\n", "defaults: {cache: false}\n"],
+                         ids=["cached", "no-cache", "no-stage-cached"])
+def test_a_corrupt_state_json_mentions_the_cache_only_when_there_is_one(project, cache):
+    from conftest import chunbot, write_jsonl
+
+    write_jsonl(project / "data.jsonl", [{"id": "a", "text": "great"}])
+    (project / "p.yaml").write_text(f"name: t\ninput: data.jsonl\n{cache}stages:\n"
+                                    "  - name: s\n    prompt: 'sentiment: {{ text }}'\n")
+    assert chunbot("run", "p.yaml", "-q", cwd=project).returncode == 0
+    (project / "runs/t/state.json").write_bytes(b'{"ver')
+    for command in ("run", "status"):
+        result = chunbot(command, "p.yaml", cwd=project)
+        message = result.stderr.decode()
+        assert result.returncode == 2 and "state.json" in message and "move it away" in message
+        assert ("the cache keeps the replies" in message) == (cache == ""), (command, message)

@@ -54,7 +54,8 @@ def test_a_closed_stdout_stops_the_run_and_the_next_one_resumes(project):
                            cwd=project, capture_output=True, timeout=60)
     assert shell.returncode == 141, shell.stderr.decode()
     assert len(shell.stdout.splitlines()) == 2
-    assert b"stdout was closed" in shell.stderr and b"Traceback" not in shell.stderr
+    # the reader's choice: no message, and no Traceback of the broken pipe
+    assert b"stdout was closed" not in shell.stderr and b"Traceback" not in shell.stderr
     result = chunbot("run", str(pipeline), "-q", cwd=project)
     assert result.returncode == 0
     assert len(read_stage(project / "runs/slow", "reply")) == 67

@@ -14,8 +14,11 @@ This module owns what A and B may be, the join and the report:
   merged (`FAN_IN` at a time, in several passes when there are more) and the two sorted
   streams walked side by side. Memory is about one run per process, whatever the input
   size; the temp folder needs about the size of both inputs, uncompressed.
-- Per key: same, changed, only in A, only in B. A key repeated within one side is a note
-  (counted), and its first occurrence is the one compared. Fields are the top-level fields
+- Per key: same, changed, only in A, only in B. A key repeated within one side (a
+  duplicate id) is not hidden: a key's records are paired in their order of appearance,
+  1st with 1st, 2nd with 2nd, and those one side has more of are only in that side; the
+  report notes how many keys were duplicated on each side, and the JSON lines of a later
+  record carry `occurrence`. Fields are the top-level fields
   except the key (or `fields`); a field missing on one side is a change; values compare
   as JSON (1 and 1.0, or 1 and true, differ). Per field: counts, a few examples and, for
   categorical fields (short strings, null or booleans, at most `MAX_CATEGORIES` distinct
@@ -374,26 +377,32 @@ def _on_disk(side: Side) -> int:
     return total
 
 
-def _keyed(items: Iterator[bytes], result: DiffResult, side: str) -> Iterator[tuple[bytes, bytes]]:
-    """(key, line) of the first record of each key; later ones are counted as duplicates."""
+def _keyed(items: Iterator[bytes], result: DiffResult,
+           side: str) -> Iterator[tuple[bytes, bytes, int]]:
+    """(key, line, n) of every record: n counts the records of its key before it, in input
+    order, so that the walk pairs a key's records 1st with 1st, 2nd with 2nd. Repeated keys
+    are counted for the report (records beyond the first, keys having them)."""
     previous = None
     keys: list[bytes] = result.duplicate_keys_a if side == "a" else result.duplicate_keys_b
-    extra = 0
+    extra = repeated = n = 0
     start = _SEQ + 1
     for item in items:
         cut = item.index(9)  # the tab
         k = item[:cut]
         if k == previous:
+            n += 1
             extra += 1
-            if len(keys) < EXAMPLES and (not keys or keys[-1] != k):
-                keys.append(k)
-            continue
-        previous = k
-        yield k, item[cut + start:-1]
+            if n == 1:
+                repeated += 1
+                if len(keys) < EXAMPLES:
+                    keys.append(k)
+        else:
+            previous, n = k, 0
+        yield k, item[cut + start:-1], n
     if side == "a":
-        result.duplicates_a = extra
+        result.duplicates_a, result.duplicated_keys_a = extra, repeated
     else:
-        result.duplicates_b = extra
+        result.duplicates_b, result.duplicated_keys_b = extra, repeated
 
 
 # ---------------------------------------------------------------------------------------
@@ -468,6 +477,7 @@ class Difference:
     status: str                                  # "changed" | "only_a" | "only_b"
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # MISSING if absent
     line: bytes | None = None                    # only_a / only_b: the record's JSON line
+    occurrence: int = 0                          # records of the key before it (repeated keys)
 
     @property
     def record(self) -> dict[str, Any] | None:
@@ -475,8 +485,12 @@ class Difference:
 
     def to_json(self) -> bytes:
         """`{"key", "status", "changes": {field: [a, b]}}` (a missing value is null and
-        named in `"missing": {field: "a"|"b"}`), or `{"key", "status", "a"|"b": record}`."""
-        head = b'{"key":' + orjson.dumps(self.key) + b',"status":"' + self.status.encode()
+        named in `"missing": {field: "a"|"b"}`), or `{"key", "status", "a"|"b": record}`;
+        a repeated key's later records add `"occurrence": n` (0 is the first, left out)."""
+        head = b'{"key":' + orjson.dumps(self.key)
+        if self.occurrence:  # the same key twice in the output: say which record it is
+            head += b',"occurrence":%d' % self.occurrence
+        head += b',"status":"' + self.status.encode()
         if self.status != "changed":
             side = b"a" if self.status == "only_a" else b"b"
             return head + b'","' + side + b'":' + (self.line or b"null") + b"}"
@@ -502,6 +516,8 @@ class DiffResult:
     only_b: int = 0
     duplicates_a: int = 0           # extra records with an already seen key
     duplicates_b: int = 0
+    duplicated_keys_a: int = 0      # keys having more than one record
+    duplicated_keys_b: int = 0
     duplicate_keys_a: list[Any] = field(default_factory=list)   # a few, for the report
     duplicate_keys_b: list[Any] = field(default_factory=list)
     field_stats: dict[str, FieldStats] = field(default_factory=dict)
@@ -619,7 +635,7 @@ class _Compare:
                 pass
             self._track(name, value)
 
-    def pair(self, k: bytes, line_a: bytes, line_b: bytes) -> None:
+    def pair(self, k: bytes, line_a: bytes, line_b: bytes, occurrence: int = 0) -> None:
         a, b = orjson.loads(line_a), orjson.loads(line_b)
         if self.only is not None:
             names: Iterable[str] = self.r.fields  # type: ignore[assignment]
@@ -658,15 +674,16 @@ class _Compare:
         self.r.changed += 1
         if self.remaining is None or self.remaining > 0:
             key = orjson.loads(k) if key_value is MISSING else key_value
-            self._deliver(lambda: Difference(key, "changed", changes))
+            self._deliver(lambda: Difference(key, "changed", changes, occurrence=occurrence))
 
-    def only_in(self, status: str, k: bytes, line: bytes) -> None:
+    def only_in(self, status: str, k: bytes, line: bytes, occurrence: int = 0) -> None:
         if status == "only_a":
             self.r.only_a += 1
         else:
             self.r.only_b += 1
         if self.remaining is None or self.remaining > 0:
-            self._deliver(lambda: Difference(orjson.loads(k), status, line=line))
+            self._deliver(lambda: Difference(orjson.loads(k), status, line=line,
+                                             occurrence=occurrence))
 
     def finish(self) -> None:
         for shape, n in self.shapes.items():
@@ -721,32 +738,31 @@ def diff(a: str | Path, b: str | Path, key: str = "_id", fields: list[str] | Non
     return result
 
 
-def _walk(stream_a: Iterator[tuple[bytes, bytes]], stream_b: Iterator[tuple[bytes, bytes]],
-          compare: _Compare) -> None:
+def _walk(stream_a: Iterator[tuple[bytes, bytes, int]],
+          stream_b: Iterator[tuple[bytes, bytes, int]], compare: _Compare) -> None:
+    """Walk both sorted streams by (key, occurrence): a key's n-th record in A meets its
+    n-th in B; the records one side has more of are only in that side."""
     a, b = next(stream_a, None), next(stream_b, None)
     identical, pair, only_in = compare.identical, compare.pair, compare.only_in
     while a is not None and b is not None:
         ka, kb = a[0], b[0]
-        if ka == kb:
+        if ka == kb and a[2] == b[2]:
             if a[1] == b[1]:
                 identical(a[1])
             else:
-                pair(ka, a[1], b[1])
+                pair(ka, a[1], b[1], a[2])
             a, b = next(stream_a, None), next(stream_b, None)
-        elif ka < kb:
-            only_in("only_a", ka, a[1])
+        elif ka < kb or ka == kb and a[2] < b[2]:
+            only_in("only_a", *a)
             a = next(stream_a, None)
         else:
-            only_in("only_b", kb, b[1])
+            only_in("only_b", *b)
             b = next(stream_b, None)
     for status, rest, first in (("only_a", stream_a, a), ("only_b", stream_b, b)):
         if first is not None:
             only_in(status, *first)
-            for k, line in rest:
-                only_in(status, k, line)
-    for rest in (stream_a, stream_b):  # let _keyed see the end and count duplicates
-        for _ in rest:
-            pass
+            for item in rest:
+                only_in(status, *item)
 
 
 # ---------------------------------------------------------------------------------------
@@ -762,6 +778,24 @@ def _pct(part: int, whole: int) -> str:
     return text
 
 
+def _s(n: int) -> str:
+    return "" if n == 1 else "s"
+
+
+def _duplicate_notes(r: DiffResult) -> list[str]:
+    """A line per side that repeats keys: how many, and how their records were paired."""
+    notes = []
+    for side, extra, repeated, keys in (
+            ("A", r.duplicates_a, r.duplicated_keys_a, r.duplicate_keys_a),
+            ("B", r.duplicates_b, r.duplicated_keys_b, r.duplicate_keys_b)):
+        if extra:
+            shown = ", ".join(_show(k, 24) for k in keys)
+            notes.append(f"note: {side} has {repeated:,} duplicated key{_s(repeated)} "
+                         f"({extra:,} extra record{_s(extra)}, e.g. {shown}); a key's "
+                         "records are paired in order, 1st with 1st, 2nd with 2nd")
+    return notes
+
+
 def render_table(result: DiffResult) -> str:
     """A plain-text report, lines of at most 100 columns (file paths aside)."""
     r = result
@@ -773,13 +807,7 @@ def render_table(result: DiffResult) -> str:
             ("only in B", r.only_b)]
     width = max(len(f"{n:,}") for _, n in rows)
     lines += [f"  {label:<10} {n:>{width},}" for label, n in rows]
-    notes = []
-    for side, extra, keys in (("A", r.duplicates_a, r.duplicate_keys_a),
-                              ("B", r.duplicates_b, r.duplicate_keys_b)):
-        if extra:
-            shown = ", ".join(_show(k, 24) for k in keys)
-            notes.append(f"note: {side} has {extra:,} extra record{'s' if extra != 1 else ''}"
-                         f" with a repeated key (e.g. {shown}); the first one was compared")
+    notes = _duplicate_notes(r)
     for name in r.unseen_fields:
         notes.append(f"note: no record found on both sides has the field {name!r}")
     if notes:
