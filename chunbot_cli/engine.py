@@ -93,6 +93,8 @@ class StageReport:
     capped: int = 0  # shards the cost cap left unfinished
     stopped: int = 0  # shards left unfinished when the stage's tripwire stopped it
     committed: list[int] = field(default_factory=list)  # shards this run committed
+    resumed: Counters = field(default_factory=Counters)  # taken from journals (and from
+    # the shards a partial rerun keeps): done before this run
     first_start: float | None = None
     last_end: float | None = None
 
@@ -557,8 +559,10 @@ class Run:
     def entry(self, stage: str, shard: int, entry: Entry, new: bool) -> None:
         if new and not entry.trace.get("cache_hit"):  # on a resume the cache answers again
             self.store.append(stage, shard, entry)
-        elif not new and self.spending is not None:  # paid for by an interrupted run
-            self.spending.before += entry.trace.get("cost", 0.0)
+        elif not new:  # finished (and paid for) by an interrupted run
+            self.report.stages[stage].resumed.count(entry)
+            if self.spending is not None:
+                self.spending.before += entry.trace.get("cost", 0.0)
         self.report.stages[stage].counts.count(entry)
         if self.traces is not None:
             self.traces(entry.trace)
@@ -615,6 +619,12 @@ class Run:
 
     def _finish(self) -> None:
         self.report.seconds = time.monotonic() - self.started
+        for name, stage in self.report.stages.items():
+            resumed = stage.resumed
+            if resumed.records_in and not self.options.rerun:
+                cost = f" (${resumed.cost:,.4f} paid then)" if resumed.cost else ""
+                self.note(f"stage {name!r}: resumed from {resumed.records_in:,} records an "
+                          f"interrupted run had finished{cost}")
         failed = 0
         for stage in self.selected:
             if self.memory:

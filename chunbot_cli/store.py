@@ -31,7 +31,7 @@ from typing import IO, Any, Iterable, Iterator
 
 import orjson
 
-from .state import STATE_VERSION, ShardEntry, State
+from .state import STATE_VERSION, Counters, ShardEntry, State
 
 _DUMP = orjson.OPT_APPEND_NEWLINE
 
@@ -286,6 +286,27 @@ class Workdir:
                                                     entry.src) is not None:
                 path.unlink(missing_ok=True)  # it served the journal of that commit
 
+    def journaled(self, stage: str, fingerprint: str, state: State) -> tuple[Counters, int]:
+        """What the journals of a stage's uncommitted shards hold (records a stopped or
+        killed run finished, which the next run takes up), and how many shards they are."""
+        counts, shards = Counters(), 0
+        saved = state.stages.get(stage)
+        for path in sorted(self.stage_dir(stage).glob("part-*.journal")):
+            try:
+                lines = path.read_bytes().split(b"\n")
+                header = orjson.loads(lines[0])
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            entry = saved.shards.get(int(path.name[5:10])) if saved is not None else None
+            if not isinstance(header, dict) or header.get("fingerprint") != fingerprint \
+                    or entry is not None and header.get("token") == entry.token:
+                continue  # made for another definition of the stage, or committed from
+            found = [e for e in map(_entry, lines[1:]) if e is not None]
+            for done in found:
+                counts.count(done)
+            shards += bool(found)
+        return counts, shards
+
     def forget_failures(self, stage: str, state: State, committed: list[int]) -> None:
         """Forget the failed records of a stage that failed as a whole, so the next run asks
         for them again: drop them from the journals of its uncommitted shards, and undo
@@ -522,6 +543,13 @@ class Workdir:
         kept = b"".join(line for line in lines if _shard_of(line) not in shards)
         write_atomic(path, kept)
         return len(kept)
+
+
+def _entry(line: bytes) -> Entry | None:
+    try:
+        return Entry.from_json(orjson.loads(line))
+    except orjson.JSONDecodeError:
+        return None  # a torn last line
 
 
 def _failed_entry(line: bytes) -> bool:

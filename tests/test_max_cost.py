@@ -180,3 +180,26 @@ def test_a_capped_stop_waits_for_its_requests_in_flight_and_the_next_run_pays_no
     assert len(read_stage(project / "runs" / "capped", "summary")) == 400
     stats = server.stats()
     assert stats["answered"] == 800 and stats["repeated"] == 0
+
+
+def test_status_after_a_capped_stop_counts_what_the_journals_hold(project, sim_server):
+    """The records a capped run answered in shards it could not commit are in `status`
+    (marked uncommitted, with their cost), and the next run says it took them up."""
+    server = sim_server("--latency-ms", "20")
+    _pipeline(project, server.url)
+    env = {"SIM_KEY": "k"}
+    assert chunbot("run", "p.yaml", "--max-cost", "0.01", "-q", cwd=project,
+                   env=env).returncode == 75
+    [row] = json.loads(chunbot("status", "p.yaml", "--json", cwd=project).stdout)["stages"]
+    open_ = row["uncommitted"]
+    assert open_["shards"] >= 1 and open_["in"] > 0 and open_["cost"] > 0
+    assert row["in"] + open_["in"] == server.stats()["answered"]  # every reply is counted
+    text = chunbot("status", "p.yaml", cwd=project).stdout.decode()
+    assert f"sentiment: uncommitted: {open_['in']:,} records" in text
+
+    last = chunbot("run", "p.yaml", "--max-cost", "1", "-q", cwd=project, env=env)
+    assert last.returncode == 0, last.stderr.decode()
+    assert (f"stage 'sentiment': resumed from {open_['in']:,} records an interrupted run had "
+            "finished") in last.stderr.decode()
+    [row] = json.loads(chunbot("status", "p.yaml", "--json", cwd=project).stdout)["stages"]
+    assert "uncommitted" not in row and row["in"] == 600

@@ -1,9 +1,11 @@
-"""`chunbot status`: where a pipeline's workdir stands, from state.json alone.
+"""`chunbot status`: where a pipeline's workdir stands, from state.json and the journals.
 
 Per stage: fresh or stale and why (which keys of its definition changed, or that an
 upstream stage was recomputed), shards done, records ok / failed / filtered, tokens,
-cost, local cache hits; and the last run's start, end and exit code. It reads no data
-files, so it is instant on any size of run.
+cost, local cache hits; what the journals of shards a stopped run left hold (records,
+tokens, cost: uncommitted, taken up by the next run); whether `output:` is fresh; and the
+last run's start, end and exit code. Of the data files it stats the parts and reads only
+those journals, so it is instant on any size of run.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def status(pipeline: Pipeline) -> dict[str, Any]:
         saved = state.stages.get(stage.name)
         row: dict[str, Any] = {"stage": stage.name, "kind": stage.kind,
                                "shards_total": total}
+        journaled, open_shards = workdir.journaled(stage.name, stage.fingerprint, state)
+        if open_shards:  # finished by a run that stopped: not in the committed counts
+            row["uncommitted"] = {"shards": open_shards, **journaled.to_json()}
         if saved is None:
             row.update(state="not run", why="never run", shards_done=0)
             stages.append(row)
@@ -95,6 +100,8 @@ def render(report: dict[str, Any]) -> str:
     for row in report["stages"]:
         if row["state"] != "fresh":
             lines.append(f"{row['stage']}: {row['state']}: {row['why']}")
+        if row.get("uncommitted"):
+            lines.append(_uncommitted(row["stage"], row["uncommitted"]))
     for row in report.get("batches", []):
         counts = ", ".join(f"{k} {v}" for k, v in (row.get("counts") or {}).items())
         lines.append(f"batch {row['batch']} ({row['stage']}, shard {row['shard']}): "
@@ -111,3 +118,12 @@ def render(report: dict[str, Any]) -> str:
     else:
         lines.append("no run yet")
     return "\n".join(lines)
+
+
+def _uncommitted(stage: str, counts: dict[str, Any]) -> str:
+    """A stage's records in the journals of shards not committed yet, in one line."""
+    cost = f", ${counts['cost']:,.4f}" if counts["cost"] else ""
+    return (f"{stage}: uncommitted: {counts['in']:,} records ({counts['out']:,} ok, "
+            f"{counts['failed']:,} failed; tokens {counts['tokens_in']:,} in, "
+            f"{counts['tokens_out']:,} out{cost}) in the journals of {counts['shards']:,} "
+            "shard(s) a stopped run left: the next run goes on from them")
