@@ -105,6 +105,7 @@ def stage_rows(run: "Run") -> list[dict[str, Any]]:
         report = run.report.stages[stage.name]
         upstream = rows[-1] if rows else None
         row = _counted(stage.name, report)
+        row["kind"] = stage.kind
         row["total"] = _first_total(run, row) if upstream is None else _coming(row, upstream)
         pace = _pace(row, upstream, run.read_through, report.first_start or now, seen, now,
                      pace)
@@ -123,6 +124,9 @@ def _counted(name: str, report: Any) -> dict[str, Any]:
         "shards_done": report.shards_run, "shards_skipped": report.shards_skipped,
         "cache_hits": counts.cache_hits, "tokens_cached": counts.tokens_cached,
         "cost": round(counts.cost, 6), "cost_full": round(counts.cost_full, 6),
+        "resumed": report.resumed.records_in, "resumed_cost": round(report.resumed.cost, 6),
+        "resumed_cost_full": round(report.resumed.cost_full, 6),
+        "resumed_cache_hits": report.resumed.cache_hits,
         "total": None, "pct": None, "eta_s": None,
     }
     counted = counts.to_json()
@@ -373,8 +377,8 @@ class LogProgress:
                                    "failed_total": report.failed_total,
                                    "failures": [dataclasses.asdict(f) for f in report.failures],
                                    "errors": report.errors,
-                                   "cache_hits": report.cache_hits,
-                                   "cache_misses": report.cache_misses,
+                                   **dict(zip(("cache_hits", "cache_misses"),
+                                              _cache_answers(rows))),
                                    "exit_code": report.exit_code}, "")
             return
         print(summary_text(rows, report), file=self.stream, flush=True)
@@ -492,16 +496,18 @@ SUMMARY_COLUMNS = ("stage", "records", "out", "failed", "filtered", "tok in", "t
 
 def _summary_footer(rows: list[dict[str, Any]], report: "RunReport") -> str:
     lines = []
-    asked = report.cache_hits + report.cache_misses
-    if asked:
-        lines.append(f"local cache: {report.cache_hits:,} of {asked:,} requests answered "
-                     f"({100 * report.cache_hits / asked:.0f}%)")
+    hits, misses = _cache_answers(rows)
+    if hits + misses:
+        lines.append(f"local cache: {hits:,} of {hits + misses:,} records answered "
+                     f"({100 * hits / (hits + misses):.0f}%)")
     cached = sum(row["tokens_cached"] for row in rows)
     if cached:
         tokens_in = sum(row["tokens_in"] for row in rows)
         lines.append(f"provider prompt cache: {cached:,} of {tokens_in:,} input tokens "
                      f"({100 * cached / max(tokens_in, 1):.0f}%)")
-    cost, full = sum(row["cost"] for row in rows), sum(row["cost_full"] for row in rows)
+    # this run's: what records taken from an interrupted run's journals cost is that run's
+    cost = sum(row["cost"] - row["resumed_cost"] for row in rows)
+    full = sum(row["cost_full"] - row["resumed_cost_full"] for row in rows)
     if full:
         lines.append(f"cost ${cost:,.4f}; without caches ${full:,.4f} "
                      f"(saved ${full - cost:,.4f})")
@@ -514,6 +520,15 @@ def _summary_footer(rows: list[dict[str, Any]], report: "RunReport") -> str:
     if report.failed_total:
         footer += f"; {report.failed_total:,} failed records in total"
     return "\n".join(lines + [footer])
+
+
+def _cache_answers(rows: list[dict[str, Any]]) -> tuple[int, int]:
+    """The LLM records this run finished that the local cache answered, and those it did
+    not: counted on the records themselves, so they agree with the stages' counts (a
+    re-ask, a cascade or a batch round looks a record up again; it is still one record)."""
+    llm = [row for row in rows if row.get("kind") == "llm"]
+    hits = sum(row["cache_hits"] - row["resumed_cache_hits"] for row in llm)
+    return hits, sum(row["records"] - row["resumed"] for row in llm) - hits
 
 
 def model_lines(stage: str, models: dict[str, dict[str, Any]],

@@ -105,7 +105,7 @@ def test_a_rerun_after_deleting_outputs_sends_nothing_and_refresh_sends_everythi
     result = chunbot("run", str(pipeline), "-q", cwd=project)
     assert result.returncode == 0
     assert server.stats()["answered"] == 200, "the cache should have answered every request"
-    assert "local cache: 200 of 200 requests answered" in result.stderr.decode()
+    assert "local cache: 200 of 200 records answered" in result.stderr.decode()
     traces = read_jsonl(project / "runs/t/sentiment/trace-00000.jsonl")
     assert all(t["cache_hit"] for t in traces)
     assert len(read_stage(project / "runs/t", "sentiment")) == 200

@@ -203,3 +203,25 @@ def test_status_after_a_capped_stop_counts_what_the_journals_hold(project, sim_s
             "finished") in last.stderr.decode()
     [row] = json.loads(chunbot("status", "p.yaml", "--json", cwd=project).stdout)["stages"]
     assert "uncommitted" not in row and row["in"] == 600
+
+
+def test_the_summaries_of_a_stopped_and_a_resumed_run_add_up_to_what_status_says(
+        project, sim_server):
+    """Records a run takes from an interrupted run's journals were paid by that run: the
+    resumed run's summary does not count them again (nor as cache answers)."""
+    import re
+
+    server = sim_server("--latency-ms", "20")
+    _pipeline(project, server.url)
+    env = {"SIM_KEY": "k"}
+    said = []
+    for cap in ("0.01", "1"):
+        run = chunbot("run", "p.yaml", "--max-cost", cap, "-q", cwd=project, env=env)
+        said.append(float(re.search(r"^cost \$([\d.,]+);", run.stderr.decode(), re.M)
+                          .group(1).replace(",", "")))
+        hits = re.search(r"local cache: ([\d,]+) of", run.stderr.decode())
+        assert hits is None or hits.group(1) == "0"  # every prompt its own
+    assert run.returncode == 0
+    [row] = json.loads(chunbot("status", "p.yaml", "--json", cwd=project).stdout)["stages"]
+    assert abs(sum(said) - row["cost"]) < 2e-4, (said, row["cost"])
+    assert abs(row["cost"] - _spent(server.stats())) < 2e-4

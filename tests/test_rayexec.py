@@ -179,12 +179,12 @@ def test_the_workers_cache_adds_up_in_the_summary_and_serves_the_next_run(projec
     first = chunbot("run", str(pipeline), "--executor", "ray", cwd=project, timeout=180,
                     env=ENV)
     assert first.returncode == 0, first.stderr.decode()
-    assert b"local cache: 0 of 400 requests answered (0%)" in first.stderr
+    assert b"local cache: 0 of 400 records answered (0%)" in first.stderr
     sent = len(logged(project))
     again = chunbot("run", str(pipeline), "--executor", "ray", "--workdir", "again",
                     cwd=project, timeout=180, env=ENV)
     assert again.returncode == 0, again.stderr.decode()
-    assert b"local cache: 400 of 400 requests answered (100%)" in again.stderr
+    assert b"local cache: 400 of 400 records answered (100%)" in again.stderr
     assert len(logged(project)) == sent  # every reply came from what the workers stored
 
 
