@@ -248,7 +248,8 @@ def test_a_reader_that_stops_early_ends_a_finished_run_quietly(project):
     shell = subprocess.run(f"{sys.executable} -m chunbot_cli run {pipeline} -q --stream | head -2;"
                            " exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
                            cwd=project, capture_output=True, timeout=60)
-    assert shell.returncode == 141, shell.stderr.decode()
+    # 141 when a write met the closed pipe; 0 when all of it fit in the pipe's buffer first
+    assert shell.returncode in (0, 141), shell.stderr.decode()
     assert len(shell.stdout.splitlines()) == 2
     assert b"nothing to do" in shell.stderr  # the log lines, and nothing after them
     assert b"again" not in shell.stderr and b"stdout was closed" not in shell.stderr, \
