@@ -75,8 +75,6 @@ def _unwritable(output: Path) -> str | None:
         probe.unlink()
     except OSError as e:
         return describe(e)
-    if output.exists() and not os.access(output.parent, os.W_OK):
-        return f"{output.parent}: permission denied"
     return None
 
 

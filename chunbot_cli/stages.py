@@ -520,8 +520,9 @@ class LLMStage:
                 # refused, it is found again here rather than asked again
                 if cache_key is not None and self.cache_read and (n or asked or self.checks):
                     reply = (await self.cache.get_many([cache_key])).get(cache_key)
-                if reply is None and self.too_long([client], ask):  # the next model may take it
-                    error = f"model {client.spec.alias!r}: {self.too_long([client], ask)}"
+                why_not = self.too_long([client], ask) if reply is None else None
+                if why_not is not None:  # the next model may take it
+                    error = f"model {client.spec.alias!r}: {why_not}"
                     break
                 if reply is None:
                     result = await client.complete(ask, self.spec.retries,

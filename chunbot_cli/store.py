@@ -290,34 +290,39 @@ class Workdir:
         """What the journals of a stage's uncommitted shards hold (records a stopped or
         killed run finished, which the next run takes up), and how many shards they are."""
         counts, shards = Counters(), 0
-        saved = state.stages.get(stage)
-        for path in sorted(self.stage_dir(stage).glob("part-*.journal")):
-            try:
-                lines = path.read_bytes().split(b"\n")
-                header = orjson.loads(lines[0])
-            except (OSError, orjson.JSONDecodeError):
-                continue
-            entry = saved.shards.get(int(path.name[5:10])) if saved is not None else None
-            if not isinstance(header, dict) or header.get("fingerprint") != fingerprint \
-                    or entry is not None and header.get("token") == entry.token:
-                continue  # made for another definition of the stage, or committed from
+        for _, header, lines in self._open_journals(stage, state):
+            if header.get("fingerprint") != fingerprint:
+                continue  # made for another definition of the stage
             found = [e for e in map(_entry, lines[1:]) if e is not None]
             for done in found:
                 counts.count(done)
             shards += bool(found)
         return counts, shards
 
+    def _open_journals(self, stage: str, state: State
+                       ) -> Iterator[tuple[Path, dict[str, Any], list[bytes]]]:
+        """The journals of a stage's shards that were not committed from them: each one's
+        path, header and lines (the header's first)."""
+        saved = state.stages.get(stage)
+        for path in sorted(self.stage_dir(stage).glob("part-*.journal")):
+            try:
+                lines = path.read_bytes().split(b"\n")
+                header = orjson.loads(lines[0])
+            except (OSError, orjson.JSONDecodeError):
+                continue  # gone meanwhile, or no journal a load would take
+            entry = saved.shards.get(int(path.name[5:10])) if saved is not None else None
+            if isinstance(header, dict) and not (entry is not None
+                                                 and header.get("token") == entry.token):
+                yield path, header, lines
+
     def forget_failures(self, stage: str, state: State, committed: list[int]) -> None:
         """Forget the failed records of a stage that failed as a whole, so the next run asks
         for them again: drop them from the journals of its uncommitted shards, and undo
         this run's commits of shards whose every record failed (made before it stopped)."""
         stage_state = state.stages[stage]
-        for path in self.stage_dir(stage).glob("part-*.journal"):
-            entry = stage_state.shards.get(int(path.name[5:10]))
-            if entry is not None and _journal_token(path) == entry.token:
-                continue  # committed from it
-            lines = path.read_bytes().split(b"\n")
-            kept = [line for line in lines[1:] if line and not _failed_entry(line)]
+        for path, _, lines in self._open_journals(stage, state):
+            kept = [line for line in lines[1:]
+                    if (entry := _entry(line)) is not None and not entry.failed]
             write_atomic(path, b"\n".join([lines[0], *kept]) + b"\n")
         shards = stage_state.shards
         undone = {k for k in committed
@@ -546,18 +551,11 @@ class Workdir:
 
 
 def _entry(line: bytes) -> Entry | None:
+    """The entry a journal line holds; None for a torn line or one chunbot did not write."""
     try:
         return Entry.from_json(orjson.loads(line))
     except orjson.JSONDecodeError:
-        return None  # a torn last line
-
-
-def _failed_entry(line: bytes) -> bool:
-    try:
-        entry = Entry.from_json(orjson.loads(line))
-    except orjson.JSONDecodeError:
-        return True  # torn: dropped as a load would
-    return entry is None or entry.failed
+        return None
 
 
 def _journal_token(path: Path) -> str | None:
@@ -675,13 +673,9 @@ class Journal:
         if isinstance(header.get("token"), str):
             self.token = header["token"]
         entries = {}
-        for line in lines[1:]:
-            try:
-                entry = Entry.from_json(orjson.loads(line))
-            except orjson.JSONDecodeError:
-                continue  # a torn last line or the empty tail
-            if entry is not None:  # anything else was not written by chunbot: ignore it
-                entries[entry.key] = entry
+        for entry in map(_entry, lines[1:]):
+            if entry is not None:  # a torn last line, the empty tail or a line chunbot did
+                entries[entry.key] = entry  # not write is ignored
         return entries
 
     def open(self, keep: dict[Key, Entry]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,15 @@ def chunbot(*args: str, cwd: Path, input: bytes | None = None, timeout: float = 
     return subprocess.run([sys.executable, "-m", "chunbot_cli", *args], cwd=cwd, input=input,
                           capture_output=True, timeout=timeout,
                           env={**os.environ, "CHUNBOT_LOG_INTERVAL": "0.2", **(env or {})})
+
+
+def kill_all(pids: list[int]) -> None:
+    """SIGKILL each of these processes that still runs."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 @pytest.fixture

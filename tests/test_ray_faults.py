@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import chunbot, read_stage, write_jsonl
+from conftest import chunbot, kill_all, read_stage, write_jsonl
 
 # before Ray is imported: every Ray process of these tests on loopback, with no token
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
@@ -80,14 +80,6 @@ def ray_processes(temp: Path) -> list[int]:
         if any(link.startswith(f"{temp}/") for link in links):
             found.append(int(entry.name))
     return found
-
-
-def kill_all(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def wait_for(condition, timeout: float, step: float = 0.05) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import chunbot, read_stage, write_jsonl
+from conftest import chunbot, kill_all, read_stage, write_jsonl
 
 # before Ray is imported: every Ray process of these tests on loopback, with no token
 for _name, _value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
@@ -84,14 +84,6 @@ def command_line(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
-
-
-def kill_all(pids: list[int]) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def start(project: Path, *args: str) -> subprocess.Popen:

@@ -95,12 +95,22 @@ def over(messages: list[dict[str, Any]], limit: int) -> int | None:
     pass over the text, so a prompt that fits by its length alone is not counted (every
     ordinary one), nor one far beyond the limit by its length (its count is then that
     bound)."""
-    chars = sum(len(m["content"]) if isinstance(m.get("content"), str) else
-                sum(len(p.get("text") or "") for p in m["content"] if isinstance(p, dict))
-                if isinstance(m.get("content"), list) else 0 for m in messages)
+    chars = sum(map(_text_length, messages))
     if chars * MOST_TOKENS_PER_CHAR + 4 * len(messages) <= limit:
         return None
     if chars * FEWEST_TOKENS_PER_CHAR > limit:
         return int(chars * FEWEST_TOKENS_PER_CHAR)
     tokens = prompt_tokens(messages)
     return tokens if tokens > limit else None
+
+
+def _text_length(message: dict[str, Any]) -> int:
+    """The characters of a message's text, as prompt_tokens counts them: its content, or
+    the "text" of its parts."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, list):
+        return sum(len(part["text"]) for part in content
+                   if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return 0
